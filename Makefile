@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs moerm into it. CONSTRAINTS pins torch to the CPU build that these machines
+# carry on local disk; CUDA users run e.g. `make setup CONSTRAINTS=` to keep their own torch.
+PYTHON ?= python3.11
+ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
+PYTHON := python3
+endif
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+RUN ?= runs/demo
+
+.PHONY: setup setup-dev demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install -q $(PIP_C) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q $(PIP_C) -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-dev: $(VENV)/.installed-dev
+
+## demo: train the baseline on examples/data with the embedded MiniLM, evaluate per domain, score one example
+demo: setup
+	HF_HUB_OFFLINE=1 bash scripts/demo.sh $(RUN)
+
+## test: the whole offline test suite (tiny random models + one end-to-end test on the real MiniLM)
+test: setup-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,214 @@
+"""Typed run configuration: dataclasses loadable from YAML and overridable with `--set key=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = field(default="minilm", metadata={"help": "HF model path/name; 'minilm' = the embedded MiniLM"})
+    pooling: str = field(default="auto", metadata={"help": "auto | cls | mean | last (auto: mean for encoders, last for decoders)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per prompt+response; the prompt is trimmed from the left"})
+    head: str = field(default="linear", metadata={"help": "linear | mlp"})
+    head_hidden: int = 256
+    head_dropout: float = 0.0
+    tuning: str = field(default="auto", metadata={"help": "auto | full | lora | frozen (auto: the system's default; frozen: cached features, heads only)"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    feature_cache: str | None = field(default=None, metadata={"help": "frozen-feature cache dir (default ~/.cache/moerm/features)"})
+
+    def __post_init__(self) -> None:
+        _choice("model.pooling", self.pooling, ("auto", "cls", "mean", "last"))
+        _choice("model.head", self.head, ("linear", "mlp"))
+        _choice("model.tuning", self.tuning, ("auto", "full", "lora", "frozen"))
+        if self.max_length < 8:
+            raise ConfigError(f"model.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-5
+    head_lr: float | None = field(default=None, metadata={"help": "learning rate of heads (default: lr; frozen: 1e-3)"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step per device"})
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0: at the end only)"})
+    save_every: int = field(default=50, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "as TRL: coef * mean((r_c + r_r)^2)"})
+    use_margin: bool = True
+    eval_batch_size: int = 64
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    on_invalid: str = "error"
+    max_train_pairs_per_domain: int | None = None
+    max_eval_pairs_per_domain: int | None = None
+    column_map: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        _choice("data.on_invalid", self.on_invalid, ("error", "skip"))
+
+
+@dataclass
+class RunConfig:
+    system: str = "baseline"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "system-specific options"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys with their dotted name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        key = f"{where}.{sorted(unknown)[0]}".lstrip(".")
+        raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    d[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `key=value`; the value is read as YAML so numbers, lists and booleans work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- `base` <- YAML file <- `--set` overrides."""
+    data: dict[str, Any] = {}
+    for layer in (base or {},):
+        _deep_update(data, layer)
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        _deep_update(data, loaded)
+    for ov in overrides or []:
+        k, v = parse_override(ov)
+        _set_dotted(data, k, v)
+    return from_dict(RunConfig, data)
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v

@@ -1,0 +1,99 @@
+"""The one record type every reader, converter and system shares: a preference pair."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "domain", "prompt", "chosen", "rejected")
+OPTIONAL_FIELDS: tuple[str, ...] = ("subset", "margin", "aspects_chosen", "aspects_rejected")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One human (or gold) preference: `chosen` is the better reply to `prompt` than `rejected`."""
+
+    id: str
+    domain: str
+    prompt: str
+    chosen: str
+    rejected: str
+    subset: str | None = None
+    margin: float | None = None
+    aspects_chosen: dict[str, float] | None = field(default=None, hash=False, compare=True)
+    aspects_rejected: dict[str, float] | None = field(default=None, hash=False, compare=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready dict, leaving out optional fields that are unset."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k in REQUIRED_FIELDS or v is not None}
+
+
+class InvalidRecord(ValueError):
+    """A record that breaks the schema; carries where it came from and which field is wrong."""
+
+    def __init__(self, source: str, line: int | None, field_name: str | None, reason: str):
+        self.source = source
+        self.line = line
+        self.field = field_name
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        what = f"field '{self.field}': " if self.field else ""
+        return f"{where}: {what}{self.reason}"
+
+
+def _check_text(rec: dict[str, Any], name: str, source: str, line: int | None) -> str:
+    if name not in rec or rec[name] is None:
+        raise InvalidRecord(source, line, name, "missing required field")
+    value = rec[name]
+    if not isinstance(value, str):
+        raise InvalidRecord(source, line, name, f"expected a string, got {type(value).__name__}")
+    if name in ("chosen", "rejected", "domain", "id") and not value.strip():
+        raise InvalidRecord(source, line, name, "empty text")
+    return value
+
+
+def _check_aspects(rec: dict[str, Any], name: str, source: str, line: int | None) -> dict[str, float] | None:
+    value = rec.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRecord(source, line, name, f"expected an object {{aspect: number}}, got {type(value).__name__}")
+    out: dict[str, float] = {}
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise InvalidRecord(source, line, f"{name}.{k}", f"expected a finite number, got {v!r}")
+        out[str(k)] = float(v)
+    return out
+
+
+def validate_record(rec: Any, source: str, line: int | None = None) -> PreferencePair:
+    """Turn a raw dict into a PreferencePair, or raise InvalidRecord naming file, line and field."""
+    if not isinstance(rec, dict):
+        raise InvalidRecord(source, line, None, f"expected a JSON object, got {type(rec).__name__}")
+    texts = {name: _check_text(rec, name, source, line) for name in REQUIRED_FIELDS}
+    if texts["chosen"] == texts["rejected"]:
+        raise InvalidRecord(source, line, "rejected", "chosen and rejected are identical")
+    subset = rec.get("subset")
+    if subset is not None and not isinstance(subset, str):
+        raise InvalidRecord(source, line, "subset", f"expected a string, got {type(subset).__name__}")
+    margin = rec.get("margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(float(margin)):
+            raise InvalidRecord(source, line, "margin", f"expected a finite number, got {margin!r}")
+        margin = float(margin)
+    return PreferencePair(
+        id=texts["id"],
+        domain=texts["domain"],
+        prompt=texts["prompt"],
+        chosen=texts["chosen"],
+        rejected=texts["rejected"],
+        subset=subset,
+        margin=margin,
+        aspects_chosen=_check_aspects(rec, "aspects_chosen", source, line),
+        aspects_rejected=_check_aspects(rec, "aspects_rejected", source, line),
+    )

@@ -1,0 +1,74 @@
+"""Pairwise accuracy ("consistency" in DMoERM) overall and per domain, reward statistics, seed aggregation."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+from moerm.data.schema import PreferencePair
+
+
+def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains: Sequence[str]) -> dict[str, Any]:
+    """Accuracy = share of pairs with chosen strictly above rejected (ties are wrong).
+
+    `overall` weights every pair equally; `macro` is the mean of the per-domain accuracies.
+    """
+    if not (len(chosen) == len(rejected) == len(domains)):
+        raise ValueError("chosen, rejected and domains must have the same length")
+    if not chosen:
+        raise ValueError("no pairs to evaluate")
+    per: dict[str, list[bool]] = defaultdict(list)
+    for c, r, d in zip(chosen, rejected, domains):
+        per[d].append(c > r)
+    per_domain = {d: {"accuracy": sum(v) / len(v), "pairs": len(v)} for d, v in sorted(per.items())}
+    rewards = list(chosen) + list(rejected)
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(1, len(rewards) - 1))
+    return {
+        "pairs": len(chosen),
+        "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(chosen),
+        "macro_accuracy": sum(v["accuracy"] for v in per_domain.values()) / len(per_domain),
+        "per_domain": per_domain,
+        "reward_mean": mean,
+        "reward_std": std,
+        "margin_mean": sum(c - r for c, r in zip(chosen, rejected)) / len(chosen),
+    }
+
+
+def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: int = 32) -> dict[str, Any]:
+    """Score chosen and rejected of every pair in one call, time it, and report accuracy per domain."""
+    prompts = [p.prompt for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    domains = [p.domain for p in pairs]
+    t0 = time.perf_counter()
+    out = system.score(prompts, responses, domains * 2, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    n = len(pairs)
+    report = pairwise_report(out.rewards[:n], out.rewards[n:], domains)
+    report["seconds"] = seconds
+    report["latency_ms_per_pair"] = 1000.0 * seconds / n
+    report["pairs_per_second"] = n / seconds if seconds > 0 else float("inf")
+    return report
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def aggregate_runs(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean +- std (sample std) over runs with different seeds, overall and per domain."""
+    if not reports:
+        raise ValueError("no reports to aggregate")
+    domains = sorted({d for r in reports for d in r["per_domain"]})
+    return {
+        "runs": len(reports),
+        "accuracy": _mean_std([r["accuracy"] for r in reports]),
+        "macro_accuracy": _mean_std([r["macro_accuracy"] for r in reports]),
+        "per_domain": {d: _mean_std([r["per_domain"][d]["accuracy"] for r in reports if d in r["per_domain"]])
+                       for d in domains},
+        "latency_ms_per_pair": _mean_std([r["latency_ms_per_pair"] for r in reports]),
+    }

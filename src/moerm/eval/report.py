@@ -1,0 +1,47 @@
+"""Markdown tables for evaluation reports and system descriptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def accuracy_table(report: dict[str, Any], title: str = "") -> str:
+    """One run: accuracy per domain, then the pair-weighted and macro averages."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| domain | pairs | accuracy (%) |", "|---|---:|---:|"]
+    for d, v in report["per_domain"].items():
+        lines.append(f"| {d} | {v['pairs']} | {_pct(v['accuracy'])} |")
+    lines.append(f"| **all (pair-weighted)** | {report['pairs']} | **{_pct(report['accuracy'])}** |")
+    lines.append(f"| **macro average** | | **{_pct(report['macro_accuracy'])}** |")
+    lines += ["", f"reward mean {report['reward_mean']:.3f}, std {report['reward_std']:.3f}; "
+              f"latency {report['latency_ms_per_pair']:.1f} ms per pair ({report['pairs_per_second']:.1f} pairs/s)"]
+    return "\n".join(lines)
+
+
+def aggregate_table(agg: dict[str, Any], title: str = "") -> str:
+    """Several seeds: mean +- std per domain."""
+    def ms(v: dict[str, float]) -> str:
+        return f"{_pct(v['mean'])} ± {_pct(v['std'])}"
+
+    lines = [f"### {title}", ""] if title else []
+    lines += [f"| domain | accuracy (%), mean ± std over {agg['runs']} runs |", "|---|---:|"]
+    for d, v in agg["per_domain"].items():
+        lines.append(f"| {d} | {ms(v)} |")
+    lines.append(f"| **all (pair-weighted)** | **{ms(agg['accuracy'])}** |")
+    lines.append(f"| **macro average** | **{ms(agg['macro_accuracy'])}** |")
+    return "\n".join(lines)
+
+
+def info_table(info: dict[str, Any]) -> str:
+    """Parameters and bytes on disk per component."""
+    lines = ["| component | parameters | trainable | bytes on disk |", "|---|---:|---:|---:|"]
+    rows = list(info["components"].items()) + [("**total**", info["total"])]
+    for name, c in rows:
+        size = c.get("bytes_on_disk")
+        lines.append(f"| {name} | {c['params_total']:,} | {c['params_trainable']:,} | "
+                     f"{'' if size is None else f'{size:,}'} |")
+    return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Batched inference helpers shared by systems: length-sorted batches, results in input order."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from moerm.backbone import PairEncoder
+
+
+@torch.no_grad()
+def batched_forward(
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    encoder: PairEncoder,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Run `forward` over length-sorted batches (little padding) and return its rows in input order.
+
+    `forward` maps a padded batch to a tensor whose first dimension is the batch (e.g. rewards (b,) or
+    features (b, H)).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    encoded = [encoder.encode(p, r) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    outs: list[torch.Tensor] = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in encoder.pad([encoded[i] for i in idx]).items()}
+        outs.append(forward(batch).float().cpu())
+    if not outs:
+        return torch.zeros(0)
+    sorted_out = torch.cat(outs)
+    result = torch.empty_like(sorted_out)
+    result[torch.tensor(order)] = sorted_out
+    return result

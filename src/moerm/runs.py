@@ -1,0 +1,181 @@
+"""Run folders: train a configured system into one, evaluate saved runs, read scoring requests.
+
+A run folder holds `config.yaml` (resolved), `command.txt`, `data.json` (what was read, what was invalid),
+`metrics.jsonl`, `checkpoints/`, `model/` (the saved system) and `train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+
+from moerm.config import ConfigError, RunConfig, from_dict
+from moerm.data.readers import DataError, load_pairs, resolve_data_paths
+from moerm.data.schema import PreferencePair
+from moerm.eval.metrics import aggregate_runs, evaluate_system
+from moerm.eval.report import accuracy_table, aggregate_table
+from moerm.systems.base import FitContext, build_system, find_model_dir, load_system
+from moerm.train.checkpoint import atomic_write_text
+
+import yaml
+
+
+def cap_per_domain(pairs: Sequence[PreferencePair], cap: int | None, seed: int) -> list[PreferencePair]:
+    """At most `cap` pairs per domain, drawn with a fixed seed (order within the sample kept)."""
+    if cap is None:
+        return list(pairs)
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        by[p.domain].append(i)
+    rng = random.Random(seed)
+    keep: set[int] = set()
+    for idx in by.values():
+        keep.update(idx if len(idx) <= cap else rng.sample(idx, cap))
+    return [p for i, p in enumerate(pairs) if i in keep]
+
+
+def _domain_counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for p in pairs:
+        counts[p.domain] += 1
+    return dict(sorted(counts.items()))
+
+
+def default_eval_paths(train_paths: Sequence[str]) -> list[str]:
+    """When every --data path is a folder, its test* files are the held-out set."""
+    if not train_paths or not all(Path(p).is_dir() for p in train_paths):
+        return []
+    try:
+        return [str(p) for p in resolve_data_paths(train_paths, split="test")]
+    except DataError:
+        return []
+
+
+def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+    """Read, validate and cap the training and held-out pairs of a run."""
+    d = cfg.data
+    if not d.train:
+        raise ConfigError("no training data: pass --data PATH")
+    train, train_report = load_pairs(d.train, split="train", on_invalid=d.on_invalid, column_map=d.column_map)
+    eval_paths = list(d.eval) or default_eval_paths(d.train)
+    evals, eval_report = (load_pairs(eval_paths, split="test", on_invalid=d.on_invalid, column_map=d.column_map)
+                          if eval_paths else ([], None))
+    for name, rep in (("train", train_report), ("eval", eval_report)):
+        if rep is not None and rep.n_invalid and console is not None:
+            console.print(f"[yellow]{name} data:[/] {rep.summary()}", highlight=False)
+    train = cap_per_domain(train, d.max_train_pairs_per_domain, cfg.train.seed)
+    evals = cap_per_domain(evals, d.max_eval_pairs_per_domain, cfg.train.seed)
+    info = {
+        "train_files": [str(p) for p in resolve_data_paths(d.train, split="train")],
+        "eval_files": eval_paths,
+        "train_pairs": _domain_counts(train),
+        "eval_pairs": _domain_counts(evals),
+        "train_invalid": train_report.summary() if train_report.n_invalid else None,
+        "eval_invalid": eval_report.summary() if eval_report is not None and eval_report.n_invalid else None,
+    }
+    return train, evals, info
+
+
+def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = False, progress: bool = True,
+              console: Console | None = None, stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train `cfg` into `run_dir` (or resume it) and save the system to run_dir/model."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.exists():
+        if not resume:
+            raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        saved = from_dict(RunConfig, yaml.safe_load(cfg_path.read_text()))
+        if saved != cfg and console is not None:
+            console.print("[yellow]resuming with the run's saved config.yaml (command-line changes ignored)[/]")
+        cfg = saved
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train, evals, data_info = load_run_data(cfg, console)
+    if console is not None:
+        console.print(f"[bold]{cfg.system}[/] ({cfg.model.tuning}, {cfg.model.backbone}): "
+                      f"{len(train)} training pairs in {len(data_info['train_pairs'])} domains, "
+                      f"{len(evals)} held-out pairs", highlight=False)
+    system = build_system(cfg)
+    cfg = system.config  # the system resolves `auto` fields
+    atomic_write_text(cfg_path, cfg.to_yaml())
+    atomic_write_text(run_dir / "command.txt", command + "\n")
+    atomic_write_text(run_dir / "data.json", json.dumps(data_info, indent=2))
+    result = system.fit(train, evals or None, FitContext(run_dir, resume=resume, progress=progress,
+                                                          stop_after_steps=stop_after_steps))
+    model_dir = system.save(run_dir / "model")
+    summary = {"system": cfg.system, "model_dir": str(model_dir), "metrics": result.metrics,
+               "seconds_per_component": result.seconds_per_component,
+               "train_seconds": sum(result.seconds_per_component.values())}
+    atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _expand_runs(runs: Sequence[Path]) -> list[tuple[str, list[Path]]]:
+    """Each argument is a run, or a folder of seed-* runs (aggregated together)."""
+    groups = []
+    for r in runs:
+        seeds = sorted(p for p in Path(r).glob("seed-*") if p.is_dir())
+        if seeds:
+            groups.append((str(r), seeds))
+        else:
+            find_model_dir(r)  # fail early with a clear message
+            groups.append((str(r), [Path(r)]))
+    return groups
+
+
+def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = None, batch_size: int = 32,
+                  on_invalid: str = "error") -> dict[str, Any]:
+    """Evaluate every run on the same held-out pairs; write eval.json and eval.md."""
+    all_paths = [str(p) for p in data]
+    split = "test" if all(Path(p).is_dir() for p in all_paths) else None
+    pairs, _ = load_pairs(all_paths, split=split, on_invalid=on_invalid)
+    results: dict[str, Any] = {}
+    md: list[str] = []
+    for name, members in _expand_runs(runs):
+        reports = []
+        for run in members:
+            system = load_system(run)
+            rep = evaluate_system(system, pairs, batch_size=batch_size)
+            rep["system"] = system.name
+            reports.append(rep)
+        if len(reports) == 1:
+            results[name] = reports[0]
+            md.append(accuracy_table(reports[0], f"{reports[0]['system']}: {name}"))
+        else:
+            agg = aggregate_runs(reports)
+            results[name] = {"aggregate": agg, "runs": {str(m): r for m, r in zip(members, reports)}}
+            md.append(aggregate_table(agg, f"{reports[0]['system']}: {name}"))
+    markdown = "\n\n".join(md)
+    out_dir = Path(out) if out is not None else Path(runs[0]) / "eval"
+    atomic_write_text(out_dir / "eval.json", json.dumps(results, indent=2))
+    atomic_write_text(out_dir / "eval.md", markdown + "\n")
+    return {"json": results, "markdown": markdown, "written": str(out_dir)}
+
+
+def read_score_requests(path: Path) -> list[dict[str, Any]]:
+    """JSON Lines of {prompt, response[, domain, id]}; a bad line is reported with its number and field."""
+    items = []
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            for key in ("prompt", "response"):
+                if not isinstance(rec.get(key), str):
+                    raise ValueError(f"{path}:{n}: field '{key}': missing or not a string")
+            if rec.get("domain") is not None and not isinstance(rec["domain"], str):
+                raise ValueError(f"{path}:{n}: field 'domain': not a string")
+            items.append(rec)
+    return items
+
+
+def replace_seed(cfg: RunConfig, seed: int) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))

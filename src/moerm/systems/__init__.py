@@ -1,0 +1,6 @@
+"""Reward systems; importing this package registers the built-in ones."""
+
+from moerm.systems.base import REGISTRY, RewardSystem, build_system, load_system, register
+from moerm.systems.baseline import BaseLoRASystem, BaselineSystem
+
+__all__ = ["REGISTRY", "RewardSystem", "build_system", "load_system", "register", "BaselineSystem", "BaseLoRASystem"]

@@ -1,0 +1,243 @@
+"""A small, resumable training loop on accelerate, shared by every system and component.
+
+The loop knows nothing about reward models: a system gives it a module, a dataset, a collate function and a
+`step_fn(model, batch) -> (loss, metrics)`. Runs on CPU as is, and on GPUs with `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from moerm.config import TrainConfig
+from moerm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the `stop_after_steps` test hook to simulate a killed run after a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_metrics: dict[str, float]
+    resumed_from: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def param_groups(groups: Sequence[tuple[nn.Module, float]], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups per (module, lr); biases and norms get no weight decay."""
+    out: list[dict[str, Any]] = []
+    for module, lr in groups:
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        if decay:
+            out.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
+        if no_decay:
+            out.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    if not out:
+        raise ValueError("nothing to train: no parameter requires grad")
+    return out
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes; frozen weights come back from the backbone itself."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+class Trainer:
+    """Trains `model` with AdamW, warmup + linear decay, grad accumulation, eval, atomic checkpoints, resume."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step_fn: StepFn,
+        dataset: Sequence[Any],
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+        cfg: TrainConfig,
+        out_dir: Path,
+        groups: Sequence[tuple[nn.Module, float]] | None = None,
+        eval_fn: EvalFn | None = None,
+        desc: str = "train",
+        progress: bool = True,
+        stop_after_steps: int | None = None,
+    ):
+        if len(dataset) == 0:
+            raise ValueError(f"{desc}: the training set is empty")
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.step_fn = step_fn
+        self.dataset = dataset
+        self.collate = collate
+        self.eval_fn = eval_fn
+        self.desc = desc
+        self.progress = progress
+        self.stop_after_steps = stop_after_steps
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        set_seed(cfg.seed)
+        groups = groups or [(model, cfg.lr)]
+        optimizer = torch.optim.AdamW(param_groups(groups, cfg.weight_decay), lr=cfg.lr)
+        world = self.accelerator.num_processes
+        per_rank = len(dataset) // world if world > 1 else len(dataset)
+        self.batches_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / cfg.grad_accum))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # -- data order: a pure function of (seed, epoch), so a resumed run sees the same batches
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if world > 1:
+            usable = len(order) // world * world
+            order = order[rank:usable:world]
+        bs = self.cfg.batch_size
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After resuming from step N, drop log lines the killed run wrote after N (they will be redone)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        with torch.no_grad():
+            metrics = self.eval_fn(model)
+        model.train()
+        self._log({"step": step, "component": self.desc, **{f"eval_{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def _save(self, step: int, epoch: int, next_batch: int, seconds: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        save_checkpoint(
+            self.ckpt_dir, step, trainable_state(model), self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            self.scheduler, {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps},
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
+        resumed_from = None
+        if resume and (ckpt := latest_checkpoint(self.ckpt_dir)) is not None:
+            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            state, tstate = load_checkpoint(ckpt, opt, self.scheduler, acc.device)
+            missing = acc.unwrap_model(self.model).load_state_dict(state, strict=False)
+            if missing.unexpected_keys:
+                raise RuntimeError(f"checkpoint {ckpt} does not match the model: {missing.unexpected_keys[:3]}")
+            step, epoch, start_batch = tstate["step"], tstate["epoch"], tstate["next_batch"]
+            seconds_before = tstate.get("seconds", 0.0)
+            resumed_from = step
+            self._truncate_metrics(step)
+        elif acc.is_main_process and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run starts a fresh log
+
+        self.model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.desc, disable=not self.progress or None,
+                   dynamic_ncols=True, leave=False)
+        window: list[tuple[float, float]] = []
+        last_eval: dict[str, float] = {}
+        accum = cfg.grad_accum
+        done = step >= self.total_steps
+        while not done:
+            batches = self._epoch_batches(epoch)
+            micro_in_step = 0
+            for b_idx in range(start_batch, len(batches)):
+                batch = _to_device(self.collate([self.dataset[i] for i in batches[b_idx]]), acc.device)
+                last_of_epoch = b_idx == len(batches) - 1
+                will_step = micro_in_step + 1 == accum or last_of_epoch
+                n_micro = accum if not last_of_epoch else micro_in_step + 1
+                ctx = acc.no_sync(self.model) if not will_step else nullcontext()
+                with ctx, acc.autocast():
+                    loss, metrics = self.step_fn(self.model, batch)
+                    acc.backward(loss / n_micro)
+                micro_in_step += 1
+                window.append((float(loss.detach()), float(metrics.get("accuracy", float("nan")))))
+                if not will_step:
+                    continue
+                if cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                micro_in_step = 0
+                step += 1
+                bar.update(1)
+                mean_loss = sum(w[0] for w in window) / len(window)
+                mean_acc = sum(w[1] for w in window) / len(window)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{mean_acc:.3f}")
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    self._log({"step": step, "component": self.desc, "epoch": epoch, "loss": mean_loss,
+                               "accuracy": mean_acc, "lr": self.scheduler.get_last_lr()[0]})
+                    window = []
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+                    last_eval = self._evaluate(step)
+                at_end = step >= self.total_steps
+                next_epoch, next_batch = (epoch + 1, 0) if last_of_epoch else (epoch, b_idx + 1)
+                if cfg.save_every and step % cfg.save_every == 0 and not at_end:
+                    self._save(step, next_epoch, next_batch, seconds_before + time.perf_counter() - t0)
+                    if self.stop_after_steps is not None and step >= self.stop_after_steps:
+                        bar.close()
+                        raise TrainingInterrupted(f"stopped after step {step} (test hook)")
+                if at_end:
+                    done = True
+                    break
+            epoch += 1
+            start_batch = 0
+        bar.close()
+        last_eval = self._evaluate(step) if self.eval_fn is not None else last_eval
+        seconds = seconds_before + time.perf_counter() - t0
+        final = {f"eval_{k}": v for k, v in last_eval.items()}
+        if window:
+            final["train_loss"] = sum(w[0] for w in window) / len(window)
+        self._save(step, epoch, 0, seconds)
+        return TrainResult(steps=step, seconds=seconds, final_metrics=final, resumed_from=resumed_from)
