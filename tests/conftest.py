@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# huggingface_hub reads these once, at import: set them before anything imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import random
 from pathlib import Path
 

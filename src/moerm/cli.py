@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,7 +72,16 @@ def train(
     overrides.append("data.train=" + json.dumps(data))
     if eval_data:
         overrides.append("data.eval=" + json.dumps(eval_data))
-    command = "moerm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # The command as a reproducible line, rebuilt from the parsed options (argv is not ours when embedded).
+    parts = ["moerm", "train", *[a for d in data for a in ("--data", d)], "--out", str(out)]
+    for flag, value in (("--system", system), ("--tuning", tuning), ("--backbone", backbone), ("--config", config),
+                        ("--seeds", seeds), ("--on-invalid", on_invalid)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += [a for e in eval_data or [] for a in ("--eval-data", e)]
+    parts += [a for s in set_ or [] for a in ("--set", s)]
+    parts += ["--resume"] if resume else []
+    command = " ".join(shlex.quote(p) for p in parts)
 
     def go() -> None:
         cfg = load_config(config, overrides)
