@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 RUN="${1:-runs/demo}"
 MOERM=".venv/bin/moerm"
 
-echo "== moerm demo: baseline RM on examples/data (6 domains), embedded MiniLM, CPU"
+echo "== moerm demo: baseline RM on examples/data (8 domains), embedded MiniLM, CPU"
 "$MOERM" data stats examples/data --split test
 "$MOERM" train -c configs/demo.yaml --data examples/data --out "$RUN" --resume
 "$MOERM" eval "$RUN" --data examples/data

@@ -10,7 +10,6 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 
 from moerm.data.readers import load_pairs
 from moerm.data.stats import dataset_stats, stats_markdown
@@ -92,7 +91,7 @@ def stats(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
-        Console().print(Markdown(stats_markdown(result)))
+        Console(width=200).print(stats_markdown(result), highlight=False, soft_wrap=True)
 
 
 @data_app.command()
