@@ -192,6 +192,14 @@ class PairEncoder:
             out["token_type_ids"] = list(enc["token_type_ids"])
         return out
 
+    def encode_single(self, text: str) -> dict[str, list[int]]:
+        """One text alone (a router reads only the prompt); its beginning is kept, where instructions sit."""
+        enc = self.tokenizer(text, truncation=True, max_length=self.max_length, verbose=False)
+        out = {"input_ids": list(enc["input_ids"]), "attention_mask": list(enc["attention_mask"])}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = list(enc["token_type_ids"])
+        return out
+
     def pad(self, encoded: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Dynamic padding to the longest sequence in the batch, on the right."""
         width = max(len(e["input_ids"]) for e in encoded)

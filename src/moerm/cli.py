@@ -40,7 +40,7 @@ def _run_guarded(fn: Any) -> Any:
 
     try:
         return fn()
-    except (ConfigError, DataError, InvalidRecord, BackboneError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, InvalidRecord, BackboneError, FileNotFoundError, ValueError, NotImplementedError) as e:
         _fail(str(e))
 
 
@@ -176,6 +176,35 @@ def score(
         else:
             for ln in lines:
                 print(ln)
+
+    _run_guarded(go)
+
+
+@app.command("add-domain")
+def add_domain(
+    run: Path = typer.Argument(..., help="run folder of a routed system (rodos, arliss)"),
+    data: list[str] = typer.Option(..., "--data", help="the new domain's pairs (one domain)"),
+    on_invalid: str = typer.Option("error", "--on-invalid"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train the new domain's RM and retrain the router only; the other RMs' files are left untouched."""
+    from moerm.data.readers import load_pairs
+    from moerm.systems.base import FitContext, find_model_dir, load_system
+
+    _quiet_hf()
+
+    def go() -> None:
+        pairs, report = load_pairs(data, split="train", on_invalid=on_invalid)
+        if report.n_invalid:
+            console.print(f"[yellow]{report.summary()}[/]", highlight=False)
+        model_dir = find_model_dir(run)
+        system = load_system(model_dir)
+        domain = pairs[0].domain if pairs else "?"
+        ctx = FitContext(Path(run) / "add-domain" / domain, progress=progress)
+        result = system.add_domain(pairs, ctx, model_dir)
+        for name, sec in result.seconds_per_component.items():
+            console.print(f"trained {name} in {sec:.1f} s", highlight=False)
+        console.print(f"[green]added[/] domain {domain!r} ({len(pairs)} pairs) to {model_dir}", highlight=False)
 
     _run_guarded(go)
 

@@ -50,7 +50,33 @@ def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: in
     report["seconds"] = seconds
     report["latency_ms_per_pair"] = 1000.0 * seconds / n
     report["pairs_per_second"] = n / seconds if seconds > 0 else float("inf")
+    report.update(explanation_report(out.details[:n], domains))
     return report
+
+
+def explanation_report(details: Sequence[dict[str, Any]], domains: Sequence[str]) -> dict[str, Any]:
+    """What the score details say, aggregated per true domain: router accuracy and confusion matrix (routed
+    systems), expert utilisation (MoE systems), fallback rate. Empty for systems that explain nothing."""
+    out: dict[str, Any] = {}
+    routed = [(d, det) for d, det in zip(domains, details) if det.get("route_source") == "router"]
+    if any("route_source" in det for det in details):
+        confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for d, det in zip(domains, details):
+            confusion[d][det.get("router_top") or "?"] += 1
+        out["router_accuracy"] = (sum(det.get("router_top") == d for d, det in zip(domains, details)) / len(domains))
+        out["router_confusion"] = {d: dict(row) for d, row in sorted(confusion.items())}
+        out["fallback_rate"] = sum(bool(det.get("fallback")) for det in details) / len(details)
+        out["routed_by_router"] = len(routed)
+    if any("experts" in det for det in details):
+        use: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        counts: dict[str, int] = defaultdict(int)
+        for d, det in zip(domains, details):
+            counts[d] += 1
+            for e in det.get("experts", []):
+                use[d][e] += 1.0
+        # share of the domain's inputs whose top-k includes each expert
+        out["expert_utilisation"] = {d: {e: v / counts[d] for e, v in sorted(row.items())} for d, row in sorted(use.items())}
+    return out
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -19,6 +19,22 @@ def accuracy_table(report: dict[str, Any], title: str = "") -> str:
     lines.append(f"| **macro average** | | **{_pct(report['macro_accuracy'])}** |")
     lines += ["", f"reward mean {report['reward_mean']:.3f}, std {report['reward_std']:.3f}; "
               f"latency {report['latency_ms_per_pair']:.1f} ms per pair ({report['pairs_per_second']:.1f} pairs/s)"]
+    if "router_confusion" in report:
+        lines += ["", f"router accuracy {_pct(report['router_accuracy'])}%, fallback rate "
+                  f"{_pct(report['fallback_rate'])}%", "", matrix_table(report["router_confusion"], "true \\ routed")]
+    if "expert_utilisation" in report:
+        lines += ["", "expert utilisation (share of the domain's inputs whose top-k includes the expert):", "",
+                  matrix_table(report["expert_utilisation"], "domain \\ expert", percent=True)]
+    return "\n".join(lines)
+
+
+def matrix_table(rows: dict[str, dict[str, float]], corner: str, percent: bool = False) -> str:
+    """A row-keyed matrix (confusion counts, expert shares) as Markdown."""
+    cols = sorted({c for row in rows.values() for c in row})
+    lines = [f"| {corner} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, row in rows.items():
+        cells = [(_pct(row[c]) if percent else f"{row[c]:g}") if c in row else "" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -6,16 +6,16 @@ import torch
 from torch import nn
 
 from moerm.backbone import Backbone
-from moerm.modules.heads import RewardHead
 
 
 class RewardModel(nn.Module):
     """Token ids (N, T) -> rewards (N,). With `backbone=None` it reads cached features (N, H) instead."""
 
-    def __init__(self, backbone: Backbone | None, head: RewardHead):
+    def __init__(self, backbone: Backbone | None, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.aux_loss: torch.Tensor | None = None  # set each forward when the head has one (MoE balancing)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
@@ -23,4 +23,6 @@ class RewardModel(nn.Module):
             if self.backbone is None:
                 raise ValueError("this reward model reads cached features: pass features=")
             features = self.backbone(input_ids, attention_mask, token_type_ids)  # (N, H)
-        return self.head(features)  # (N,)
+        rewards = self.head(features)  # (N,)
+        self.aux_loss = getattr(self.head, "aux_loss", None)
+        return rewards

@@ -2,5 +2,8 @@
 
 from moerm.systems.base import REGISTRY, RewardSystem, build_system, load_system, register
 from moerm.systems.baseline import BaseLoRASystem, BaselineSystem
+from moerm.systems.more import MoRESystem
+from moerm.systems.rodos import RODOSSystem
 
-__all__ = ["REGISTRY", "RewardSystem", "build_system", "load_system", "register", "BaselineSystem", "BaseLoRASystem"]
+__all__ = ["REGISTRY", "RewardSystem", "build_system", "load_system", "register", "BaselineSystem", "BaseLoRASystem",
+           "MoRESystem", "RODOSSystem"]

@@ -98,6 +98,10 @@ class RewardSystem(ABC):
     def components(self) -> dict[str, nn.Module]:
         """Named parts, for parameter counts (e.g. backbone, head, router, one per domain)."""
 
+    def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
+        """Train what a new domain needs (its RM, the router) and write only the changed files to `model_dir`."""
+        raise NotImplementedError(f"system {self.name!r} cannot add a domain; routed systems (rodos, arliss) can")
+
     def component_files(self) -> dict[str, list[str]]:
         """Files (relative to the saved folder) that belong to each component, for size on disk."""
         return {}

@@ -43,7 +43,7 @@ class BaselineSystem(RewardSystem):
     name = "baseline"
     default_tuning = "full"
 
-    def __init__(self, config: RunConfig, backbone: Backbone | None = None, head: RewardHead | None = None,
+    def __init__(self, config: RunConfig, backbone: Backbone | None = None, head: nn.Module | None = None,
                  tokenizer_path: str | None = None):
         if config.model.tuning == "auto":
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, tuning=self.default_tuning))
@@ -51,7 +51,7 @@ class BaselineSystem(RewardSystem):
         super().__init__(config)
         m = config.model
         self.backbone = backbone if backbone is not None else load_backbone(m.backbone, m.pooling)
-        self.head = head if head is not None else RewardHead(self.backbone.hidden_size, m.head, m.head_hidden, m.head_dropout)
+        self.head = head if head is not None else self.make_head(config, self.backbone.hidden_size)
         if backbone is None and m.tuning == "lora":
             self.backbone.model = get_peft_model(self.backbone.model, lora_config(config))
         if m.tuning == "frozen":
@@ -62,6 +62,12 @@ class BaselineSystem(RewardSystem):
     @classmethod
     def _check_tuning(cls, tuning: str) -> None:
         pass
+
+    @classmethod
+    def make_head(cls, config: RunConfig, hidden_size: int) -> nn.Module:
+        """Pooled features (N, H) -> rewards (N,); subclasses swap in other heads (MoRE: a sparse MoE)."""
+        m = config.model
+        return RewardHead(hidden_size, m.head, m.head_hidden, m.head_dropout)
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +147,7 @@ class BaselineSystem(RewardSystem):
             backbone = load_backbone(m.backbone, m.pooling)
             if m.tuning == "lora":
                 backbone.model = PeftModel.from_pretrained(backbone.model, str(path / "adapter"), is_trainable=True)
-        head = RewardHead(backbone.hidden_size, m.head, m.head_hidden, m.head_dropout)
+        head = cls.make_head(config, backbone.hidden_size)
         head.load_state_dict(load_file(str(path / "head.safetensors")))
         system = cls(config, backbone=backbone, head=head,
                      tokenizer_path=str(path / "backbone") if m.tuning == "full" else None)

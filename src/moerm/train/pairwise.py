@@ -71,7 +71,7 @@ def make_pairwise_step(center_coef: float = 0.0, use_margin: bool = True) -> Cal
         b = rewards.shape[0] // 2
         r_c, r_r = rewards[:b], rewards[b:]
         loss = bradley_terry_loss(r_c, r_r, batch["margin"] if use_margin else None, center_coef)
-        aux = getattr(model, "aux_loss", None)
+        aux = getattr(getattr(model, "module", model), "aux_loss", None)  # (DDP wraps the model in .module)
         if isinstance(aux, torch.Tensor):  # e.g. an MoE load-balancing term set during forward
             loss = loss + aux
         return loss, {"accuracy": float((r_c > r_r).float().mean())}
