@@ -100,3 +100,46 @@ def test_resume_flag_continues_a_killed_run(tmp_path, data_dir, tiny_bert):
     summary = train_run(cfg, tmp_path / "r", resume=True, progress=False)
     assert summary["metrics"]["train_steps"] == 20.0
     assert (tmp_path / "r" / "model" / "system.json").exists()
+
+
+def _with_prefix(d, domain, n, seed, prefix):
+    import dataclasses
+
+    pairs = [dataclasses.replace(p, prompt=f"{prefix} {p.prompt}") for p in toy_pairs(n, seed=seed, domain=domain)]
+    write_jsonl(pairs, d)
+
+
+@pytest.mark.parametrize("system", ["more", "rodos"])
+def test_routed_and_moe_systems_end_to_end(tmp_path, tiny_bert, system):
+    data = tmp_path / "data"
+    for dom, seed, prefix in (("alpha", 1, "tell me about"), ("beta", 2, "please explain why")):
+        _with_prefix(data / dom / "train.jsonl", dom, 40, seed, prefix)
+        _with_prefix(data / dom / "test.jsonl", dom, 12, seed + 10, prefix)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--system", system, "--backbone", tiny_bert, "--data", str(data), "--out", str(run),
+                              "--no-progress", "--set", "train.lr=5e-4", "--set", "train.epochs=3",
+                              "--set", "train.batch_size=8", "--set", "model.max_length=48",
+                              "--set", "options.router_epochs=15" if system == "rodos" else "options.num_experts=4",
+                              "--set", "options.router_lr=0.02" if system == "rodos" else "options.top_k=2"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "train_summary.json").read_text())
+    res = runner.invoke(app, ["eval", str(run), "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    md = (run / "eval" / "eval.md").read_text()
+    res = runner.invoke(app, ["score", str(run), "--prompt", "tell me about it", "--response", "a good answer"])
+    assert res.exit_code == 0, res.output
+    details = json.loads(res.output)["details"]
+    res = runner.invoke(app, ["info", str(run)])
+    assert res.exit_code == 0, res.output
+    if system == "rodos":
+        assert set(summary["seconds_per_component"]) == {"rm:alpha", "rm:beta", "router"}
+        assert "router accuracy" in md and details["routed_domain"] == "alpha" and "router_probs" in details
+        assert "rm:alpha" in res.output and "router" in res.output
+        _with_prefix(tmp_path / "gamma.jsonl", "gamma", 30, 7, "what is this")
+        res = runner.invoke(app, ["add-domain", str(run), "--data", str(tmp_path / "gamma.jsonl"), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert "added domain 'gamma'" in res.output
+    else:
+        assert "expert utilisation" in md and len(details["experts"]) == 2
+        res = runner.invoke(app, ["add-domain", str(run), "--data", str(tmp_path / "data" / "alpha" / "train.jsonl")])
+        assert res.exit_code == 1 and "cannot add a domain" in res.output

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from moerm.backbone import Backbone, PairEncoder
 
 SHARD_ROWS = 1024
+SINGLE = "\x00single"  # key marker: the prompt encoded alone, not as a pair with an empty response
 
 
 def default_cache_dir() -> Path:
@@ -77,7 +78,7 @@ def encode_features(
     backbone: Backbone,
     encoder: PairEncoder,
     prompts: Sequence[str],
-    responses: Sequence[str],
+    responses: Sequence[str] | None,
     batch_size: int = 64,
     cache: FeatureCache | None = None,
     desc: str = "features",
@@ -85,9 +86,11 @@ def encode_features(
 ) -> torch.Tensor:
     """Pooled features (N, H) for each (prompt, response), computing only what the cache lacks.
 
+    With `responses=None` each prompt is encoded alone (`encode_single`, as a router reads it).
     Work is sorted by length so batches carry little padding; results come back in input order.
     """
-    keys = [text_key(p, r) for p, r in zip(prompts, responses)]
+    single = responses is None
+    keys = [text_key(p, SINGLE) for p in prompts] if single else [text_key(p, r) for p, r in zip(prompts, responses)]
     found = cache.get(keys) if cache is not None else {}
     todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(), key=lambda kv: kv[1])
     device = next(backbone.parameters()).device
@@ -95,7 +98,8 @@ def encode_features(
     backbone.eval()
     computed: dict[str, torch.Tensor] = {}
     if todo:
-        encoded = [(k, encoder.encode(prompts[i], responses[i])) for k, i in todo]
+        encoded = [(k, encoder.encode_single(prompts[i]) if single else encoder.encode(prompts[i], responses[i]))  # type: ignore[index]
+                   for k, i in todo]
         encoded.sort(key=lambda ke: len(ke[1]["input_ids"]))
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []

@@ -59,16 +59,15 @@ class Router:
         if opts.router_tuning == "frozen":
             self.backbone.requires_grad_(False)
         self.model = DomainClassifier(self.backbone, self.backbone.hidden_size, len(self.domains))
-        self.encoder = make_encoder(m.backbone, m.max_length)
+        self.encoder = make_encoder(m.backbone, opts.router_max_length)
 
     def fit(self, examples: Sequence[tuple[str, str]], out_dir: Path, ctx: FitContext) -> float:
         t_cfg = dataclasses.replace(self.config.train, lr=self.opts.router_lr, head_lr=self.opts.router_lr,
                                     epochs=self.opts.router_epochs, max_steps=None)
         if self.opts.router_tuning == "frozen":
             cache = FeatureCache(self.config.model.feature_cache, backbone_id(self.config.model.backbone),
-                                 self.config.model.max_length, self.backbone.pooling)
-            # A prompt alone is cached under the key (prompt, "").
-            feats = encode_features(self.backbone, self.encoder, [p for p, _ in examples], [""] * len(examples),
+                                 self.opts.router_max_length, self.backbone.pooling)
+            feats = encode_features(self.backbone, self.encoder, [p for p, _ in examples], None,
                                     t_cfg.eval_batch_size, cache, desc="features (router)", progress=ctx.progress)
             index = {d: i for i, d in enumerate(self.domains)}
             data: PromptTexts | FeatureTexts = FeatureTexts(feats, torch.tensor([index[d] for _, d in examples]))

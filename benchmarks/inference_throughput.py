@@ -1,0 +1,105 @@
+"""Inference throughput of every system on the same mixed-domain batch of held-out pairs, side by side.
+
+    .venv/bin/python benchmarks/inference_throughput.py --data examples/data --pairs-per-domain 16
+
+Each system is built through its real `fit` with one optimizer step per component (`train.max_steps=1`): the
+weights' values do not change the arithmetic, so throughput is measured without hours of training. Every system then
+scores the chosen and rejected replies of the same pairs (shuffled so domains are mixed in each batch); the median of
+`--repeats` timed runs is reported as pairs per second, with ratios to Baseline and ARLISS-batched / ARLISS-switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moerm.config import load_config
+from moerm.data.readers import load_pairs
+from moerm.runs import cap_per_domain
+from moerm.systems import build_system
+from moerm.systems.base import FitContext, RewardSystem
+
+
+def build(name: str, overrides: list[str], train: list, work: Path) -> RewardSystem:
+    cfg = load_config(None, [f"system={name}", *overrides])
+    system = build_system(cfg)
+    system.fit(train, None, FitContext(work / name, progress=False))
+    return system
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: allocator, lazy init, thread pools
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="examples/data")
+    ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--pairs-per-domain", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--systems", default="baseline,more,rodos,arliss")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    command = "python benchmarks/inference_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+    test, _ = load_pairs([args.data], split="test")
+    test = cap_per_domain(test, args.pairs_per_domain, seed=0)
+    random.Random(0).shuffle(test)  # mixed domains in every batch
+    train, _ = load_pairs([args.data], split="train")
+    train = cap_per_domain(train, 8, seed=0)
+    prompts = [p.prompt for p in test] * 2
+    responses = [p.chosen for p in test] + [p.rejected for p in test]
+    n = len(test)
+    common = [f"model.backbone={args.backbone}", f"model.max_length={args.max_length}", "train.max_steps=1",
+              "train.batch_size=8", "train.save_every=0"]
+    router = ["options.router_epochs=0.01"]
+    rows: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.systems.split(","):
+            system = build(name, common + (router if name in ("rodos", "arliss") else []), train, Path(tmp))
+            if name == "arliss":
+                for mode in ("switch", "batched"):
+                    sec = timed(lambda: system.score(prompts, responses, batch_size=args.batch_size, mode=mode),
+                                args.repeats)
+                    rows[f"arliss-{mode}"] = sec
+            else:
+                rows[name] = timed(lambda: system.score(prompts, responses, batch_size=args.batch_size), args.repeats)
+            del system
+
+    base = rows.get("baseline")
+    print(f"command: {command}")
+    print(f"{n} held-out pairs from {len({p.domain for p in test})} domains ({2 * n} sequences), "
+          f"backbone {args.backbone}, max_length {args.max_length}, batch {args.batch_size}, "
+          f"median of {args.repeats}, {torch.get_num_threads()} CPU threads\n")
+    print("| system | seconds per pair | pairs/s | ratio to Baseline |")
+    print("|---|---:|---:|---:|")
+    for name, sec in rows.items():
+        ratio = f"{base / sec:.2f}x" if base else ""
+        print(f"| {name} | {sec / n * 1000:.1f} ms | {n / sec:.2f} | {ratio} |")
+    if "arliss-switch" in rows and "arliss-batched" in rows:
+        print(f"\nARLISS batched / switch: {rows['arliss-switch'] / rows['arliss-batched']:.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": command, "pairs": n, "seconds": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
