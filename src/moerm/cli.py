@@ -56,6 +56,7 @@ def train(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set train.lr=1e-4"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds: one run per seed in OUT/seed-N"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its last checkpoint"),
+    no_eval: bool = typer.Option(False, "--no-eval", help="no held-out evaluation during training (run `moerm eval` after)"),
     on_invalid: Optional[str] = typer.Option(None, "--on-invalid", help="error (default) | skip"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -72,6 +73,8 @@ def train(
     overrides.append("data.train=" + json.dumps(data))
     if eval_data:
         overrides.append("data.eval=" + json.dumps(eval_data))
+    if no_eval:
+        overrides.append("data.eval_during_training=false")
     # The command as a reproducible line, rebuilt from the parsed options (argv is not ours when embedded).
     parts = ["moerm", "train", *[a for d in data for a in ("--data", d)], "--out", str(out)]
     for flag, value in (("--system", system), ("--tuning", tuning), ("--backbone", backbone), ("--config", config),
@@ -81,6 +84,7 @@ def train(
     parts += [a for e in eval_data or [] for a in ("--eval-data", e)]
     parts += [a for s in set_ or [] for a in ("--set", s)]
     parts += ["--resume"] if resume else []
+    parts += ["--no-eval"] if no_eval else []
     command = " ".join(shlex.quote(p) for p in parts)
 
     def go() -> None:

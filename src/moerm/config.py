@@ -71,6 +71,7 @@ class DataConfig:
     train: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
     on_invalid: str = "error"
+    eval_during_training: bool = field(default=True, metadata={"help": "evaluate held-out pairs at eval_every/the end"})
     max_train_pairs_per_domain: int | None = None
     max_eval_pairs_per_domain: int | None = None
     column_map: dict[str, str] | None = None

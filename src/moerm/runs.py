@@ -63,7 +63,7 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
     if not d.train:
         raise ConfigError("no training data: pass --data PATH")
     train, train_report = load_pairs(d.train, split="train", on_invalid=d.on_invalid, column_map=d.column_map)
-    eval_paths = list(d.eval) or default_eval_paths(d.train)
+    eval_paths = (list(d.eval) or default_eval_paths(d.train)) if d.eval_during_training else []
     evals, eval_report = (load_pairs(eval_paths, split="test", on_invalid=d.on_invalid, column_map=d.column_map)
                           if eval_paths else ([], None))
     for name, rep in (("train", train_report), ("eval", eval_report)):

@@ -4,6 +4,7 @@ from moerm.systems.base import REGISTRY, RewardSystem, build_system, load_system
 from moerm.systems.baseline import BaseLoRASystem, BaselineSystem
 from moerm.systems.more import MoRESystem
 from moerm.systems.rodos import RODOSSystem
+from moerm.systems.arliss import ARLISSSystem
 
 __all__ = ["REGISTRY", "RewardSystem", "build_system", "load_system", "register", "BaselineSystem", "BaseLoRASystem",
-           "MoRESystem", "RODOSSystem"]
+           "MoRESystem", "RODOSSystem", "ARLISSSystem"]

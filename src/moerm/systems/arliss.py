@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -178,7 +177,7 @@ class ARLISSSystem(RewardSystem):
         path = _RewardPath(model.backbone, model.heads[name])
         trainer = Trainer(
             path, make_pairwise_step(t.center_rewards_coefficient, t.use_margin), data, data.collate, t,
-            ctx.out_dir / "components" / f"rm-{name}", [(model.backbone, t.lr), (model.heads[name], t.head_lr or t.lr)],
+            ctx.out_dir / "components" / f"rm-{name}", [(model.backbone, t.lr), (model.heads[name], t.head_lr or t.lr)],  # name == domain when safe
             eval_fn=(lambda m: pairwise_eval(m, eval_data, t.eval_batch_size)) if eval_data is not None else None,
             desc=f"rm:{domain}", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps,
         )

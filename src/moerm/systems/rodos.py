@@ -141,14 +141,14 @@ class RODOSSystem(RewardSystem):
                                    model=dataclasses.replace(m, tuning=tuning))
 
     def _train_rm(self, domain: str, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None,
-                  ctx: FitContext) -> tuple[BaselineSystem, float]:
+                  ctx: FitContext) -> tuple[BaselineSystem, float, dict[str, float]]:
         rm = BaselineSystem(self._rm_config())
         sub = FitContext(ctx.out_dir / "components" / f"rm-{domain_dir(domain)}", ctx.resume, ctx.progress,
                          ctx.stop_after_steps)
         t0 = time.perf_counter()
-        rm.fit([p for p in train if p.domain == domain],
-               [p for p in eval if p.domain == domain] if eval else None, sub)
-        return rm, time.perf_counter() - t0
+        result = rm.fit([p for p in train if p.domain == domain],
+                        [p for p in eval if p.domain == domain] if eval else None, sub)
+        return rm, time.perf_counter() - t0, result.metrics
 
     def _train_router(self, ctx: FitContext) -> float:
         self.router = Router(self.config, self.opts, self.domains)
@@ -158,18 +158,13 @@ class RODOSSystem(RewardSystem):
 
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         seconds: dict[str, float] = {}
+        metrics: dict[str, float] = {}
         for domain in sorted({p.domain for p in train}):
-            self.rms[domain], seconds[f"rm:{domain}"] = self._train_rm(domain, train, eval, ctx)
+            self.rms[domain], seconds[f"rm:{domain}"], m = self._train_rm(domain, train, eval, ctx)
+            # each RM on its own domain's held-out pairs (oracle routing); `moerm eval` measures the routed system
+            metrics.update({f"rm:{domain}:{k}": v for k, v in m.items() if k.startswith("eval_accuracy")})
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
         seconds["router"] = self._train_router(ctx)
-        metrics: dict[str, float] = {}
-        if eval:
-            from moerm.eval.metrics import evaluate_system
-
-            rep = evaluate_system(self, eval)
-            metrics = {"eval_accuracy": rep["accuracy"], "eval_macro_accuracy": rep["macro_accuracy"]}
-            if "router_accuracy" in rep:
-                metrics["eval_router_accuracy"] = rep["router_accuracy"]
         return FitResult(metrics, seconds)
 
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
@@ -180,7 +175,7 @@ class RODOSSystem(RewardSystem):
         if domain in self.rms:
             raise ValueError(f"domain {domain!r} already has a reward model; choose a new domain name")
         seconds: dict[str, float] = {}
-        self.rms[domain], seconds[f"rm:{domain}"] = self._train_rm(domain, pairs, None, ctx)
+        self.rms[domain], seconds[f"rm:{domain}"], _ = self._train_rm(domain, pairs, None, ctx)
         self.router_examples += router_examples(pairs, self.opts.max_router_prompts_per_domain)
         seconds["router"] = self._train_router(ctx)
         # Write only what changed: the new RM, the router, the index files. Other RMs' files stay byte-identical.
