@@ -15,7 +15,7 @@ from moerm.cli_data import data_app
 app = typer.Typer(help="Train, evaluate and serve domain-robust reward models (routers and mixtures of experts).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 
