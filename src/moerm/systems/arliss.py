@@ -125,6 +125,8 @@ class ARLISSSystem(RewardSystem):
         self.domains: list[str] = list(domains)  # router label order
         self.router_examples: list[tuple[str, str]] = list(examples)
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
+        # The router reads only the prompt's first tokens (options.router_max_length), as in RODOS.
+        self.router_encoder = make_encoder(config.model.backbone, self.opts.router_max_length)
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -194,7 +196,7 @@ class ARLISSSystem(RewardSystem):
         torch.manual_seed(self.config.train.seed)
         model.router_head = nn.Linear(model.backbone.hidden_size, len(self.domains)).to(self.device)
         self._activate(ROUTER)
-        data = PromptTexts.build(self.router_examples, self.domains, self.encoder)
+        data = PromptTexts.build(self.router_examples, self.domains, self.router_encoder)
         t_cfg = dataclasses.replace(self.config.train, lr=self.opts.router_lr, head_lr=self.opts.router_lr,
                                     epochs=self.opts.router_epochs, max_steps=None)
         path = _RouterPath(model.backbone, model.router_head)
@@ -280,7 +282,7 @@ class ARLISSSystem(RewardSystem):
         """(N, D) router probabilities in one mixed-adapter pass (all rows 'router'); each distinct prompt once."""
         model = self._require()
         unique = list(dict.fromkeys(prompts))
-        encoded = [self.encoder.encode_single(p) for p in unique]
+        encoded = [self.router_encoder.encode_single(p) for p in unique]
         order = sorted(range(len(unique)), key=lambda i: len(encoded[i]["input_ids"]))
         out = torch.empty(len(unique), len(self.domains))
         for s in range(0, len(order), batch_size):
@@ -319,7 +321,7 @@ class ARLISSSystem(RewardSystem):
         routes: list[Route] = []
         for i, (p, resp) in enumerate(zip(prompts, responses)):
             model.peft.set_adapter(ROUTER)
-            probs = torch.softmax(model.router_head(self._forward([self.encoder.encode_single(p)], None)).float(), -1)
+            probs = torch.softmax(model.router_head(self._forward([self.router_encoder.encode_single(p)], None)).float(), -1)
             (route,) = decide_routes(probs.cpu(), self.domains, [hints[i]] if hints is not None else None,
                                      self.opts.min_confidence)
             enc = self.encoder.encode(p, resp)
