@@ -5,7 +5,7 @@
 Each system is built through its real `fit` with one optimizer step per component (`train.max_steps=1`): the
 weights' values do not change the arithmetic, so throughput is measured without hours of training. Every system then
 scores the chosen and rejected replies of the same pairs (shuffled so domains are mixed in each batch); the median of
-`--repeats` timed runs is reported as pairs per second, with ratios to Baseline and ARLISS-batched / ARLISS-switch.
+`--repeats` timed runs (interleaved across systems) is reported as pairs per second, with ratios to Baseline and ARLISS-batched / ARLISS-switch.
 """
 
 from __future__ import annotations
@@ -37,14 +37,17 @@ def build(name: str, overrides: list[str], train: list, work: Path) -> RewardSys
     return system
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: allocator, lazy init, thread pools
-    times = []
+def timed_round_robin(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per system; repeats are interleaved across systems so machine drift hits all alike."""
+    for fn in runs.values():
+        fn()  # warm-up: allocator, lazy init, thread pools
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -72,18 +75,17 @@ def main() -> None:
     common = [f"model.backbone={args.backbone}", f"model.max_length={args.max_length}", "train.max_steps=1",
               "train.batch_size=8", "train.save_every=0"]
     router = ["options.router_epochs=0.01"]
-    rows: dict[str, float] = {}
+    runs: dict[str, Callable[[], Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems.split(","):
             system = build(name, common + (router if name in ("rodos", "arliss") else []), train, Path(tmp))
             if name == "arliss":
                 for mode in ("switch", "batched"):
-                    sec = timed(lambda: system.score(prompts, responses, batch_size=args.batch_size, mode=mode),
-                                args.repeats)
-                    rows[f"arliss-{mode}"] = sec
+                    runs[f"arliss-{mode}"] = (lambda s=system, m=mode: s.score(prompts, responses,
+                                                                               batch_size=args.batch_size, mode=m))
             else:
-                rows[name] = timed(lambda: system.score(prompts, responses, batch_size=args.batch_size), args.repeats)
-            del system
+                runs[name] = lambda s=system: s.score(prompts, responses, batch_size=args.batch_size)
+        rows = timed_round_robin(runs, args.repeats)
 
     base = rows.get("baseline")
     print(f"command: {command}")

@@ -94,6 +94,10 @@ def train(
             run_dir = out if seed is None else out / f"seed-{seed}"
             run_cfg = cfg if seed is None else load_config(config, overrides + [f"train.seed={seed}"])
             summary = train_run(run_cfg, run_dir, command=command, resume=resume, progress=progress, console=console)
+            parts = summary["seconds_per_component"]
+            if len(parts) > 1:  # e.g. each domain RM and the router, as in the router paper's Table 3
+                console.print("training time per component: " + ", ".join(f"{k} {v:.0f} s" for k, v in parts.items()),
+                              highlight=False)
             console.print(f"[green]saved[/] {summary['model_dir']}  ({summary['train_seconds']:.0f} s)")
 
     _run_guarded(go)

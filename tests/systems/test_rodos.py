@@ -101,3 +101,20 @@ def test_add_domain_leaves_other_rms_byte_identical(trained, tiny_bert):
     assert rep["router_accuracy"] >= 0.9  # a frozen tiny random backbone: near-perfect, not always perfect
     with pytest.raises(ValueError, match="already has a reward model"):
         again.add_domain(domain_pairs("gamma", 4, 12), FitContext(tmp / "add2", progress=False), model)
+
+
+def test_general_fallback_rm(tiny_bert, tmp_path):
+    train = domain_pairs("alpha", 24, 1) + domain_pairs("beta", 24, 2)
+    system = build_system(_cfg(tiny_bert, tmp_path / "cache", fallback="general", min_confidence=1.0))
+    result = system.fit(train, None, FitContext(tmp_path / "run", progress=False))
+    assert "rm:general" in result.seconds_per_component
+    test = domain_pairs("alpha", 4, 3)
+    out = system.score([p.prompt for p in test], [p.chosen for p in test])
+    general = system.general.score([p.prompt for p in test], [p.chosen for p in test]).rewards
+    torch.testing.assert_close(torch.tensor(out.rewards), torch.tensor(general))
+    assert all(d["fallback"] and d["fallback_to"] == "general" for d in out.details)
+    system.save(tmp_path / "model")
+    again = load_system(tmp_path / "model")
+    torch.testing.assert_close(torch.tensor(again.score([p.prompt for p in test], [p.chosen for p in test]).rewards),
+                               torch.tensor(out.rewards), atol=1e-6, rtol=0)
+    assert "rm:general" in again.describe(tmp_path / "model")["components"]

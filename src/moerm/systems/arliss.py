@@ -57,6 +57,8 @@ class ARLISSOptions(RouterOptions):
         super().__post_init__()
         if self.inference not in INFERENCE_MODES:
             raise ValueError(f"options.inference must be batched or switch; got {self.inference!r}")
+        if self.fallback != "mixture":
+            raise ValueError("arliss supports options.fallback=mixture only (a general fallback RM is a rodos option)")
 
 
 def adapter_name(domain: str) -> str:

@@ -34,6 +34,7 @@ from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.trainer import Trainer
 
 RODOS_FILE = "rodos.json"
+GENERAL_DIR = "general_rm"  # the general fallback RM (options.fallback=general), beside rms/, never a domain name
 
 
 @dataclass
@@ -127,6 +128,7 @@ class RODOSSystem(RewardSystem):
         super().__init__(config)
         self.opts: RODOSOptions = self.options
         self.rms: dict[str, BaselineSystem] = dict(rms or {})
+        self.general: BaselineSystem | None = None  # options.fallback=general: one RM trained on every domain
         self.router = router
         self.router_examples: list[tuple[str, str]] = []
 
@@ -140,14 +142,15 @@ class RODOSSystem(RewardSystem):
         return dataclasses.replace(self.config, system="baseline", options={},
                                    model=dataclasses.replace(m, tuning=tuning))
 
-    def _train_rm(self, domain: str, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None,
+    def _train_rm(self, domain: str | None, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None,
                   ctx: FitContext) -> tuple[BaselineSystem, float, dict[str, float]]:
+        """One domain's RM on that domain's pairs; `domain=None` trains the general fallback RM on all of them."""
         rm = BaselineSystem(self._rm_config())
-        sub = FitContext(ctx.out_dir / "components" / f"rm-{domain_dir(domain)}", ctx.resume, ctx.progress,
-                         ctx.stop_after_steps)
+        folder = f"rm-{domain_dir(domain)}" if domain is not None else GENERAL_DIR
+        sub = FitContext(ctx.out_dir / "components" / folder, ctx.resume, ctx.progress, ctx.stop_after_steps)
         t0 = time.perf_counter()
-        result = rm.fit([p for p in train if p.domain == domain],
-                        [p for p in eval if p.domain == domain] if eval else None, sub)
+        keep = (lambda p: True) if domain is None else (lambda p: p.domain == domain)
+        result = rm.fit([p for p in train if keep(p)], [p for p in eval if keep(p)] if eval else None, sub)
         return rm, time.perf_counter() - t0, result.metrics
 
     def _train_router(self, ctx: FitContext) -> float:
@@ -163,6 +166,8 @@ class RODOSSystem(RewardSystem):
             self.rms[domain], seconds[f"rm:{domain}"], m = self._train_rm(domain, train, eval, ctx)
             # each RM on its own domain's held-out pairs (oracle routing); `moerm eval` measures the routed system
             metrics.update({f"rm:{domain}:{k}": v for k, v in m.items() if k.startswith("eval_accuracy")})
+        if self.opts.fallback == "general":
+            self.general, seconds["rm:general"], _ = self._train_rm(None, train, None, ctx)
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
         seconds["router"] = self._train_router(ctx)
         return FitResult(metrics, seconds)
@@ -197,18 +202,33 @@ class RODOSSystem(RewardSystem):
             return torch.tensor(rm.score([prompts[i] for i in rows], [responses[i] for i in rows],
                                          batch_size=batch_size).rewards)
 
-        rewards = combine_rewards(routes, per_domain, len(prompts))
-        return ScoreOutput(rewards.tolist(), [{"system": self.name, **r.details()} for r in routes])
+        general = None
+        if self.general is not None:
+            g = self.general
+
+            def general(rows: list[int]) -> torch.Tensor:
+                return torch.tensor(g.score([prompts[i] for i in rows], [responses[i] for i in rows],
+                                            batch_size=batch_size).rewards)
+
+        rewards = combine_rewards(routes, per_domain, len(prompts), general)
+        fallback_to = "general" if self.general is not None else "mixture"
+        return ScoreOutput(rewards.tolist(), [{"system": self.name, **r.details(),
+                                               **({"fallback_to": fallback_to} if r.domain is None else {})}
+                                              for r in routes])
 
     # -- persistence
     def components(self) -> dict[str, nn.Module]:
         comps: dict[str, nn.Module] = {f"rm:{d}": rm.model for d, rm in sorted(self.rms.items())}
+        if self.general is not None:
+            comps["rm:general"] = self.general.model
         if self.router is not None:
             comps["router"] = self.router.model
         return comps
 
     def component_files(self) -> dict[str, list[str]]:
         files = {f"rm:{d}": [f"rms/{domain_dir(d)}"] for d in self.rms}
+        if self.general is not None:
+            files["rm:general"] = [GENERAL_DIR]
         files["router"] = ["router"]
         return files
 
@@ -226,6 +246,8 @@ class RODOSSystem(RewardSystem):
     def save_components(self, path: Path) -> None:
         for d, rm in self.rms.items():
             rm.save(path / "rms" / domain_dir(d))
+        if self.general is not None:
+            self.general.save(path / GENERAL_DIR)
         self._save_router_and_index(path)
 
     @classmethod
@@ -237,6 +259,8 @@ class RODOSSystem(RewardSystem):
         if device is not None:
             system.router.model.to(device)
         system.router_examples = load_router_examples(path / ROUTER_PROMPTS)
+        if (path / GENERAL_DIR / SYSTEM_FILE).exists():
+            system.general = load_system(path / GENERAL_DIR, device)  # type: ignore[assignment]
         return system
 
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:

@@ -28,15 +28,15 @@ class RouterOptions:
     router_lr: float = 1e-3
     router_tuning: str = "frozen"  # frozen: cached prompt features + linear classifier; full: fine-tune a backbone
     min_confidence: float = 0.0  # below it the router's choice is not trusted: fall back
-    fallback: str = "mixture"  # mixture: probability-weighted sum of the domain RMs' rewards
+    fallback: str = "mixture"  # mixture: probability-weighted sum of the domain RMs; general: an RM on all domains
     max_router_prompts_per_domain: int = 2000
     router_max_length: int = 64  # the router reads the prompt's first tokens only: domain cues sit there, and it is cheap
 
     def __post_init__(self) -> None:
         if self.router_tuning not in ("frozen", "full", "lora"):
             raise ValueError(f"options.router_tuning must be frozen, full or lora; got {self.router_tuning!r}")
-        if self.fallback not in ("mixture",):
-            raise ValueError(f"options.fallback must be 'mixture'; got {self.fallback!r}")
+        if self.fallback not in ("mixture", "general"):
+            raise ValueError(f"options.fallback must be 'mixture' or 'general'; got {self.fallback!r}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError("options.min_confidence must be within [0, 1]")
 
@@ -175,13 +175,20 @@ def decide_routes(probs: torch.Tensor, domains: Sequence[str], hints: Sequence[s
     return routes
 
 
-def combine_rewards(routes: Sequence[Route], per_domain: Callable[[str, list[int]], torch.Tensor], n: int) -> torch.Tensor:
-    """Rewards (n,): each routed input from its domain RM; a fallback input as the probability-weighted mixture of
-    every domain RM. `per_domain(domain, rows)` scores the given rows with that domain's RM, one sub-batch per RM.
+def combine_rewards(routes: Sequence[Route], per_domain: Callable[[str, list[int]], torch.Tensor], n: int,
+                    general: Callable[[list[int]], torch.Tensor] | None = None) -> torch.Tensor:
+    """Rewards (n,): each routed input from its domain RM; a fallback input from the `general` RM when given, else
+    as the probability-weighted mixture of every domain RM. `per_domain(domain, rows)` scores the given rows with
+    that domain's RM, one sub-batch per RM.
     """
     rewards = torch.zeros(n)
+    fallback_rows = [i for i, r in enumerate(routes) if r.domain is None]
+    if general is not None and fallback_rows:
+        rewards[torch.tensor(fallback_rows)] = general(fallback_rows).float()
     need: dict[str, list[int]] = {}
     for i, r in enumerate(routes):
+        if r.domain is None and general is not None:
+            continue
         for d in ([r.domain] if r.domain is not None else list(r.probs)):
             need.setdefault(d, []).append(i)
     for d, rows in need.items():
