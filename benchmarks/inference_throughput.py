@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", default="baseline,more,rodos,arliss")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override for every system, e.g. --set options.router_max_length=32")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -73,7 +75,7 @@ def main() -> None:
     responses = [p.chosen for p in test] + [p.rejected for p in test]
     n = len(test)
     common = [f"model.backbone={args.backbone}", f"model.max_length={args.max_length}", "train.max_steps=1",
-              "train.batch_size=8", "train.save_every=0"]
+              "train.batch_size=8", "train.save_every=0", *args.overrides]
     router = ["options.router_epochs=0.01"]
     runs: dict[str, Callable[[], Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

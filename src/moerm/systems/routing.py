@@ -30,7 +30,7 @@ class RouterOptions:
     min_confidence: float = 0.0  # below it the router's choice is not trusted: fall back
     fallback: str = "mixture"  # mixture: probability-weighted sum of the domain RMs; general: an RM on all domains
     max_router_prompts_per_domain: int = 2000
-    router_max_length: int = 64  # the router reads the prompt's first tokens only: domain cues sit there, and it is cheap
+    router_max_length: int = 32  # the router reads the prompt's first tokens only: domain cues sit there, and it is cheap
 
     def __post_init__(self) -> None:
         if self.router_tuning not in ("frozen", "full", "lora"):
