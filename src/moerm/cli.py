@@ -11,10 +11,12 @@ import typer
 from rich.console import Console
 
 from moerm.cli_data import data_app
+from moerm.cli_label import label_app
 
 app = typer.Typer(help="Train, evaluate and serve domain-robust reward models (routers and mixtures of experts).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
+app.add_typer(label_app, name="label")
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
 

@@ -35,7 +35,7 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import lora_config
 from moerm.systems.routing import (
     ROUTER_PROMPTS, PromptTexts, Route, RouterOptions, classification_eval, classification_step, combine_rewards,
-    decide_routes, load_router_examples, router_examples, save_router_examples,
+    decide_routes, load_router_examples, new_domain_of, router_examples, save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.pairwise import TokenPairs, make_pairwise_step, pairwise_eval
@@ -232,12 +232,7 @@ class ARLISSSystem(RewardSystem):
 
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
         model = self._require()
-        new = {p.domain for p in pairs}
-        if len(new) != 1:
-            raise ValueError(f"add-domain takes the pairs of one new domain; got {sorted(new)}")
-        (domain,) = new
-        if domain in self.domains:
-            raise ValueError(f"domain {domain!r} already has an adapter; choose a new domain name")
+        domain = new_domain_of(pairs, self.domains)
         name = adapter_name(domain)
         if name in self.adapters.values():
             raise ValueError(f"domain {domain!r} maps to adapter name {name!r}, which another domain uses")

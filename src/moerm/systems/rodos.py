@@ -28,7 +28,7 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.routing import (
     ROUTER_PROMPTS, FeatureTexts, PromptTexts, RouterOptions, classification_eval, classification_step,
-    combine_rewards, decide_routes, load_router_examples, router_examples, save_router_examples,
+    combine_rewards, decide_routes, load_router_examples, new_domain_of, router_examples, save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.trainer import Trainer
@@ -173,12 +173,7 @@ class RODOSSystem(RewardSystem):
         return FitResult(metrics, seconds)
 
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
-        domains = {p.domain for p in pairs}
-        if len(domains) != 1:
-            raise ValueError(f"add-domain takes the pairs of one new domain; got {sorted(domains)}")
-        (domain,) = domains
-        if domain in self.rms:
-            raise ValueError(f"domain {domain!r} already has a reward model; choose a new domain name")
+        domain = new_domain_of(pairs, list(self.rms))
         seconds: dict[str, float] = {}
         self.rms[domain], seconds[f"rm:{domain}"], _ = self._train_rm(domain, pairs, None, ctx)
         self.router_examples += router_examples(pairs, self.opts.max_router_prompts_per_domain)

@@ -56,6 +56,17 @@ def router_examples(pairs: Sequence[PreferencePair], cap_per_domain: int) -> lis
     return out
 
 
+def new_domain_of(pairs: Sequence[PreferencePair], existing: Sequence[str]) -> str:
+    """The one domain `add-domain` was given; an error when the pairs hold several, or a domain already served."""
+    domains = {p.domain for p in pairs}
+    if len(domains) != 1:
+        raise ValueError(f"add-domain takes the pairs of one new domain; got {sorted(domains)}")
+    (domain,) = domains
+    if domain in existing:
+        raise ValueError(f"domain {domain!r} already has a reward model; choose a new domain name")
+    return domain
+
+
 def save_router_examples(examples: Sequence[tuple[str, str]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
