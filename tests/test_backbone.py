@@ -3,7 +3,7 @@ from pathlib import Path
 import torch
 from torch.testing import assert_close
 
-from moerm.backbone import PairEncoder, is_decoder, load_backbone, load_config, make_encoder, pooled, resolve_model_path
+from moerm.backbone import is_decoder, load_backbone, load_config, make_encoder, pooled, resolve_model_path
 
 
 def test_minilm_alias_resolves_to_the_embedded_package():

@@ -216,9 +216,3 @@ class PairEncoder:
 def make_encoder(name_or_path: str, max_length: int) -> PairEncoder:
     tok = load_tokenizer(name_or_path)
     return PairEncoder(tok, max_length, decoder=is_decoder(load_config(name_or_path)))
-
-
-def describe_backbone(name_or_path: str) -> dict[str, Any]:
-    cfg = load_config(name_or_path)
-    return {"name": name_or_path, "path": resolve_model_path(name_or_path), "model_type": cfg.model_type,
-            "decoder": is_decoder(cfg), "hidden_size": getattr(cfg, "hidden_size", None)}

@@ -6,13 +6,13 @@ A run folder holds `config.yaml` (resolved), `command.txt`, `data.json` (what wa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from rich.console import Console
 
 from moerm.config import ConfigError, RunConfig, from_dict
@@ -22,8 +22,6 @@ from moerm.eval.metrics import aggregate_runs, evaluate_system
 from moerm.eval.report import accuracy_table, aggregate_table
 from moerm.systems.base import FitContext, build_system, find_model_dir, load_system
 from moerm.train.checkpoint import atomic_write_text
-
-import yaml
 
 
 def cap_per_domain(pairs: Sequence[PreferencePair], cap: int | None, seed: int) -> list[PreferencePair]:
@@ -175,7 +173,3 @@ def read_score_requests(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{n}: field 'domain': not a string")
             items.append(rec)
     return items
-
-
-def replace_seed(cfg: RunConfig, seed: int) -> RunConfig:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))

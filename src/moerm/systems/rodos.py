@@ -22,7 +22,6 @@ from moerm.backbone import Backbone, backbone_id, load_backbone, make_encoder
 from moerm.config import RunConfig
 from moerm.data.schema import PreferencePair
 from moerm.features import FeatureCache, encode_features
-from moerm.inference import batched_forward
 from moerm.modules.router import DomainClassifier
 from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem, ScoreOutput, load_system, register
 from moerm.systems.baseline import BaselineSystem
