@@ -196,8 +196,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
     """Defaults <- `base` <- YAML file <- `--set` overrides."""
     data: dict[str, Any] = {}
-    for layer in (base or {},):
-        _deep_update(data, layer)
+    _deep_update(data, base or {})
     if path is not None:
         p = Path(path)
         if not p.exists():

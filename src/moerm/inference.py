@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from moerm.backbone import PairEncoder
+
+
+def sorted_batches(encoded: Sequence[dict[str, list[int]]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of `encoded` in batches of similar length, so padding stays small."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    for s in range(0, len(order), batch_size):
+        yield order[s : s + batch_size]
 
 
 @torch.no_grad()
@@ -26,12 +33,12 @@ def batched_forward(
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     encoded = [encoder.encode(p, r) for p, r in zip(prompts, responses)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    order: list[int] = []
     outs: list[torch.Tensor] = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
+    for idx in sorted_batches(encoded, batch_size):
         batch = {k: v.to(device) for k, v in encoder.pad([encoded[i] for i in idx]).items()}
         outs.append(forward(batch).float().cpu())
+        order += idx
     if not outs:
         return torch.zeros(0)
     sorted_out = torch.cat(outs)

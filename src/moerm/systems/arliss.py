@@ -35,7 +35,7 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import lora_config
 from moerm.systems.routing import (
     ROUTER_PROMPTS, PromptTexts, Route, RouterOptions, classification_eval, classification_step, combine_rewards,
-    decide_routes, load_router_examples, new_domain_of, router_examples, save_router_examples,
+    decide_routes, load_router_examples, new_domain_of, prompt_probs, router_examples, save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.pairwise import TokenPairs, make_pairwise_step, pairwise_eval
@@ -278,16 +278,9 @@ class ARLISSSystem(RewardSystem):
     def _router_probs(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
         """(N, D) router probabilities in one mixed-adapter pass (all rows 'router'); each distinct prompt once."""
         model = self._require()
-        unique = list(dict.fromkeys(prompts))
-        encoded = [self.router_encoder.encode_single(p) for p in unique]
-        order = sorted(range(len(unique)), key=lambda i: len(encoded[i]["input_ids"]))
-        out = torch.empty(len(unique), len(self.domains))
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            feats = self._forward([encoded[i] for i in idx], [ROUTER] * len(idx))  # (b, H)
-            out[torch.tensor(idx)] = torch.softmax(model.router_head(feats).float(), -1).cpu()  # (b, D)
-        pos = {p: i for i, p in enumerate(unique)}
-        return out[torch.tensor([pos[p] for p in prompts], dtype=torch.long)] if prompts else out
+        return prompt_probs(prompts, self.router_encoder,
+                            lambda rows: model.router_head(self._forward(rows, [ROUTER] * len(rows))),  # (b, H) -> (b, D)
+                            len(self.domains), batch_size)
 
     def _score_batched(self, prompts: Sequence[str], responses: Sequence[str], hints: Sequence[str | None] | None,
                        batch_size: int) -> tuple[torch.Tensor, list[Route]]:

@@ -27,7 +27,8 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.routing import (
     ROUTER_PROMPTS, FeatureTexts, PromptTexts, RouterOptions, classification_eval, classification_step,
-    combine_rewards, decide_routes, load_router_examples, new_domain_of, router_examples, save_router_examples,
+    combine_rewards, decide_routes, load_router_examples, new_domain_of, prompt_probs, router_examples,
+    save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.trainer import Trainer
@@ -85,21 +86,15 @@ class Router:
         self.model.to(trainer.accelerator.device)
         return result.seconds
 
-    @torch.no_grad()
     def probs(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """(N, D) routing probabilities; each distinct prompt is classified once."""
         self.model.eval()
-        unique = list(dict.fromkeys(prompts))
         device = next(self.model.parameters()).device
-        encoded = [self.encoder.encode_single(p) for p in unique]
-        order = sorted(range(len(unique)), key=lambda i: len(encoded[i]["input_ids"]))
-        out = torch.empty(len(unique), len(self.domains))
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            batch = {k: v.to(device) for k, v in self.encoder.pad([encoded[i] for i in idx]).items()}
-            out[torch.tensor(idx)] = torch.softmax(self.model(**batch).float(), -1).cpu()
-        pos = {p: i for i, p in enumerate(unique)}
-        return out[torch.tensor([pos[p] for p in prompts], dtype=torch.long)] if prompts else out
+
+        def logits(rows: list[dict[str, list[int]]]) -> torch.Tensor:
+            return self.model(**{k: v.to(device) for k, v in self.encoder.pad(rows).items()})  # (b, D)
+
+        return prompt_probs(prompts, self.encoder, logits, len(self.domains), batch_size)
 
     def save(self, path: Path) -> None:
         atomic_save_safetensors(self.model.classifier.state_dict(), path / "classifier.safetensors")

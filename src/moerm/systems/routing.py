@@ -16,6 +16,7 @@ from torch import nn
 
 from moerm.backbone import PairEncoder
 from moerm.data.schema import PreferencePair
+from moerm.inference import sorted_batches
 
 ROUTER_PROMPTS = "router_prompts.jsonl.gz"
 
@@ -140,6 +141,22 @@ def classification_eval(model: nn.Module, data: PromptTexts | FeatureTexts, batc
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         correct += int((model(**inputs).argmax(-1).cpu() == batch["labels"]).sum())
     return {"accuracy": correct / max(1, len(data))}
+
+
+@torch.no_grad()
+def prompt_probs(prompts: Sequence[str], encoder: PairEncoder, logits: Callable[[list[dict[str, list[int]]]], torch.Tensor],
+                 num_domains: int, batch_size: int) -> torch.Tensor:
+    """(N, D) routing probabilities; each distinct prompt is classified once, in length-sorted batches.
+
+    `logits(encoded_rows)` maps a list of single-text encodings to (b, D) router logits.
+    """
+    unique = list(dict.fromkeys(prompts))
+    encoded = [encoder.encode_single(p) for p in unique]
+    out = torch.empty(len(unique), num_domains)
+    for idx in sorted_batches(encoded, batch_size):
+        out[torch.tensor(idx)] = torch.softmax(logits([encoded[i] for i in idx]).float(), -1).cpu()  # (b, D)
+    pos = {p: i for i, p in enumerate(unique)}
+    return out[torch.tensor([pos[p] for p in prompts], dtype=torch.long)] if prompts else out
 
 
 @dataclass

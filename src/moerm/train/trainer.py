@@ -153,12 +153,16 @@ class Trainer:
         self._log({"step": step, "component": self.desc, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
+    def _raw_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer under accelerate's wrapper, whose state dict the checkpoint stores."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     def _save(self, step: int, epoch: int, next_batch: int, seconds: float) -> None:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
         save_checkpoint(
-            self.ckpt_dir, step, trainable_state(model), self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            self.ckpt_dir, step, trainable_state(model), self._raw_optimizer(),
             self.scheduler, {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps},
             keep=self.cfg.keep_checkpoints,
         )
@@ -168,8 +172,7 @@ class Trainer:
         step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
         resumed_from = None
         if resume and (ckpt := latest_checkpoint(self.ckpt_dir)) is not None:
-            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-            state, tstate = load_checkpoint(ckpt, opt, self.scheduler, acc.device)
+            state, tstate = load_checkpoint(ckpt, self._raw_optimizer(), self.scheduler, acc.device)
             missing = acc.unwrap_model(self.model).load_state_dict(state, strict=False)
             if missing.unexpected_keys:
                 raise RuntimeError(f"checkpoint {ckpt} does not match the model: {missing.unexpected_keys[:3]}")
