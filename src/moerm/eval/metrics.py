@@ -51,7 +51,49 @@ def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: in
     report["latency_ms_per_pair"] = 1000.0 * seconds / n
     report["pairs_per_second"] = n / seconds if seconds > 0 else float("inf")
     report.update(explanation_report(out.details[:n], domains))
+    task_of = getattr(system, "task_of_domain", None)
+    if task_of:
+        report.update(task_report(out.rewards[:n], out.rewards[n:], out.details[:n], domains, task_of))
+    if any("capability_scores" in det for det in out.details):
+        report["capability_accuracy"] = capability_accuracy(pairs, out.details[:n], out.details[n:])
     return report
+
+
+def task_report(chosen: Sequence[float], rejected: Sequence[float], details: Sequence[dict[str, Any]],
+                domains: Sequence[str], task_of: dict[str, str]) -> dict[str, Any]:
+    """Task-routed systems (DMoERM): consistency per true task, task-router accuracy and confusion matrix."""
+    tasks = [task_of.get(d, "?") for d in domains]
+    per: dict[str, list[bool]] = defaultdict(list)
+    confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for c, r, t, det in zip(chosen, rejected, tasks, details):
+        per[t].append(c > r)
+        confusion[t][det.get("task_top") or "?"] += 1
+    return {
+        "per_task": {t: {"accuracy": sum(v) / len(v), "pairs": len(v)} for t, v in sorted(per.items())},
+        "task_router_accuracy": sum(det.get("task_top") == t for t, det in zip(tasks, details)) / len(tasks),
+        "task_router_confusion": {t: dict(row) for t, row in sorted(confusion.items())},
+        "fallback_rate": sum(bool(det.get("fallback")) for det in details) / len(details),
+    }
+
+
+def capability_accuracy(pairs: Sequence[PreferencePair], chosen_details: Sequence[dict[str, Any]],
+                        rejected_details: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per domain and capability: how often an expert's sub-score orders a pair as its aspect scores do.
+
+    Only pairs scored on the aspect on both sides, with different scores (ties dropped), count; the expert is the
+    one of the task each reply was routed to.
+    """
+    hits: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for p, dc, dr in zip(pairs, chosen_details, rejected_details):
+        sc, sr = dc.get("capability_scores") or {}, dr.get("capability_scores") or {}
+        for cap in sc.keys() & sr.keys():
+            a = (p.aspects_chosen or {}).get(cap)
+            b = (p.aspects_rejected or {}).get(cap)
+            if a is None or b is None or a == b:
+                continue
+            hits[p.domain][cap].append((sc[cap] - sr[cap]) * (a - b) > 0)
+    return {d: {c: {"accuracy": sum(v) / len(v), "pairs": len(v)} for c, v in sorted(row.items())}
+            for d, row in sorted(hits.items())}
 
 
 def explanation_report(details: Sequence[dict[str, Any]], domains: Sequence[str]) -> dict[str, Any]:

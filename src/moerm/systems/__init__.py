@@ -5,6 +5,7 @@ from moerm.systems.baseline import BaseLoRASystem, BaselineSystem
 from moerm.systems.more import MoRESystem
 from moerm.systems.rodos import RODOSSystem
 from moerm.systems.arliss import ARLISSSystem
+from moerm.systems.dmoerm import DMoERMSystem
 
 __all__ = ["REGISTRY", "RewardSystem", "build_system", "load_system", "register", "BaselineSystem", "BaseLoRASystem",
-           "MoRESystem", "RODOSSystem", "ARLISSSystem"]
+           "MoRESystem", "RODOSSystem", "ARLISSSystem", "DMoERMSystem"]

@@ -1,0 +1,529 @@
+"""DMoERM (Quan 2024): a double-layer mixture of experts reward model.
+
+Outer layer (sparse): a task router (top-1 over the prompt) picks one task's inner model; it is trained first and then
+frozen. Inner layer (dense), one per task, trained in three phases:
+
+1. a base RM fine-tuned on the task's overall preference pairs of split A (default 60% of the task's pairs);
+2. one LoRA expert per capability dimension on the frozen phase-1 model, each with a copy of the phase-1 head,
+   trained on that capability's pairwise labels (aspect scores in the data, or LLM-judge labels) from split A;
+3. everything frozen; an aggregator MLP (Linear(K*H -> H), PReLU, Linear(H -> 1)) over the concatenated pooled
+   states of the K experts, trained on the overall preference pairs of split B (the other 40%).
+
+Unlike the public reference code, the ranking direction is the same everywhere (Bradley-Terry on chosen - rejected;
+accuracy counts chosen > rejected), split A trains phases 1-2 and split B phase 3, the router's cross-entropy reads
+logits, and every phase starts from pretrained weights.
+
+Inference runs the K experts of a task together (`ExpertBank`, one mixed-adapter pass whose lower blocks are shared);
+`score` returns the reward, each expert's own sub-score (its head on its state), and the routed task.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+from moerm.backbone import Backbone, load_backbone, make_encoder
+from moerm.config import ConfigError, RunConfig, TrainConfig
+from moerm.data.readers import load_pairs
+from moerm.data.schema import PreferencePair
+from moerm.inference import sorted_batches
+from moerm.labeling.aspects import capability_pairs
+from moerm.modules.aggregator import CapabilityAggregator
+from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_blocks
+from moerm.modules.reward_model import RewardModel
+from moerm.systems.arliss import _lora_params, _ParamView, _RewardPath
+from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
+from moerm.systems.baseline import BaselineSystem
+from moerm.systems.rodos import Router
+from moerm.systems.routing import (
+    ROUTER_PROMPTS, RouterOptions, combine_rewards, decide_routes, load_router_examples, router_examples,
+    save_router_examples,
+)
+from moerm.systems.tasks import TaskSpec, load_tasks_file, parse_tasks, task_of_domain, tasks_to_dict
+from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
+from moerm.train.pairwise import FeaturePairs, TokenPairs, make_pairwise_step, pairwise_eval
+from moerm.train.trainer import Trainer
+
+DMOERM_FILE = "dmoerm.json"
+INFERENCE_MODES = ("batched", "sequential")
+
+
+@dataclass
+class DMoERMOptions(RouterOptions):
+    """Tasks and the three training phases (set with --set options.KEY=VALUE)."""
+
+    tasks: dict[str, Any] | None = None  # inline {task: {domains, capabilities}}; see systems/tasks.py
+    tasks_file: str | None = None  # or a YAML file of the same shape (copied inline into the saved config)
+    split_a: float = 0.6  # share of each task's pairs for phases 1-2; the rest (split B) trains the aggregator
+    use_aspects: bool = True  # capability labels from aspect scores in the data
+    capability_labels: list[str] = field(default_factory=list)  # files from `moerm label judge/aspects`
+    min_capability_pairs: int = 16  # fewer labelled pairs for a capability in split A is an error
+    expert_layers: int | None = None  # top blocks carrying expert LoRA; None: a third of them (at least 1)
+    expert_epochs: float | None = None  # phase 2; default train.epochs
+    expert_lr: float | None = None  # phase 2; default 1e-3 (LoRA)
+    aggregator_epochs: float = 30.0
+    aggregator_lr: float = 1e-3
+    aggregator_batch_size: int = 32
+    inference: str = "batched"  # batched: one pass for all experts; sequential: one set_adapter pass per expert
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.split_a < 1.0:
+            raise ValueError("options.split_a must be strictly between 0 and 1")
+        if self.inference not in INFERENCE_MODES:
+            raise ValueError(f"options.inference must be batched or sequential; got {self.inference!r}")
+        if self.fallback != "mixture":
+            raise ValueError("dmoerm supports options.fallback=mixture only")
+
+    def resolve_tasks(self) -> list[TaskSpec]:
+        if self.tasks and self.tasks_file:
+            raise ConfigError("give options.tasks or options.tasks_file, not both")
+        if self.tasks:
+            return parse_tasks(self.tasks)
+        if self.tasks_file:
+            return load_tasks_file(self.tasks_file)
+        raise ConfigError("dmoerm needs tasks: options.tasks_file=configs/tasks/<file>.yaml or options.tasks inline")
+
+
+def adapter_of(capability: str) -> str:
+    return f"cap_{capability}"  # never peft's reserved "default", never a prefix of "lora_"
+
+
+def split_ab(pairs: Sequence[PreferencePair], share_a: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Per domain, a seeded shuffle: the first `share_a` go to split A, the rest to split B (both keep file order)."""
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        by[p.domain].append(i)
+    rng = random.Random(seed)
+    in_a: set[int] = set()
+    for d in sorted(by):
+        idx = list(by[d])
+        rng.shuffle(idx)
+        in_a.update(idx[: round(share_a * len(idx))])
+    return [p for i, p in enumerate(pairs) if i in in_a], [p for i, p in enumerate(pairs) if i not in in_a]
+
+
+class TaskModel(nn.Module):
+    """One task's inner dense MoE: K experts on the phase-1 base, their heads, and the aggregator."""
+
+    def __init__(self, bank: ExpertBank, base_head: nn.Module, expert_heads: dict[str, nn.Module],
+                 aggregator: CapabilityAggregator):
+        super().__init__()
+        self.bank = bank
+        self.base_head = base_head  # the phase-1 head; each expert head started as a copy of it
+        self.expert_heads = nn.ModuleDict(expert_heads)  # capability -> RewardHead: (N, H) -> (N,)
+        self.aggregator = aggregator  # (N, K, H) -> (N,)
+
+    @property
+    def capabilities(self) -> list[str]:
+        return list(self.expert_heads)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                mode: str = "batched") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rewards (N,), capability sub-scores (N, K) and the expert states (N, K, H)."""
+        states = self.bank.states(input_ids, attention_mask, token_type_ids, mode)  # (N, K, H)
+        subs = torch.stack([head(states[:, j]) for j, head in enumerate(self.expert_heads.values())], dim=1)  # (N, K)
+        return self.aggregator(states), subs, states
+
+
+@register
+class DMoERMSystem(RewardSystem):
+    """Task router -> one inner model per task (base RM, K capability LoRA experts, aggregator MLP)."""
+
+    name = "dmoerm"
+    options_class = DMoERMOptions
+
+    def __init__(self, config: RunConfig):
+        if config.model.tuning not in ("auto", "full"):
+            raise ConfigError(f"dmoerm fine-tunes each task's base RM fully (phase 1): model.tuning must be full or "
+                              f"auto, got {config.model.tuning!r}")
+        super().__init__(dataclasses.replace(config, model=dataclasses.replace(config.model, tuning="full")))
+        self.opts: DMoERMOptions = self.options
+        self.tasks: list[TaskSpec] = []
+        self.models: dict[str, TaskModel] = {}
+        self.router: Router | None = None
+        self.router_examples: list[tuple[str, str]] = []
+        self.encoder = make_encoder(config.model.backbone, config.model.max_length)
+        if self.opts.tasks or self.opts.tasks_file:
+            self._set_tasks(self.opts.resolve_tasks())
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def task_of_domain(self) -> dict[str, str]:
+        return task_of_domain(self.tasks)
+
+    @property
+    def device(self) -> torch.device:
+        return next(next(iter(self.models.values())).parameters()).device if self.models else torch.device("cpu")
+
+    # -- configuration
+    def _set_tasks(self, tasks: list[TaskSpec]) -> None:
+        """Keep the tasks, and write them inline into the config so the saved run never needs the tasks file."""
+        self.tasks = tasks
+        options = {**self.config.options, "tasks": tasks_to_dict(tasks), "tasks_file": None}
+        self.config = dataclasses.replace(self.config, options=options)
+        self.opts.tasks, self.opts.tasks_file = options["tasks"], None
+
+    def _task_pairs(self, pairs: Sequence[PreferencePair]) -> dict[str, list[PreferencePair]]:
+        owner = self.task_of_domain
+        unknown = sorted({p.domain for p in pairs} - set(owner))
+        if unknown:
+            raise ConfigError(f"domain(s) {unknown} belong to no task; add them to a task's domains in options.tasks "
+                              f"(tasks: {', '.join(self.task_names)})")
+        out: dict[str, list[PreferencePair]] = {t: [] for t in self.task_names}
+        for p in pairs:
+            out[owner[p.domain]].append(p)
+        empty = [t for t, ps in out.items() if not ps]
+        if empty:
+            raise ConfigError(f"task(s) {empty} have no training pairs (their domains: "
+                              f"{', '.join(d for t in self.tasks if t.name in empty for d in t.domains)})")
+        return out
+
+    def _judge_labels(self) -> list[PreferencePair]:
+        if not self.opts.capability_labels:
+            return []
+        pairs, _ = load_pairs(self.opts.capability_labels, on_invalid="error")
+        missing = [p.id for p in pairs if not p.subset]
+        if missing:
+            raise ConfigError(f"{self.opts.capability_labels}: record {missing[0]!r} has no 'subset' (the capability); "
+                              "write capability labels with `moerm label judge` or `moerm label aspects`")
+        return pairs
+
+    def capability_data(self, task: TaskSpec, split: Sequence[PreferencePair], judged: Sequence[PreferencePair],
+                        exclude_ids: set[str]) -> dict[str, list[PreferencePair]]:
+        """Per capability: pairs oriented by aspect scores (ties dropped) plus judge labels, never from split B."""
+        out: dict[str, list[PreferencePair]] = {}
+        for cap in task.capabilities:
+            pairs = capability_pairs(split, cap)[0] if self.opts.use_aspects else []
+            pairs += [p for p in judged if p.subset == cap and p.domain in task.domains
+                      and p.id.rsplit(":", 1)[0] not in exclude_ids]
+            out[cap] = pairs
+        return out
+
+    # -- building blocks
+    def _lora(self, layers: list[int], pattern: str) -> LoraConfig:
+        m = self.config.model
+        return LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                          target_modules=m.lora_target_modules, layers_to_transform=layers, layers_pattern=pattern)
+
+    def _add_experts(self, backbone: Backbone, capabilities: Sequence[str]) -> int:
+        """Wrap the (frozen) phase-1 model in a PeftModel with one adapter per capability; returns the first layer."""
+        layers = expert_layer_indices(backbone.model, self.opts.expert_layers)
+        pattern = transformer_blocks(backbone.model)[0].rsplit(".", 1)[-1]
+        for i, cap in enumerate(capabilities):
+            torch.manual_seed(self.config.train.seed + i)
+            if i == 0:
+                backbone.model = get_peft_model(backbone.model, self._lora(layers, pattern), adapter_name=adapter_of(cap))
+            else:
+                backbone.model.add_adapter(adapter_of(cap), self._lora(layers, pattern))
+        return layers[0]
+
+    @staticmethod
+    def _activate(model: TaskModel, capability: str | None) -> None:
+        """Only this capability's adapter and head train (None: nothing does, phase 3 trains the aggregator)."""
+        if capability is not None:
+            model.bank.peft.set_adapter(adapter_of(capability))
+        name = adapter_of(capability) if capability is not None else None
+        for n, p in model.bank.peft.named_parameters():
+            p.requires_grad_(name is not None and ("lora_A" in n or "lora_B" in n) and f".{name}." in n)
+        model.base_head.requires_grad_(False)
+        for cap, head in model.expert_heads.items():
+            head.requires_grad_(cap == capability)
+        model.aggregator.requires_grad_(capability is None)
+
+    # -- training
+    def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
+        if not self.tasks:
+            self._set_tasks(self.opts.resolve_tasks())
+        by_task = self._task_pairs(train)
+        eval_by_task = self._task_pairs_lenient(eval or [])
+        judged = self._judge_labels()
+        seconds: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+        # Outer layer first: the task router, then frozen.
+        relabelled = [dataclasses.replace(p, domain=self.task_of_domain[p.domain]) for p in train]
+        self.router_examples = router_examples(relabelled, self.opts.max_router_prompts_per_domain)
+        t0 = time.perf_counter()
+        self.router = Router(self.config, self.opts, self.task_names)
+        self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx)
+        self.router.model.requires_grad_(False)
+        seconds["router"] = time.perf_counter() - t0
+        for task in self.tasks:
+            sec, met = self._fit_task(task, by_task[task.name], eval_by_task.get(task.name, []), judged, ctx)
+            seconds.update(sec)
+            metrics.update(met)
+        return FitResult(metrics, seconds)
+
+    def _task_pairs_lenient(self, pairs: Sequence[PreferencePair]) -> dict[str, list[PreferencePair]]:
+        owner = self.task_of_domain
+        out: dict[str, list[PreferencePair]] = defaultdict(list)
+        for p in pairs:
+            if p.domain in owner:
+                out[owner[p.domain]].append(p)
+        return out
+
+    def _fit_task(self, task: TaskSpec, pairs: list[PreferencePair], eval: list[PreferencePair],
+                  judged: Sequence[PreferencePair], ctx: FitContext) -> tuple[dict[str, float], dict[str, float]]:
+        t = self.config.train
+        root = ctx.out_dir / "components" / f"task-{task.name}"
+        split_a, split_b = split_ab(pairs, self.opts.split_a, t.seed)
+        if not split_a or not split_b:
+            raise ConfigError(f"task {task.name!r}: {len(pairs)} pairs cannot be split {self.opts.split_a:.0%}/"
+                              f"{1 - self.opts.split_a:.0%} into non-empty splits A and B")
+        cap_train = self.capability_data(task, split_a, judged, {p.id for p in split_b})
+        short = {c: len(v) for c, v in cap_train.items() if len(v) < self.opts.min_capability_pairs}
+        if short:
+            raise ConfigError(
+                f"task {task.name!r}: too few capability labels in split A for {short} (need at least "
+                f"{self.opts.min_capability_pairs}, options.min_capability_pairs). Add aspect scores "
+                f"(aspects_chosen/aspects_rejected) or judge labels (moerm label judge; options.capability_labels), "
+                f"or drop the capability from the task")
+        cap_eval = self.capability_data(task, eval, [], set()) if eval else {}
+        seconds: dict[str, float] = {}
+        metrics: dict[str, float] = {f"{task.name}:split_a_pairs": float(len(split_a)),
+                                     f"{task.name}:split_b_pairs": float(len(split_b))}
+
+        # Phase 1: the task's base RM on its overall preference pairs of split A (full fine-tuning).
+        base_cfg = dataclasses.replace(self.config, system="baseline", options={})
+        base = BaselineSystem(base_cfg)
+        t0 = time.perf_counter()
+        r1 = base.fit(split_a, eval or None, FitContext(root / "phase1", ctx.resume, ctx.progress, ctx.stop_after_steps))
+        seconds[f"{task.name}:phase1"] = time.perf_counter() - t0
+        metrics.update({f"{task.name}:phase1:{k}": v for k, v in r1.metrics.items() if k.startswith("eval_")})
+
+        # Phase 2: one LoRA expert per capability on the frozen phase-1 model, each head a copy of the phase-1 head.
+        backbone = base.backbone
+        backbone.requires_grad_(False)
+        first = self._add_experts(backbone, task.capabilities)
+        heads = {c: copy.deepcopy(base.head) for c in task.capabilities}
+        aggregator = CapabilityAggregator(len(task.capabilities), backbone.hidden_size)
+        model = TaskModel(ExpertBank(backbone, [adapter_of(c) for c in task.capabilities], first), base.head, heads,
+                          aggregator).to(base.device)
+        self.models[task.name] = model
+        lr = self.opts.expert_lr or 1e-3
+        e_cfg = dataclasses.replace(t, lr=lr, head_lr=lr, epochs=self.opts.expert_epochs or t.epochs, max_steps=None)
+        for cap in task.capabilities:
+            self._activate(model, cap)
+            data = TokenPairs.build(cap_train[cap], self.encoder, progress=ctx.progress)
+            ev = TokenPairs.build(cap_eval[cap], self.encoder) if cap_eval.get(cap) else None
+            path = _RewardPath(backbone, heads[cap])
+            trainer = Trainer(path, make_pairwise_step(t.center_rewards_coefficient, use_margin=False), data,
+                              data.collate, e_cfg, root / f"expert-{cap}", [(backbone, lr), (heads[cap], lr)],
+                              eval_fn=(lambda m, ev=ev: pairwise_eval(m, ev, t.eval_batch_size)) if ev else None,
+                              desc=f"{task.name}:{cap}", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps)
+            result = trainer.train(resume=ctx.resume)
+            model.to(trainer.accelerator.device)
+            seconds[f"{task.name}:expert:{cap}"] = result.seconds
+            metrics[f"{task.name}:expert:{cap}:train_pairs"] = float(len(data))
+            metrics.update({f"{task.name}:expert:{cap}:{k}": v for k, v in result.final_metrics.items()
+                            if k.startswith("eval_")})
+
+        sec, met = self._phase3(task.name, model, split_b, eval, root / "aggregator", ctx)
+        seconds.update(sec)
+        metrics.update(met)
+        return seconds, metrics
+
+    def _phase3(self, task: str, model: TaskModel, split_b: Sequence[PreferencePair], eval: Sequence[PreferencePair],
+                out_dir: Path, ctx: FitContext) -> tuple[dict[str, float], dict[str, float]]:
+        """Everything frozen; the aggregator learns overall preference on split B from the experts' states."""
+        t = self.config.train
+        self._activate(model, None)
+        t0 = time.perf_counter()
+        feats = self._expert_features(model, split_b, ctx.progress, f"{task}: expert states (split B)")
+        eval_feats = self._expert_features(model, eval, False, "") if eval else None
+        a_cfg = dataclasses.replace(t, lr=self.opts.aggregator_lr, head_lr=self.opts.aggregator_lr,
+                                    epochs=self.opts.aggregator_epochs, batch_size=self.opts.aggregator_batch_size,
+                                    max_steps=None, grad_accum=1)
+        trainer = Trainer(RewardModel(None, model.aggregator),
+                          make_pairwise_step(t.center_rewards_coefficient, t.use_margin), feats, feats.collate, a_cfg,
+                          out_dir, [(model.aggregator, self.opts.aggregator_lr)],
+                          eval_fn=(lambda m: pairwise_eval(m, eval_feats, t.eval_batch_size)) if eval_feats else None,
+                          desc=f"{task}:aggregator", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps)
+        result = trainer.train(resume=ctx.resume)
+        model.to(trainer.accelerator.device)
+        model.eval()
+        metrics = {f"{task}:aggregator:{k}": v for k, v in result.final_metrics.items() if k.startswith("eval_")}
+        return {f"{task}:phase3": time.perf_counter() - t0}, metrics
+
+    @torch.no_grad()
+    def _expert_features(self, model: TaskModel, pairs: Sequence[PreferencePair], progress: bool, desc: str) -> FeaturePairs:
+        """Expert states of chosen (N, K, H) and rejected (N, K, H), in one batched pass per chunk."""
+        from tqdm.auto import tqdm
+
+        model.eval()
+        encoded = [self.encoder.encode(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]
+        out: torch.Tensor | None = None
+        bs = self.config.train.eval_batch_size
+        batches = list(sorted_batches(encoded, bs))
+        for idx in tqdm(batches, desc=desc, disable=not progress or None, leave=False):
+            batch = {k: v.to(self.device) for k, v in self.encoder.pad([encoded[i] for i in idx]).items()}
+            states = model.bank.states(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            if out is None:
+                out = torch.empty(len(encoded), *states.shape[1:])
+            out[torch.tensor(idx)] = states.float().cpu()  # (b, K, H)
+        assert out is not None
+        margin = torch.tensor([float(p.margin or 0.0) for p in pairs])
+        return FeaturePairs(out[0::2], out[1::2], margin)
+
+    # -- inference
+    def _route_hints(self, domains: Sequence[str | None] | None) -> list[str | None] | None:
+        """A caller's domain names its task; a task name is taken as is; anything else falls back (with a reason)."""
+        if domains is None:
+            return None
+        owner = self.task_of_domain
+        return [None if d is None else owner.get(d, d) for d in domains]
+
+    @torch.no_grad()
+    def score_task(self, task: str, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
+                   mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One task's rewards (N,) and capability sub-scores (N, K), all K experts per batch."""
+        model = self.models[task]
+        model.eval()  # peft mixed-adapter batches refuse training mode; no dropout at inference
+        mode = mode or self.opts.inference
+        encoded = [self.encoder.encode(p, r) for p, r in zip(prompts, responses)]
+        rewards = torch.zeros(len(encoded))
+        subs = torch.zeros(len(encoded), len(model.capabilities))
+        for idx in sorted_batches(encoded, batch_size):
+            batch = {k: v.to(self.device) for k, v in self.encoder.pad([encoded[i] for i in idx]).items()}
+            r, s, _ = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), mode=mode)
+            rewards[torch.tensor(idx)] = r.float().cpu()
+            subs[torch.tensor(idx)] = s.float().cpu()
+        return rewards, subs
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
+              batch_size: int = 32, mode: str | None = None) -> ScoreOutput:
+        if self.router is None or not self.models:
+            raise RuntimeError("DMoERM has no model yet: fit or load it first")
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        probs = self.router.probs(prompts, batch_size)  # (N, T)
+        routes = decide_routes(probs, self.task_names, self._route_hints(domains), self.opts.min_confidence)
+        subs: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
+
+        def per_task(task: str, rows: list[int]) -> torch.Tensor:
+            r, s = self.score_task(task, [prompts[i] for i in rows], [responses[i] for i in rows], batch_size, mode)
+            caps = self.models[task].capabilities
+            for k, i in enumerate(rows):
+                subs[task][i] = {c: float(s[k, j]) for j, c in enumerate(caps)}
+            return r
+
+        rewards = combine_rewards(routes, per_task, len(prompts))
+        details = []
+        for i, r in enumerate(routes):
+            top = max(r.probs, key=r.probs.get)
+            det: dict[str, Any] = {"system": self.name, "routed_task": r.domain, "task_top": top,
+                                   "task_confidence": r.probs[top], "task_probs": r.probs, "task_route_source": r.source,
+                                   "fallback": r.domain is None, "fallback_reason": r.reason,
+                                   "inference": mode or self.opts.inference}
+            if r.domain is not None:
+                det["capability_scores"] = subs[r.domain][i]
+            else:  # the probability-weighted mixture of every task's model
+                det["capability_scores_by_task"] = {t: subs[t][i] for t in self.task_names if i in subs[t]}
+            details.append(det)
+        return ScoreOutput(rewards.tolist(), details)
+
+    # -- persistence
+    def components(self) -> dict[str, nn.Module]:
+        comps: dict[str, nn.Module] = {}
+        if self.router is not None:
+            comps["router"] = self.router.model
+        for name, model in self.models.items():
+            lora = {id(p) for n, p in model.bank.peft.named_parameters() if "lora_A" in n or "lora_B" in n}
+            comps[f"{name}:base"] = _ParamView([p for p in model.bank.peft.parameters() if id(p) not in lora]
+                                               + list(model.base_head.parameters()))
+            for cap in model.capabilities:
+                comps[f"{name}:expert:{cap}"] = _ParamView(_lora_params(model.bank.peft, adapter_of(cap))
+                                                           + list(model.expert_heads[cap].parameters()))
+            comps[f"{name}:aggregator"] = model.aggregator
+        return comps
+
+    def component_files(self) -> dict[str, list[str]]:
+        files: dict[str, list[str]] = {"router": ["router", ROUTER_PROMPTS]}
+        for name, model in self.models.items():
+            files[f"{name}:base"] = [f"tasks/{name}/backbone"]
+            for cap in model.capabilities:
+                files[f"{name}:expert:{cap}"] = [f"tasks/{name}/adapters/{adapter_of(cap)}"]
+            files[f"{name}:aggregator"] = [f"tasks/{name}/heads.safetensors"]
+        return files
+
+    def save_components(self, path: Path) -> None:
+        assert self.router is not None
+        self.router.save(path / "router")
+        save_router_examples(self.router_examples, path / ROUTER_PROMPTS)
+        index: dict[str, Any] = {"tasks": tasks_to_dict(self.tasks), "order": self.task_names, "first_expert_layer": {}}
+        for name, model in self.models.items():
+            folder = path / "tasks" / name
+            peft = model.bank.peft
+            # The phase-1 base without the injected LoRA layers (peft wraps targets as `<name>.base_layer`).
+            base_state = {k.replace(".base_layer.", "."): v for k, v in peft.get_base_model().state_dict().items()
+                          if "lora_" not in k}
+            peft.get_base_model().save_pretrained(folder / "backbone", state_dict=base_state, safe_serialization=True)
+            self.encoder.tokenizer.save_pretrained(folder / "backbone")
+            peft.save_pretrained(str(folder / "adapters"), selected_adapters=list(model.bank.experts),
+                                 safe_serialization=True)
+            state = {f"base_head.{k}": v for k, v in model.base_head.state_dict().items()}
+            for cap, head in model.expert_heads.items():
+                state.update({f"expert.{cap}.{k}": v for k, v in head.state_dict().items()})
+            state.update({f"aggregator.{k}": v for k, v in model.aggregator.state_dict().items()})
+            atomic_save_safetensors({k: v.contiguous() for k, v in state.items()}, folder / "heads.safetensors")
+            index["first_expert_layer"][name] = model.bank.first_expert_layer
+        atomic_write_text(path / DMOERM_FILE, json.dumps(index, indent=2))
+
+    @classmethod
+    def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "DMoERMSystem":
+        index = json.loads((path / DMOERM_FILE).read_text())
+        system = cls(config)
+        tasks = {t.name: t for t in parse_tasks(index["tasks"], str(path / DMOERM_FILE))}
+        system.tasks = [tasks[n] for n in index["order"]]
+        m = config.model
+        for task in system.tasks:
+            folder = path / "tasks" / task.name
+            backbone = load_backbone(str(folder / "backbone"), m.pooling)
+            names = [adapter_of(c) for c in task.capabilities]
+            backbone.model = PeftModel.from_pretrained(backbone.model, str(folder / "adapters" / names[0]),
+                                                       adapter_name=names[0])
+            for name in names[1:]:
+                backbone.model.load_adapter(str(folder / "adapters" / name), adapter_name=name)
+            backbone.requires_grad_(False)
+            state = load_file(str(folder / "heads.safetensors"))
+            base_head = BaselineSystem.make_head(config, backbone.hidden_size)
+            base_head.load_state_dict({k[len("base_head."):]: v for k, v in state.items() if k.startswith("base_head.")})
+            heads = {}
+            for cap in task.capabilities:
+                heads[cap] = BaselineSystem.make_head(config, backbone.hidden_size)
+                prefix = f"expert.{cap}."
+                heads[cap].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            aggregator = CapabilityAggregator(len(task.capabilities), backbone.hidden_size)
+            aggregator.load_state_dict({k[len("aggregator."):]: v for k, v in state.items() if k.startswith("aggregator.")})
+            bank = ExpertBank(backbone, names, int(index["first_expert_layer"][task.name]))
+            model = TaskModel(bank, base_head, heads, aggregator)
+            model.requires_grad_(False)
+            system.models[task.name] = model.to(device) if device is not None else model
+            system.models[task.name].eval()
+        system.router = Router.load(path / "router", config, system.opts, system.task_names)
+        system.router.model.requires_grad_(False)
+        if device is not None:
+            system.router.model.to(device)
+        system.router_examples = load_router_examples(path / ROUTER_PROMPTS)
+        return system
+
+    def describe(self, path: str | Path | None = None) -> dict[str, Any]:
+        info = super().describe(path)
+        info["tasks"] = tasks_to_dict(self.tasks)
+        info["domains"] = sorted(self.task_of_domain)
+        return info
