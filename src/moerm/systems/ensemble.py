@@ -1,0 +1,117 @@
+"""Ensemble of K independently trained reward models: the competitor family DMoERM compares against.
+
+Every member is a `baseline` RM trained on the same pairs with its own seed (its own head initialisation and data
+order). Rewards combine as in Coste et al. 2023: `mean`, `wco` (worst case: the minimum), or `uwo` (uncertainty
+weighted: mean - uwo_lambda * variance across members).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from moerm.config import RunConfig
+from moerm.data.schema import PreferencePair
+from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, load_system, register
+from moerm.systems.baseline import BaselineSystem
+from moerm.train.checkpoint import atomic_write_text
+
+ENSEMBLE_FILE = "ensemble.json"
+COMBINE = ("mean", "wco", "uwo")
+
+
+@dataclass
+class EnsembleOptions:
+    members: int = 3
+    combine: str = "mean"  # mean | wco (minimum) | uwo (mean - uwo_lambda * variance)
+    uwo_lambda: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ValueError("options.members must be at least 1")
+        if self.combine not in COMBINE:
+            raise ValueError(f"options.combine must be one of {', '.join(COMBINE)}; got {self.combine!r}")
+
+
+def combine(rewards: torch.Tensor, how: str, uwo_lambda: float = 1.0) -> torch.Tensor:
+    """(K, N) member rewards -> (N,)."""
+    if how == "mean":
+        return rewards.mean(0)
+    if how == "wco":
+        return rewards.min(0).values
+    if how == "uwo":
+        var = rewards.var(0, unbiased=False) if rewards.shape[0] > 1 else torch.zeros(rewards.shape[1])
+        return rewards.mean(0) - uwo_lambda * var
+    raise ValueError(f"unknown combine {how!r}")
+
+
+@register
+class EnsembleSystem(RewardSystem):
+    """K baseline RMs with different seeds; the reward is their mean (or worst case, or uncertainty-weighted)."""
+
+    name = "ensemble"
+    options_class = EnsembleOptions
+
+    def __init__(self, config: RunConfig, members: Sequence[BaselineSystem] = ()):
+        super().__init__(config)
+        self.opts: EnsembleOptions = self.options
+        self.members: list[BaselineSystem] = list(members)
+
+    def _member_config(self, i: int) -> RunConfig:
+        m = self.config.model
+        return dataclasses.replace(self.config, system="baseline", options={},
+                                   model=dataclasses.replace(m, tuning="full" if m.tuning == "auto" else m.tuning),
+                                   train=dataclasses.replace(self.config.train, seed=self.config.train.seed + i))
+
+    def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
+        seconds: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+        self.members = []
+        for i in range(self.opts.members):
+            rm = BaselineSystem(self._member_config(i))
+            t0 = time.perf_counter()
+            result = rm.fit(train, eval, FitContext(ctx.out_dir / "components" / f"member-{i}", ctx.resume,
+                                                   ctx.progress, ctx.stop_after_steps))
+            seconds[f"member:{i}"] = time.perf_counter() - t0
+            metrics.update({f"member:{i}:{k}": v for k, v in result.metrics.items() if k.startswith("eval_")})
+            self.members.append(rm)
+        return FitResult(metrics, seconds)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
+              batch_size: int = 32) -> ScoreOutput:
+        if not self.members:
+            raise RuntimeError("the ensemble has no members yet: fit or load it first")
+        per = torch.tensor([m.score(prompts, responses, batch_size=batch_size).rewards for m in self.members])  # (K, N)
+        rewards = combine(per, self.opts.combine, self.opts.uwo_lambda)
+        details = [{"system": self.name, "combine": self.opts.combine, "member_rewards": per[:, i].tolist(),
+                    "member_std": float(per[:, i].std(unbiased=False))} for i in range(per.shape[1])]
+        return ScoreOutput(rewards.tolist(), details)
+
+    def components(self) -> dict[str, nn.Module]:
+        return {f"member:{i}": m.model for i, m in enumerate(self.members)}
+
+    def component_files(self) -> dict[str, list[str]]:
+        return {f"member:{i}": [f"members/{i}"] for i in range(len(self.members))}
+
+    def save_components(self, path: Path) -> None:
+        for i, m in enumerate(self.members):
+            m.save(path / "members" / str(i))
+        atomic_write_text(path / ENSEMBLE_FILE, json.dumps({"members": len(self.members)}, indent=2))
+
+    @classmethod
+    def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "EnsembleSystem":
+        n = json.loads((path / ENSEMBLE_FILE).read_text())["members"]
+        return cls(config, [load_system(path / "members" / str(i), device) for i in range(n)])  # type: ignore[misc]
+
+    def describe(self, path: str | Path | None = None) -> dict[str, Any]:
+        info = super().describe(path)
+        info["members"] = len(self.members)
+        info["combine"] = self.opts.combine
+        return info
