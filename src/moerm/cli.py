@@ -113,6 +113,8 @@ def eval_(
     batch_size: int = typer.Option(32, "--batch-size"),
     on_invalid: str = typer.Option("error", "--on-invalid"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    oracle_domains: bool = typer.Option(False, "--oracle-domains", help="hand routed systems each pair's true domain "
+                                        "instead of routing (an upper bound; default: their own router)"),
 ) -> None:
     """Pairwise accuracy per domain and overall, reward statistics and latency; mean +- std over seeds."""
     from moerm.runs import evaluate_runs
@@ -120,7 +122,8 @@ def eval_(
     _quiet_hf()
 
     def go() -> None:
-        result = evaluate_runs(runs, data, out, batch_size=batch_size, on_invalid=on_invalid)
+        result = evaluate_runs(runs, data, out, batch_size=batch_size, on_invalid=on_invalid,
+                               oracle_domains=oracle_domains)
         if as_json:
             console.print_json(json.dumps(result["json"]))
         else:
@@ -215,6 +218,90 @@ def add_domain(
         for name, sec in result.seconds_per_component.items():
             console.print(f"trained {name} in {sec:.1f} s", highlight=False)
         console.print(f"[green]added[/] domain {domain!r} ({len(pairs)} pairs) to {model_dir}", highlight=False)
+
+    _run_guarded(go)
+
+
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="run folder or saved model folder"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_batch: int = typer.Option(64, "--max-batch", help="most items scored together"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a request may wait for others to join"),
+    no_batching: bool = typer.Option(False, "--no-batching", help="score each request alone"),
+    max_queue: int = typer.Option(1024, "--max-queue", help="most items waiting; past it: 503 + Retry-After"),
+    max_items: int = typer.Option(256, "--max-items", help="most items per request (413 past it)"),
+    max_chars: int = typer.Option(32000, "--max-chars", help="most characters per text (413 past it)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="bearer token required on every request but "
+                                          "/health (default: $MOERM_API_KEY; none: no auth)"),
+    query_template: str = typer.Option("chatml", "--query-template", help="OpenRLHF query split: chatml | llama3 | "
+                                       "hh, or a string with {prompt} then {response}"),
+    batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
+    torch_threads: Optional[int] = typer.Option(None, "--torch-threads", help="torch CPU threads (default: torch's)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve a reward system over HTTP (POST /v1/score, OpenRLHF's /get_reward) with dynamic batching."""
+    from moerm.serve.config import ServeConfig
+    from moerm.serve.server import run_server
+    from moerm.systems.base import find_model_dir
+
+    _quiet_hf()
+
+    def go() -> None:
+        find_model_dir(run)  # a wrong folder fails here, not after the server is up
+        cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
+                          max_queue=max_queue, max_items_per_request=max_items, max_chars_per_text=max_chars,
+                          api_key=api_key, query_template=query_template, batch_size=batch_size, device=device,
+                          torch_threads=torch_threads)
+        run_server(str(run), cfg, log_level=log_level)
+
+    _run_guarded(go)
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(..., "--out", help="output folder (rerun the same command to resume)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="smoke | cpu-small | paper (configs/bench/)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="bench YAML, applied over the preset"),
+    systems: Optional[str] = typer.Option(None, "--systems", help="comma-separated subset, e.g. baseline,rodos"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds (default: the preset's)"),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="training files or folders (instead of the preset's)"),
+    eval_data: Optional[list[str]] = typer.Option(None, "--eval-data", help="held-out files or folders"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set train.lr=1e-4 "
+                                             "--set per_system.rodos.options.router_epochs=5"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Every system on the same data, backbone, budget and seeds: accuracy, size/cost and inference tables + plots."""
+    from moerm.bench import load_bench_config
+    from moerm.bench.grid import run_bench
+
+    _quiet_hf()
+    overrides = []
+    if systems:
+        overrides.append("systems=" + json.dumps([s for s in systems.split(",") if s]))
+    if seeds:
+        overrides.append("seeds=" + json.dumps([int(s) for s in seeds.split(",") if s.strip()]))
+    if data:
+        overrides += ["data=" + json.dumps(data), "data_fallback=[]", "synthetic_data=false"]
+    if eval_data:
+        overrides.append("eval_data=" + json.dumps(eval_data))
+    overrides += list(set_ or [])
+    parts = ["moerm", "bench", "--out", str(out)]
+    for flag, value in (("--preset", preset), ("--config", config), ("--systems", systems), ("--seeds", seeds)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += [a for d in data or [] for a in ("--data", d)] + [a for e in eval_data or [] for a in ("--eval-data", e)]
+    parts += [a for s in set_ or [] for a in ("--set", s)]
+    command = " ".join(shlex.quote(p) for p in parts)
+
+    def go() -> None:
+        cfg = load_bench_config(preset, config, overrides)
+        result = run_bench(cfg, out, progress=progress, console=console, command=command)
+        console.print(f"[green]report:[/] {result['report']}", highlight=False)
+        if result["failed"]:
+            _fail(f"{len(result['failed'])} cell(s) failed: {', '.join(result['failed'])} (rerun to retry them)")
 
     _run_guarded(go)
 

@@ -127,7 +127,7 @@ def _expand_runs(runs: Sequence[Path]) -> list[tuple[str, list[Path]]]:
 
 
 def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = None, batch_size: int = 32,
-                  on_invalid: str = "error") -> dict[str, Any]:
+                  on_invalid: str = "error", oracle_domains: bool = False) -> dict[str, Any]:
     """Evaluate every run on the same held-out pairs; write eval.json and eval.md."""
     all_paths = [str(p) for p in data]
     split = "test" if all(Path(p).is_dir() for p in all_paths) else None
@@ -138,7 +138,7 @@ def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = 
         reports = []
         for run in members:
             system = load_system(run)
-            rep = evaluate_system(system, pairs, batch_size=batch_size)
+            rep = evaluate_system(system, pairs, batch_size=batch_size, oracle_domains=oracle_domains)
             rep["system"] = system.name
             reports.append(rep)
         if len(reports) == 1:

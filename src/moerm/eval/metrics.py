@@ -37,17 +37,23 @@ def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains:
     }
 
 
-def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: int = 32) -> dict[str, Any]:
-    """Score chosen and rejected of every pair in one call, time it, and report accuracy per domain."""
+def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: int = 32,
+                    oracle_domains: bool = False) -> dict[str, Any]:
+    """Score chosen and rejected of every pair in one call, time it, and report accuracy per domain.
+
+    Routed systems route with their own router, as in deployment; `oracle_domains=True` hands them each pair's true
+    domain instead (an upper bound that isolates the domain RMs from routing errors).
+    """
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     domains = [p.domain for p in pairs]
     t0 = time.perf_counter()
-    out = system.score(prompts, responses, domains * 2, batch_size=batch_size)
+    out = system.score(prompts, responses, domains * 2 if oracle_domains else None, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     n = len(pairs)
     report = pairwise_report(out.rewards[:n], out.rewards[n:], domains)
     report["seconds"] = seconds
+    report["routing"] = "oracle domains" if oracle_domains else "own router"
     report["latency_ms_per_pair"] = 1000.0 * seconds / n
     report["pairs_per_second"] = n / seconds if seconds > 0 else float("inf")
     report.update(explanation_report(out.details[:n], domains))

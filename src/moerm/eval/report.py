@@ -25,6 +25,17 @@ def accuracy_table(report: dict[str, Any], title: str = "") -> str:
     if "expert_utilisation" in report:
         lines += ["", "expert utilisation (share of the domain's inputs whose top-k includes the expert):", "",
                   matrix_table(report["expert_utilisation"], "domain \\ expert", percent=True)]
+    if "per_task" in report:
+        lines += ["", "| task | pairs | consistency (%) |", "|---|---:|---:|"]
+        lines += [f"| {t} | {v['pairs']} | {_pct(v['accuracy'])} |" for t, v in report["per_task"].items()]
+        lines += ["", f"task router accuracy {_pct(report['task_router_accuracy'])}%, fallback rate "
+                  f"{_pct(report['fallback_rate'])}%", "",
+                  matrix_table(report["task_router_confusion"], "true task \\ routed")]
+    if report.get("capability_accuracy"):
+        lines += ["", "capability experts, accuracy (%) on their own aspect labels (held-out pairs, ties dropped):", "",
+                  matrix_table({d: {c: v["accuracy"] for c, v in row.items()}
+                                for d, row in report["capability_accuracy"].items()}, "domain \\ capability",
+                               percent=True)]
     return "\n".join(lines)
 
 
