@@ -60,7 +60,11 @@ def aspects(
 @label_app.command()
 def judge(
     paths: list[str] = typer.Argument(..., help=_PATHS_HELP),
-    capabilities: list[str] = typer.Option(..., "--capability", help="Capability to judge; repeat for several."),
+    capabilities: list[str] | None = typer.Option(None, "--capability", help="Capability to judge; repeat for "
+                                                  "several (default with --task: all of the task's capabilities)."),
+    tasks_file: Path | None = typer.Option(None, "--tasks-file", help="DMoERM tasks YAML (configs/tasks/): the "
+                                          "capability descriptions there are shown to the judge."),
+    task: str | None = typer.Option(None, "--task", help="Task in --tasks-file whose capabilities to judge."),
     out: Path = typer.Option(..., "--out", help="Output .jsonl or .jsonl.gz."),
     base_url: str | None = typer.Option(None, "--base-url", help="Chat-completions base URL (else "
                                         "env MOERM_JUDGE_BASE_URL, then OPENAI_BASE_URL)."),
@@ -76,6 +80,21 @@ def judge(
     on_invalid: OnInvalid = typer.Option(OnInvalid.error, "--on-invalid", help="Stop at the first bad record or skip."),
 ) -> None:
     """Ask an LLM judge which reply is better per capability, in both orders; keep labels where both agree."""
+    descriptions: dict[str, str] = {}
+    if tasks_file is not None:
+        from moerm.config import ConfigError
+        from moerm.systems.tasks import load_tasks_file
+
+        try:
+            tasks = {t.name: t for t in load_tasks_file(tasks_file)}
+        except ConfigError as e:
+            _fail(e)
+        if task is None or task not in tasks:
+            _fail(f"--task must name a task in {tasks_file}: {', '.join(tasks)}")
+        descriptions = tasks[task].capability_descriptions
+        capabilities = capabilities or tasks[task].capabilities
+    if not capabilities:
+        _fail("give --capability (repeat for several), or --tasks-file and --task")
     try:
         config = JudgeConfig.resolve(base_url, model, api_key, concurrency=concurrency, max_retries=max_retries,
                                      timeout=timeout)
@@ -84,7 +103,7 @@ def judge(
     pairs = _load(paths, split, on_invalid)
     cache_path = cache if cache is not None else out.with_name(out.name + ".judge-cache.jsonl")
     try:
-        kept, report = judge_pairs(pairs, capabilities, config, cache_path=cache_path)
+        kept, report = judge_pairs(pairs, capabilities, config, cache_path=cache_path, descriptions=descriptions)
     except JudgeConfigError as e:
         _fail(e)
     write_jsonl(kept, out)

@@ -308,3 +308,26 @@ def test_cli_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(label_app, ["judge", str(tmp_path / "missing.jsonl"), "--capability", "c",
                                        "--out", str(out), "--model", "m"])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_cli_judge_takes_capabilities_and_descriptions_from_a_tasks_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_judge_env(monkeypatch)
+    pairs = make_pairs(1)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs), encoding="utf-8")
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  chat:\n    domains: [d]\n    capabilities:\n      empathy: responds to the user's feelings\n"
+                     "      proactivity: moves the talk forward\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    policy = by_score({"<chosen 0>": 1, "<rejected 0>": 0})
+    with serve(replies_of(pairs), policy) as srv:
+        monkeypatch.setenv("MOERM_JUDGE_BASE_URL", srv.base_url)
+        result = CliRunner().invoke(label_app, ["judge", str(src), "--tasks-file", str(tasks), "--task", "chat",
+                                                "--out", str(out), "--model", "m"])
+        assert result.exit_code == 0, result.output
+        assert "kept 2 of 2 judgements" in result.output
+        asked = json.dumps(srv.bodies)
+        assert "empathy (responds to the user's feelings)" in asked and "proactivity (moves the talk forward)" in asked
+    result = CliRunner().invoke(label_app, ["judge", str(src), "--tasks-file", str(tasks), "--task", "nope",
+                                            "--out", str(out), "--model", "m"])
+    assert result.exit_code == 1 and "--task must name a task" in result.output

@@ -17,7 +17,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,8 +264,11 @@ def judge_pairs(
     capabilities: Sequence[str],
     config: JudgeConfig,
     cache_path: str | Path | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> tuple[list[PreferencePair], dict[str, int]]:
     """Ask the judge about every (pair, capability) in both orders; keep the labels where both orders agree.
+
+    `descriptions` (capability -> one line, e.g. from a DMoERM tasks file) are shown to the judge after the name.
 
     Returns the kept pairs (better reply as `chosen`, id "{id}:{capability}", subset = capability) in input order,
     and counts: judged (pair x capability), kept, flipped (kept against the overall label), disagreements,
@@ -280,11 +283,13 @@ def judge_pairs(
     for pair in pairs:
         for cap in capabilities:
             keys = []
+            desc = (descriptions or {}).get(cap)
+            asked_as = f"{cap} ({desc})" if desc else cap
             for order, (first, second) in enumerate(((pair.chosen, pair.rejected), (pair.rejected, pair.chosen))):
-                key = cache_key(config.model, cap, pair.prompt, first, second)
+                key = cache_key(config.model, asked_as, pair.prompt, first, second)
                 keys.append(key)
                 if key not in cache and key not in todo:
-                    todo[key] = _Question(key, build_messages(cap, pair.prompt, first, second),
+                    todo[key] = _Question(key, build_messages(asked_as, pair.prompt, first, second),
                                           f"{pair.id} / {cap} / order {order + 1}")
             plan.append((pair, cap, keys[0], keys[1]))
 
