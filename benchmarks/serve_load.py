@@ -1,0 +1,271 @@
+"""Load test of the reward server: N concurrent clients for a bounded time, dynamic batching on and off.
+
+    .venv/bin/python benchmarks/serve_load.py runs/demo/baseline --data examples/data --clients 32 --seconds 15
+
+For each setting the script starts `moerm serve RUN` in a subprocess on a free loopback port, waits for /health,
+warms it up, then runs `--clients` asyncio clients (httpx) that each send one request after another for
+`--seconds`, cycling through held-out pairs of `--data` (chosen replies, `--items-per-request` pairs per request).
+It reports requests/s and pairs/s (answered within the window), p50/p99 latency (of every answered request),
+errors (non-200 or transport failures), lost requests (sent but never answered), and the server's mean batch size
+(from /metrics). Settings: batching on and off at `--clients`, then batching on at `--stress-clients` (64) for the
+errors / lost-requests check (`--only-stress N` runs just that one, N times). Every reward returned is compared
+with offline `system.score` of the same pair in this process (the largest difference is reported).
+`--torch-threads 1` gives the server one torch thread (see docs/SERVING.md, "CPU servers").
+Targets (issue 6): batching on >= 3x the pairs/s of batching off at 32 clients; zero errors and zero lost requests
+at 64 clients; served scores equal offline scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Setting:
+    name: str
+    batching: bool
+    clients: int
+
+
+@dataclass
+class Result:
+    setting: str
+    batching: bool
+    clients: int
+    seconds: float
+    requests: int
+    pairs: int
+    requests_per_s: float
+    pairs_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    lost: int
+    mean_batch_items: float
+    max_abs_diff_vs_offline: float
+    error_samples: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: str, port: int, batching: bool, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "moerm.cli", "serve", run, "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--batch-size",
+           str(args.max_batch), "--log-level", "warning"]
+    if not batching:
+        cmd.append("--no-batching")
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("MOERM_API_KEY", None)
+    return subprocess.Popen(cmd, env=env)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            r = httpx.get(url + "/health", timeout=2)
+            if r.status_code == 200:
+                return
+            if r.json().get("status") == "error":
+                raise RuntimeError(f"server failed to load the model: {r.json().get('error')}")
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server not ready in time")
+
+
+def server_batches(url: str) -> tuple[float, float]:
+    """(pairs scored, batches) from /metrics."""
+    values: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(("moerm_pairs_scored_total ", "moerm_batches_total ")):
+            name, v = line.split()
+            values[name] = float(v)
+    return values.get("moerm_pairs_scored_total", 0.0), values.get("moerm_batches_total", 0.0)
+
+
+async def load(url: str, inputs: list[tuple[str, str]], clients: int, seconds: float, per_request: int,
+               ) -> tuple[list[float], int, int, int, list[str], dict[int, float]]:
+    """Run the clients for `seconds` (requests sent before the end are still awaited).
+
+    Returns latencies (s) of answered requests, requests answered within the window, sent, errors, error samples,
+    and the first reward received for each input.
+    """
+    latencies: list[float] = []
+    in_window = 0
+    errors: list[str] = []
+    rewards: dict[int, float] = {}
+    sent = 0
+    end = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+        async def one_client(cid: int) -> None:
+            nonlocal sent, in_window
+            k = cid * 7919
+            while time.monotonic() < end:
+                idx = [(k + j) % len(inputs) for j in range(per_request)]
+                k += per_request
+                body = {"items": [{"prompt": inputs[i][0], "response": inputs[i][1]} for i in idx]}
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/score", json=body)
+                except httpx.HTTPError as e:
+                    cause = e.__cause__ or e.__context__
+                    errors.append(f"{type(e).__name__}: {e!r} after {time.perf_counter() - t0:.1f} s "
+                                  f"(cause: {cause!r})")
+                    continue
+                dt = time.perf_counter() - t0
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+                latencies.append(dt)
+                in_window += time.monotonic() <= end
+                for i, v in zip(idx, r.json()["rewards"]):
+                    rewards.setdefault(i, v)
+
+        tasks = [asyncio.create_task(one_client(c)) for c in range(clients)]
+        done, pending = await asyncio.wait(tasks, timeout=seconds + 120)
+        for t in pending:
+            t.cancel()
+    return latencies, in_window, sent, len(errors), errors[:5], rewards
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def run_setting(run: str, setting: Setting, inputs: list[tuple[str, str]], offline: list[float],
+                args: argparse.Namespace) -> Result:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(run, port, setting.batching, args)
+    try:
+        wait_ready(url, proc)
+        for i in range(4):  # warm-up: allocator, thread pools
+            httpx.post(url + "/v1/score", json={"items": [{"prompt": inputs[i][0], "response": inputs[i][1]}]},
+                       timeout=120)
+        pairs0, batches0 = server_batches(url)
+        lat, in_window, sent, n_err, samples, rewards = asyncio.run(
+            load(url, inputs, setting.clients, args.seconds, args.items_per_request))
+        pairs1, batches1 = server_batches(url)
+    finally:
+        proc.terminate()  # SIGTERM: graceful shutdown
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    answered = len(lat)
+    diff = max((abs(v - offline[i]) for i, v in rewards.items()), default=float("nan"))
+    per_s = in_window / args.seconds  # answered within the timed window
+    return Result(setting=setting.name, batching=setting.batching, clients=setting.clients, seconds=args.seconds,
+                  requests=answered, pairs=answered * args.items_per_request,
+                  requests_per_s=round(per_s, 2), pairs_per_s=round(per_s * args.items_per_request, 2),
+                  p50_ms=round(percentile(lat, 50) * 1000, 1), p99_ms=round(percentile(lat, 99) * 1000, 1),
+                  errors=n_err, lost=sent - answered - n_err,
+                  mean_batch_items=round((pairs1 - pairs0) / max(batches1 - batches0, 1), 2),
+                  max_abs_diff_vs_offline=diff, error_samples=samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="run folder or saved model folder")
+    ap.add_argument("--data", default="examples/data", help="held-out pairs (test* files in folders)")
+    ap.add_argument("--inputs", type=int, default=128, help="distinct (prompt, response) inputs cycled by clients")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--stress-clients", type=int, default=64,
+                    help="clients of the errors / lost-requests run (0: skip)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="timed load per setting")
+    ap.add_argument("--items-per-request", type=int, default=1)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--torch-threads", type=int, default=None, help="the server's torch CPU threads (default: torch's)")
+    ap.add_argument("--only-stress", type=int, default=0, metavar="N",
+                    help="run only the --stress-clients setting, N times (errors / lost-requests check)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from moerm.data.readers import load_pairs
+    from moerm.systems.base import load_system
+
+    pairs, _ = load_pairs([args.data], split="test")
+    random.Random(0).shuffle(pairs)
+    inputs = [(p.prompt, p.chosen) for p in pairs[: args.inputs]]
+    t0 = time.perf_counter()
+    system = load_system(args.run)
+    offline = system.score([p for p, _ in inputs], [r for _, r in inputs], batch_size=32).rewards
+    print(f"offline scores of {len(inputs)} inputs: {time.perf_counter() - t0:.1f} s", flush=True)
+    del system
+
+    settings = [Setting(f"batching on, {args.clients} clients", True, args.clients),
+                Setting(f"batching off, {args.clients} clients", False, args.clients)]
+    if args.stress_clients:
+        settings.append(Setting(f"batching on, {args.stress_clients} clients", True, args.stress_clients))
+    if args.only_stress:
+        settings = settings[2:] * args.only_stress
+    results = []
+    for s in settings:
+        print(f"running: {s.name} for {args.seconds:.0f} s ...", flush=True)
+        results.append(run_setting(args.run, s, inputs, offline, args))
+        print("  " + json.dumps(asdict(results[-1])), flush=True)
+
+    pair = [r for r in results if r.clients == args.clients]
+    on = next((r for r in pair if r.batching), None)
+    off = next((r for r in pair if not r.batching), None)
+    ratio = on.pairs_per_s / off.pairs_per_s if on and off and off.pairs_per_s else None
+    stress = [r for r in results if r.clients == args.stress_clients and r.batching]
+    max_diff = max(r.max_abs_diff_vs_offline for r in results)
+    checks = {"scores_equal_offline_1e-4": max_diff <= 1e-4}
+    if ratio is not None:
+        checks["batching_speedup_at_least_3x"] = ratio >= 3.0
+    if stress:
+        checks["zero_errors_and_lost_under_stress"] = all(r.errors == 0 and r.lost == 0 for r in stress)
+    header = "| setting | requests/s | pairs/s | p50 ms | p99 ms | errors | lost | mean batch |"
+    print("\n" + header + "\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.setting} | {r.requests_per_s:.1f} | {r.pairs_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | "
+              f"{r.errors} | {r.lost} | {r.mean_batch_items:.1f} |")
+    if ratio is not None:
+        print(f"\nbatching on / off at {args.clients} clients: {ratio:.2f}x pairs/s")
+    print(f"largest |served - offline| reward difference: {max_diff:.2e}")
+    print("checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
+            "torch_threads": args.torch_threads,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "inputs": len(inputs), "results": [asdict(r) for r in results], "speedup_on_vs_off": ratio,
+            "max_abs_diff_vs_offline": max_diff, "checks": checks}, indent=2))
+        print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""The reward server: a FastAPI app over one `RewardSystem`, with dynamic batching.
+
+Endpoints (see docs/SERVING.md): `POST /v1/score`, `POST /get_reward` (OpenRLHF's remote reward protocol),
+`GET /health`, `GET /v1/info`, `GET /metrics` (Prometheus text).
+
+The model loads in the background once the server starts: /health answers 503 `{"status": "loading"}` until it is
+ready, then 200. Every request except /health must carry `Authorization: Bearer KEY` when an API key is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, StrictStr
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
+from moerm.serve.config import ServeConfig
+from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
+from moerm.serve.openrlhf import QuerySplitter, SplitError
+from moerm.systems.base import ScoreOutput
+
+log = logging.getLogger("moerm.serve")
+
+ENDPOINTS = ("/v1/score", "/get_reward", "/health", "/v1/info", "/metrics")
+OPEN_PATHS = frozenset({"/health"})  # no auth: load balancers and orchestrators probe it
+
+# A run folder, a loaded system (anything with `score`), or a function that loads one.
+SystemSource = Any
+
+
+# -- request bodies
+class ScoreItem(BaseModel):
+    """One (prompt, response) pair; `domain` routes it to that domain's expert when the system has one."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr
+    response: StrictStr
+    domain: StrictStr | None = None
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[ScoreItem]
+
+
+class RewardRequest(BaseModel):
+    """OpenRLHF's remote reward request. Unknown keys are ignored: OpenRLHF versions differ in what they add."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: list[StrictStr]
+    prompts: list[StrictStr] | None = None
+    labels: list[Any] | None = None
+
+
+# -- JSON-safe results
+def _jsonable(value: Any) -> Any:
+    """Details as plain JSON: tensors and numpy values become lists / numbers, NaN and inf become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        return _jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return str(value)
+
+
+def _reward(value: Any) -> float | None:
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def system_score_fn(system: Any, batch_size: int) -> Callable[..., ScoreOutput]:
+    """The batcher's scoring function: `system.score`, with JSON-safe rewards and details."""
+
+    def score(prompts: list[str], responses: list[str], domains: list[str | None] | None) -> ScoreOutput:
+        out = system.score(prompts, responses, domains, batch_size=batch_size)
+        return ScoreOutput([_reward(r) for r in out.rewards], [_jsonable(d) for d in out.details])  # type: ignore[misc]
+
+    return score
+
+
+def system_info(system: Any) -> dict[str, Any]:
+    """What /v1/info reports about the loaded system: name, domains, backbone, parameters per component."""
+    info: dict[str, Any] = {"system": getattr(system, "name", type(system).__name__),
+                            "domains": list(getattr(system, "domains", None) or [])}
+    describe = getattr(system, "describe", None)
+    if callable(describe):
+        d = describe()
+        info.update({"backbone": d.get("backbone"), "tuning": d.get("tuning"), "parameters": d.get("total"),
+                     "components": d.get("components")})
+    return _jsonable(info)
+
+
+def _loader(source: SystemSource, cfg: ServeConfig) -> Callable[[], Any]:
+    """A function (run in a worker thread at start-up) that sets torch's threads and returns the system."""
+    if isinstance(source, (str, Path)):
+        from moerm.systems.base import load_system
+
+        get = lambda: load_system(source, cfg.device)  # noqa: E731
+    elif hasattr(source, "score"):
+        get = lambda: source  # noqa: E731
+    elif callable(source):
+        get = source
+    else:
+        raise TypeError(f"expected a run folder, a reward system or a loader function; got {type(source).__name__}")
+
+    def load() -> Any:
+        if cfg.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)  # process-wide, before the model's first use
+        return get()
+
+    return load
+
+
+# -- errors
+def _field_message(err: dict[str, Any]) -> tuple[str, str]:
+    """(field path, message) of one pydantic error, e.g. ('items.0.response', 'Input should be a valid string')."""
+    loc = [str(x) for x in err.get("loc", ())]
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if err.get("type") == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "")
+        at = f" at position {loc[0]}" if loc else ""
+        return "body", f"invalid JSON{at}: {reason}".rstrip(": ")
+    return ".".join(loc) or "body", str(err.get("msg", "invalid"))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [_field_message(e) for e in exc.errors()]
+    return JSONResponse(status_code=422, content={
+        "detail": "; ".join(f"{field}: {msg}" for field, msg in problems),
+        "errors": [{"field": field, "message": msg} for field, msg in problems]})
+
+
+def _unprocessable(field: str, message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=f"{field}: {message}")
+
+
+# -- state shared by the handlers
+class ServerState:
+    """The loaded system and its batcher, once ready; what /health reports until then."""
+
+    def __init__(self, cfg: ServeConfig, metrics: ServerMetrics):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.status = "loading"  # loading | ready | error | stopping
+        self.error: str | None = None
+        self.system: Any = None
+        self.batcher: DynamicBatcher | None = None
+        self.info: dict[str, Any] = {}
+        self.load_seconds: float | None = None
+        self.splitter = QuerySplitter(cfg.resolved_template(), cfg.strip_tokens)
+
+    def unavailable(self) -> HTTPException:
+        retry = {"Retry-After": str(self.cfg.retry_after_s)}
+        if self.status == "loading":
+            return HTTPException(503, "the model is loading; retry shortly", headers=retry)
+        if self.status == "error":
+            return HTTPException(503, f"the model failed to load: {self.error}")
+        return HTTPException(503, "the server is shutting down", headers=retry)
+
+    async def score(self, prompts: Sequence[str], responses: Sequence[str],
+                    domains: Sequence[str | None] | None) -> tuple[list[float], list[dict[str, Any]]]:
+        if self.status != "ready" or self.batcher is None:
+            raise self.unavailable()
+        try:
+            return await self.batcher.submit(prompts, responses, domains)
+        except QueueFullError as e:
+            self.metrics.observe_rejected("queue_full")
+            raise HTTPException(503, str(e), headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+        except BatcherClosedError:
+            raise self.unavailable() from None
+        except ScoringError as e:
+            log.error("scoring failed: %s", e)
+            raise HTTPException(500, f"scoring failed: {e}") from None
+
+    def check_limits(self, n_items: int, items_field: str, texts: Sequence[tuple[str, str]]) -> None:
+        """413 past the per-request item limit or the per-text character limit."""
+        cfg = self.cfg
+        if n_items > cfg.max_items_per_request:
+            self.metrics.observe_rejected("too_many_items")
+            raise HTTPException(413, f"{items_field}: {n_items} items, the limit is {cfg.max_items_per_request} "
+                                     "per request")
+        for field, text in texts:
+            if len(text) > cfg.max_chars_per_text:
+                self.metrics.observe_rejected("text_too_long")
+                raise HTTPException(413, f"{field}: {len(text)} characters, the limit is {cfg.max_chars_per_text} "
+                                         "per text")
+
+
+# -- auth + request metrics, as plain ASGI middleware (runs before the body is read, so 401 comes first)
+class _Gate:
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+        key = state.cfg.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self.expected is None or scope["path"] in OPEN_PATHS:
+            return True
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                return hmac.compare_digest(value.strip(), self.expected)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.state.metrics
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.request_started()
+        try:
+            if self._authorized(scope):
+                await self.app(scope, receive, send_status)
+            else:
+                metrics.observe_rejected("unauthorized")
+                response = JSONResponse({"detail": "missing or wrong bearer token (Authorization: Bearer KEY)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send_status)
+        finally:
+            metrics.request_finished()
+            metrics.observe_request(endpoint, status, time.perf_counter() - t0)
+
+
+def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
+    """The reward server app.
+
+    Args:
+        source: a run (or saved model) folder, a loaded `RewardSystem` (anything with its `score` signature), or a
+            function returning one; it is loaded in a background thread when the server starts.
+        cfg: batching, limits, auth and query-splitting settings.
+    """
+    cfg = cfg or ServeConfig()
+    metrics = ServerMetrics()
+    state = ServerState(cfg, metrics)
+    load = _loader(source, cfg)
+
+    async def load_in_background() -> None:
+        t0 = time.perf_counter()
+        try:
+            system = await asyncio.to_thread(load)
+            info = await asyncio.to_thread(system_info, system)
+        except Exception as e:  # reported by /health; the server stays up to say why
+            state.status, state.error = "error", f"{type(e).__name__}: {e}"
+            log.error("loading the reward system failed: %s", state.error)
+            return
+        batcher = DynamicBatcher(system_score_fn(system, cfg.batch_size), max_batch=cfg.max_batch,
+                                 max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue, batching=cfg.batching,
+                                 metrics=metrics)
+        batcher.start()
+        state.system, state.info, state.batcher = system, info, batcher
+        state.load_seconds = time.perf_counter() - t0
+        if state.status == "loading":
+            state.status = "ready"
+            log.info("reward system %s ready in %.1f s", info.get("system"), state.load_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(load_in_background(), name="moerm-load")
+        try:
+            yield
+        finally:
+            # uvicorn calls this after in-flight requests have finished; anything still queued is scored first.
+            state.status = "stopping"
+            task.cancel()  # a load still running is abandoned (its thread finishes on its own)
+            if state.batcher is not None:
+                try:
+                    await state.batcher.close()
+                except asyncio.CancelledError:  # forced exit (a second Ctrl+C): stop without waiting
+                    state.batcher.abort()
+
+    app = FastAPI(title="moerm reward server", lifespan=lifespan)
+    app.state.moerm = state
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(_Gate, state=state)
+
+    @app.post("/v1/score")
+    async def score(req: ScoreRequest) -> dict[str, Any]:
+        """Rewards and their explanations (routing, expert weights, sub-scores) for prompt/response pairs."""
+        texts = [(f"items.{i}.{k}", getattr(it, k)) for i, it in enumerate(req.items) for k in ("prompt", "response")]
+        state.check_limits(len(req.items), "items", texts)
+        rewards, details = await state.score([it.prompt for it in req.items], [it.response for it in req.items],
+                                             [it.domain for it in req.items])
+        return {"rewards": rewards, "details": details}
+
+    @app.post("/get_reward")
+    async def get_reward(req: RewardRequest) -> dict[str, Any]:
+        """OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`)."""
+        if req.prompts is not None and len(req.prompts) != len(req.query):
+            raise _unprocessable("prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries; send one "
+                                            "per query or none")
+        texts = [(f"query.{i}", q) for i, q in enumerate(req.query)]
+        texts += [(f"prompts.{i}", p) for i, p in enumerate(req.prompts or [])]
+        state.check_limits(len(req.query), "query", texts)
+        try:
+            prompts, responses = state.splitter.split_all(req.query, req.prompts)
+        except SplitError as e:
+            raise _unprocessable(f"query.{e.index}", f"cannot split into prompt and response: {e}") from None
+        rewards, _ = await state.score(prompts, responses, None)
+        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 once the model is loaded; 503 while loading, after a failed load, or while shutting down."""
+        if state.status == "ready":
+            return JSONResponse({"status": "ready", "system": state.info.get("system")})
+        body: dict[str, Any] = {"status": state.status}
+        if state.error:
+            body["error"] = state.error
+        headers = {"Retry-After": str(cfg.retry_after_s)} if state.status == "loading" else None
+        return JSONResponse(body, status_code=503, headers=headers)
+
+    @app.get("/v1/info")
+    async def info() -> dict[str, Any]:
+        """The loaded system (name, domains, backbone, parameters) and the server's settings."""
+        if state.status != "ready":
+            raise state.unavailable()
+        return {**state.info, "load_seconds": state.load_seconds, "server": cfg.public()}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Requests, pairs scored, batch sizes, latency histogram and queue depth, in Prometheus text format."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

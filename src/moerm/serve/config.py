@@ -1,0 +1,108 @@
+"""Settings of the reward server: address, dynamic batching, queue bound, request limits, auth, query splitting."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+API_KEY_ENV = "MOERM_API_KEY"
+
+# Named query templates for the OpenRLHF endpoint; `{prompt}` and `{response}` mark the two parts.
+QUERY_TEMPLATES: dict[str, str] = {
+    "chatml": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n{response}<|eot_id|>",
+    "hh": "\n\nHuman: {prompt}\n\nAssistant: {response}",
+}
+DEFAULT_QUERY_TEMPLATE = "chatml"
+
+# Padding / sequence-boundary tokens a policy's decoded sequence may carry at either end (OpenRLHF decodes with
+# skip_special_tokens=False, so left padding and a final EOS can appear in `query`).
+DEFAULT_STRIP_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|end_of_text|>", "<|begin_of_text|>", "<pad>", "[PAD]",
+                                         "<s>", "</s>")
+
+
+class ServeConfigError(ValueError):
+    """An invalid server setting, reported as one line."""
+
+
+@dataclass
+class ServeConfig:
+    """Everything `moerm serve` can be told.
+
+    Attributes:
+        host, port: where uvicorn listens.
+        max_batch: most items scored in one `system.score` call (dynamic batching).
+        max_wait_ms: how long the oldest queued request may wait for others to join its batch.
+        batching: False scores each request alone, in arrival order (for comparison; the benchmark's "off").
+        max_queue: most items waiting (not yet being scored); a request that would pass it gets 503 + Retry-After.
+        max_items_per_request, max_chars_per_text: past them a request gets 413.
+        api_key: bearer token every request except /health must carry; None falls back to $MOERM_API_KEY, and
+            an empty value means no auth.
+        query_template: a name from QUERY_TEMPLATES or a string with `{prompt}` then `{response}`, used to split an
+            OpenRLHF query when `prompts` does not give the prompt.
+        strip_tokens: tokens removed (repeatedly) from both ends of OpenRLHF queries and prompts before splitting.
+        batch_size: the forward batch size passed to `system.score`.
+        device: where the model is loaded (None: the system's default).
+        torch_threads: torch's intra-op CPU threads (None: torch's default, one per core). On a CPU shared with
+            other work, 1 avoids threads waiting on each other at every operator.
+        retry_after_s: the Retry-After value (seconds) sent with 503.
+        keep_alive_s: how long an idle keep-alive connection stays open. Longer than clients' own pool expiry
+            (httpx: 5 s), so a client never sends on a connection the server is closing at that moment.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    batching: bool = True
+    max_queue: int = 1024
+    max_items_per_request: int = 256
+    max_chars_per_text: int = 32_000
+    api_key: str | None = None
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    strip_tokens: tuple[str, ...] = field(default=DEFAULT_STRIP_TOKENS)
+    batch_size: int = 64
+    device: str | None = None
+    torch_threads: int | None = None
+    retry_after_s: int = 1
+    keep_alive_s: float = 75.0
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        elif self.api_key == "":
+            self.api_key = None
+        for name in ("max_batch", "max_queue", "max_items_per_request", "max_chars_per_text", "batch_size",
+                     "retry_after_s"):
+            if int(getattr(self, name)) < 1:
+                raise ServeConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ServeConfigError(f"torch_threads must be >= 1; got {self.torch_threads}")
+        if self.max_wait_ms < 0:
+            raise ServeConfigError(f"max_wait_ms must be >= 0; got {self.max_wait_ms}")
+        if self.max_items_per_request > self.max_queue:
+            raise ServeConfigError(f"max_items_per_request ({self.max_items_per_request}) must not exceed max_queue "
+                                   f"({self.max_queue}): such a request could never be queued")
+        self.strip_tokens = tuple(self.strip_tokens)
+        self.resolved_template()  # fail at start-up, not on the first request
+
+    def resolved_template(self) -> str:
+        """The query template text (a preset's name resolved), validated."""
+        text = QUERY_TEMPLATES.get(self.query_template, self.query_template)
+        p, r = text.find("{prompt}"), text.find("{response}")
+        if p < 0 or r < 0 or text.count("{prompt}") != 1 or text.count("{response}") != 1 or r < p:
+            raise ServeConfigError(
+                f"query_template must be one of {', '.join(QUERY_TEMPLATES)} or contain '{{prompt}}' then "
+                f"'{{response}}' once each; got {self.query_template!r}")
+        if r == p + len("{prompt}"):
+            raise ServeConfigError("query_template needs a separator between {prompt} and {response}, "
+                                   f"or a query cannot be split; got {self.query_template!r}")
+        return text
+
+    def public(self) -> dict[str, object]:
+        """The settings /v1/info reports (the API key is reported only as set or not)."""
+        return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms, "batching": self.batching,
+                "max_queue": self.max_queue, "max_items_per_request": self.max_items_per_request,
+                "max_chars_per_text": self.max_chars_per_text, "batch_size": self.batch_size,
+                "query_template": self.resolved_template(), "auth": self.api_key is not None}
