@@ -284,7 +284,9 @@ def bench(
     if seeds:
         overrides.append("seeds=" + json.dumps([int(s) for s in seeds.split(",") if s.strip()]))
     if data:
-        overrides += ["data=" + json.dumps(data), "data_fallback=[]", "synthetic_data=false"]
+        # your data instead of the preset's: its domains and held-out files too (--set domains=[...] to filter)
+        overrides += ["data=" + json.dumps(data), "data_fallback=[]", "synthetic_data=false", "domains=null",
+                      "eval_data=[]"]
     if eval_data:
         overrides.append("eval_data=" + json.dumps(eval_data))
     overrides += list(set_ or [])

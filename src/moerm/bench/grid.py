@@ -1,0 +1,269 @@
+"""The grid of cells (system x seed): train, evaluate, measure; resumable cell by cell.
+
+    OUT/bench.yaml                     the resolved bench config (a rerun must match it but for the grid's extent
+                                       and the measurement settings: presets.REUSABLE_KEYS)
+    OUT/data/                          the same sampled pairs for every cell (see bench/data.py)
+    OUT/runs/<system>/seed-<n>/        a run folder (moerm.runs.train_run) + cell.json once evaluated
+    OUT/inference.json                 the side-by-side throughput measurement
+    OUT/report.md, results.json, plots/
+
+A cell whose cell.json exists is done and skipped. A cell with a run folder but no cell.json resumes: a finished
+training (train_summary.json + model/) is only evaluated; a killed one continues from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from rich.console import Console
+
+from moerm.bench.data import Prepared, prepare
+from moerm.bench.measure import (
+    inference_batch, seconds_per_epoch, throughput_row, timed_alone, timed_round_robin, trained_params,
+)
+from moerm.bench.presets import BenchConfig, run_config
+from moerm.config import ConfigError, RunConfig, from_dict
+from moerm.eval.metrics import evaluate_system
+from moerm.runs import train_run
+from moerm.systems.base import SYSTEM_FILE, find_model_dir, load_system
+from moerm.train.checkpoint import atomic_write_text
+from moerm.train.trainer import TrainingInterrupted
+
+CELL_FILE = "cell.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    system: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.system}/seed-{self.seed}"
+
+    def dir(self, out: Path) -> Path:
+        return out / "runs" / self.system / f"seed-{self.seed}"
+
+
+class _TqdmFile(io.TextIOBase):
+    """Rich output routed through tqdm.write, so lines print above the progress bars instead of through them."""
+
+    def write(self, s: str) -> int:
+        from tqdm.auto import tqdm
+
+        if s.strip():
+            tqdm.write(s.rstrip("\n"))
+        return len(s)
+
+
+def check_bench_folder(cfg: BenchConfig, out: Path) -> None:
+    """Write OUT/bench.yaml; a folder holding another bench (other data, backbone or budget) is refused."""
+    path = out / "bench.yaml"
+    if path.exists():
+        saved = yaml.safe_load(path.read_text()) or {}
+        try:
+            old = from_dict(BenchConfig, saved).fingerprint()
+        except ConfigError:
+            old = {}
+        new = cfg.fingerprint()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ConfigError(f"{out} holds a bench with different settings ({', '.join(diff)}); finished cells "
+                              f"would not be comparable: use another --out, or the settings in {path}")
+    atomic_write_text(path, cfg.to_yaml())
+
+
+def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progress: bool = True,
+             console: Console | None = None, stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train (or resume) one cell, evaluate it on the held-out pairs, write cell.json atomically."""
+    d = cell.dir(out)
+    t0 = time.perf_counter()
+    extra = {"tasks": prepared.dmoerm["tasks"], "tasks_file": None} if cell.system == "dmoerm" else None
+    rc = run_config(cfg, cell.system, cell.seed, prepared.backbone, prepared.train_paths(cell.system),
+                    feature_cache=str((out / "cache" / "features").resolve()), extra_options=extra)
+    trained = (d / "train_summary.json").exists() and (d / "model" / SYSTEM_FILE).exists()
+    resumed = (d / "config.yaml").exists() and not trained
+    if trained:
+        summary = json.loads((d / "train_summary.json").read_text())
+    else:
+        if resumed and console is not None:
+            console.print(f"[yellow]{cell.name}:[/] resuming its killed training from the checkpoints", highlight=False)
+        summary = train_run(rc, d, command=f"moerm bench (cell {cell.name})", resume=resumed, progress=progress,
+                            console=None if resumed else console, stop_after_steps=stop_after_steps)
+    t_train = time.perf_counter() - t0
+    params_path = d / "params_trained.json"  # computed once: the checkpoints may be pruned after the cell
+    if params_path.exists():
+        params = json.loads(params_path.read_text())
+    else:
+        params = trained_params(d)
+        atomic_write_text(params_path, json.dumps(params, indent=2))
+    resolved = from_dict(RunConfig, yaml.safe_load((d / "config.yaml").read_text()))
+    model_dir = find_model_dir(d)
+    system = load_system(model_dir, device=cfg.resolved_device())
+    pairs = prepared.test_pairs(cell.system)
+    report = evaluate_system(system, pairs, batch_size=cfg.eval_batch_size)  # routed systems use their own router
+    oracle = None
+    routed = "router_accuracy" in report or "task_router_accuracy" in report
+    if cfg.oracle_routing and routed:  # the upper bound: each pair's true domain given
+        oracle = evaluate_system(system, pairs, batch_size=cfg.eval_batch_size, oracle_domains=True)
+    info = system.describe(model_dir)
+    seconds = summary["seconds_per_component"]
+    per_epoch = seconds_per_epoch(resolved, seconds)
+    result = {
+        "system": cell.system, "seed": cell.seed, "run_dir": str(d),
+        "eval": report,
+        **({"eval_oracle_routing": oracle} if oracle is not None else {}),
+        "size": info,
+        "params_trained": params,
+        "train_seconds": summary["train_seconds"],
+        "seconds_per_component": seconds,
+        "seconds_per_epoch": per_epoch,
+        "train_seconds_per_epoch": sum(v for v in per_epoch.values() if v is not None),
+        "train_metrics": summary.get("metrics", {}),
+        "resumed_training": resumed,
+        "wall_seconds": {"train": t_train, "total": time.perf_counter() - t0},
+    }
+    atomic_write_text(d / CELL_FILE, json.dumps(result, indent=2))
+    if cfg.prune_checkpoints:
+        for ckpt in [p for p in d.rglob("checkpoints") if p.is_dir()]:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return result
+
+
+def _score_fn(system: Any, prompts: list[str], responses: list[str], batch_size: int, mode: str | None) -> Callable[[], Any]:
+    if mode is None:
+        return lambda: system.score(prompts, responses, batch_size=batch_size)
+    return lambda: system.score(prompts, responses, batch_size=batch_size, mode=mode)
+
+
+def measure_inference(cfg: BenchConfig, out: Path, runs: dict[str, Path], prepared: Prepared,
+                      console: Console | None = None) -> dict[str, Any]:
+    """Every system scores the same mixed-domain batch; the median of interleaved repeats per row."""
+    inf = cfg.inference
+    rows: list[tuple[str, str, str | None]] = []  # (row, system, mode)
+    for s in runs:
+        rows.append((s, s, "batched" if s == "arliss" else None))
+        if s == "arliss" and inf.arliss_switch:
+            rows.append(("arliss (switch)", s, "switch"))
+    batch = inference_batch(prepared.test_pairs(), inf.pairs, inf.seed)
+    n = len(batch)
+    key = {"rows": [r[0] for r in rows], "runs": {s: str(p) for s, p in runs.items()}, "pairs": n,
+           "batch_size": inf.batch_size, "repeats": inf.repeats, "interleave": inf.interleave, "seed": inf.seed,
+           "device": cfg.resolved_device(), "threads": torch.get_num_threads()}
+    path = out / "inference.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved
+    if console is not None:
+        console.print(f"inference: {len(rows)} rows on the same {n} pairs ({2 * n} sequences), "
+                      f"{inf.repeats} repeats{' interleaved' if inf.interleave else ''}", highlight=False)
+    prompts = [p.prompt for p in batch] * 2
+    responses = [p.chosen for p in batch] + [p.rejected for p in batch]
+    device = cfg.resolved_device()
+    times: dict[str, list[float]] = {}
+    if inf.interleave:
+        loaded = {s: load_system(p, device=device) for s, p in runs.items()}
+        fns = {row: _score_fn(loaded[s], prompts, responses, inf.batch_size, mode) for row, s, mode in rows}
+        times = timed_round_robin(fns, inf.repeats)
+        del loaded, fns
+    else:
+        for s, p in runs.items():
+            system = load_system(p, device=device)
+            for row, sys_name, mode in rows:
+                if sys_name == s:
+                    times[row] = timed_alone(_score_fn(system, prompts, responses, inf.batch_size, mode), inf.repeats)
+            del system
+    table = {row: {"system": s, "mode": mode, **throughput_row(times[row], n)} for row, s, mode in rows}
+    base = table.get("baseline", {}).get("seconds")
+    for row in table.values():
+        row["time_vs_baseline"] = row["seconds"] / base if base else None
+    result = {"key": key, "pairs": n, "sequences": 2 * n, "domains": sorted({p.domain for p in batch}),
+              "batch_size": inf.batch_size, "repeats": inf.repeats, "interleave": inf.interleave,
+              "rows": table, "environment": environment(key["device"])}
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": device, "platform": platform.platform()}
+
+
+def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, console: Console | None = None, command: str = "",
+              stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole grid, measure inference, and write report.md, results.json and the plots."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_bench(cfg, Path(out), progress, console, command, stop_after_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(cfg: BenchConfig, out: Path, progress: bool, console: Console | None, command: str,
+               stop_after_steps: int | None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from moerm.bench.report import build_results, write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    check_bench_folder(cfg, out)
+    if command:
+        atomic_write_text(out / "command.txt", command + "\n")
+    if console is not None and progress:
+        console = Console(file=_TqdmFile(), soft_wrap=True, highlight=False)  # type: ignore[arg-type]
+    prepared = prepare(cfg, out)
+    skipped: dict[str, str] = {}
+    if "dmoerm" in cfg.systems and prepared.dmoerm.get("status") != "ok":
+        skipped["dmoerm"] = prepared.dmoerm.get("reason", "no plan")
+    cells = [Cell(s, seed) for s in cfg.systems if s not in skipped for seed in cfg.seeds]
+    done = {c: json.loads((c.dir(out) / CELL_FILE).read_text()) for c in cells if (c.dir(out) / CELL_FILE).exists()}
+    failed: dict[str, str] = {}
+    bar = tqdm(total=len(cells), initial=len(done), desc="bench", unit="cell", disable=not progress or None,
+               dynamic_ncols=True, position=0)
+    t0 = time.perf_counter()
+    try:
+        for cell in cells:
+            if cell in done:
+                continue
+            bar.set_postfix_str(cell.name)
+            try:
+                done[cell] = run_cell(cfg, cell, prepared, out, progress=progress, console=console,
+                                      stop_after_steps=stop_after_steps)
+            except (TrainingInterrupted, KeyboardInterrupt):
+                raise
+            except Exception as e:  # one broken cell must not cost the others; its error is in the report
+                failed[cell.name] = f"{type(e).__name__}: {e}"
+                cell.dir(out).mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cell.dir(out) / "error.txt", traceback.format_exc())
+                if console is not None:
+                    console.print(f"[red]{cell.name} failed:[/] {failed[cell.name]}", highlight=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    runs = {}
+    for s in cfg.systems:  # the first finished seed of each system is timed
+        for seed in cfg.seeds:
+            if Cell(s, seed) in done:
+                runs[s] = Cell(s, seed).dir(out)
+                break
+    inference = measure_inference(cfg, out, runs, prepared, console) if runs else {}
+    results = build_results(cfg, {c.name: done[c] for c in cells if c in done}, inference, prepared, skipped, failed)
+    results["command"] = command
+    results["grid_seconds_this_run"] = time.perf_counter() - t0
+    paths = write_report(out, results)
+    return {"results": results, "failed": failed, **paths}

@@ -1,0 +1,249 @@
+"""The benchmark's configuration: a typed `BenchConfig`, loadable from YAML presets and `--set key=value` overrides.
+
+A bench trains every system in `systems` once per seed in `seeds` on the same data, backbone and budget. Each
+system's run config is built as: RunConfig defaults <- `model`/`train` (shared by all systems) <- `per_system[name]`
+(its own model/train/options), plus `backbone`, `max_length`, the seed and the bench's prepared data.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moerm.config import ConfigError, ModelConfig, RunConfig, TrainConfig, _deep_update, _set_dotted, from_dict, parse_override
+
+PRESETS = ("smoke", "cpu-small", "paper")
+ALL_SYSTEMS = ["baseline", "baselora", "more", "rodos", "arliss", "dmoerm"]
+TINY_BACKBONE = "tiny-random-bert"  # built by the bench into OUT/backbone (a 2-layer, 32-wide random BERT)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PER_SYSTEM_SECTIONS = ("model", "train", "options")
+# Settings that may change between runs into the same output folder (they do not change what a cell trains).
+REUSABLE_KEYS = ("name", "systems", "seeds", "inference", "eval_batch_size", "oracle_routing", "device", "threads",
+                 "prune_checkpoints")
+
+
+@dataclass
+class InferenceConfig:
+    """The side-by-side throughput measurement (one batch, every system, repeats interleaved)."""
+
+    pairs: int = 64  # held-out pairs in the shared batch (chosen + rejected: twice as many sequences)
+    batch_size: int = 32  # forward batch size inside `score`
+    repeats: int = 3  # timed repeats per system (median reported), after one warm-up
+    arliss_switch: bool = True  # also time ARLISS in `switch` mode (the paper's), as its own row
+    interleave: bool = True  # all systems loaded at once, repeats interleaved; false: one system at a time
+    seed: int = 0  # which pairs, in which order
+
+    def __post_init__(self) -> None:
+        if self.pairs < 1 or self.batch_size < 1 or self.repeats < 1:
+            raise ConfigError("inference.pairs, inference.batch_size and inference.repeats must be >= 1")
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark grid: systems x seeds on the same data, backbone and training budget."""
+
+    name: str = "custom"
+    systems: list[str] = field(default_factory=lambda: list(ALL_SYSTEMS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # data: files or folders (train* / test* files in folders); a folder of domain folders is read per domain
+    data: list[str] = field(default_factory=list)
+    data_fallback: list[str] = field(default_factory=list)  # used when no `data` path exists
+    eval_data: list[str] = field(default_factory=list)  # default: the test* files of the `data` folders
+    domains: list[str] | None = None  # keep only these domains (None: every domain in the data)
+    synthetic_data: bool = False  # generate a tiny toy dataset with aspect scores (the smoke preset)
+    max_train_pairs_per_domain: int | None = None
+    max_eval_pairs_per_domain: int | None = None
+    data_seed: int = 0  # the per-domain samples; the same for every system and seed
+    on_invalid: str = "skip"
+    # model and training, shared by every system
+    backbone: str = "minilm"  # HF name/path, 'minilm' (embedded) or 'tiny-random-bert' (built into OUT)
+    max_length: int = 128
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (not backbone/max_length)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (not seed)
+    per_system: dict[str, Any] = field(default_factory=dict)  # system -> {model: {...}, train: {...}, options: {...}}
+    eval_batch_size: int = 32
+    oracle_routing: bool = False  # also evaluate routed systems with each pair's true domain given (upper bound)
+    device: str = "auto"  # where saved systems are evaluated and timed: auto (cuda when available) | cpu | cuda:N
+    threads: int | None = None  # torch CPU threads during the bench (None: torch's default)
+    prune_checkpoints: bool = True  # delete a finished cell's training checkpoints (its saved model stays)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    # DMoERM: tasks (domains + capabilities); it runs on the domains its tasks cover that carry aspect labels
+    dmoerm_tasks_file: str | None = "configs/tasks/aspect-domains.yaml"
+    dmoerm_tasks: dict[str, Any] | None = None  # inline, instead of the file
+
+    def __post_init__(self) -> None:
+        if not self.systems:
+            raise ConfigError("systems: give at least one system")
+        if len(set(self.systems)) != len(self.systems):
+            raise ConfigError(f"systems: duplicate names in {self.systems}")
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: duplicate seeds in {self.seeds}")
+        if self.on_invalid not in ("error", "skip"):
+            raise ConfigError(f"on_invalid must be error or skip; got {self.on_invalid!r}")
+        for key in ("max_train_pairs_per_domain", "max_eval_pairs_per_domain"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"{key} must be >= 1 (or null for no cap); got {v}")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length must be >= 8; got {self.max_length}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or null for torch's default); got {self.threads}")
+        if self.eval_batch_size < 1:
+            raise ConfigError("eval_batch_size must be >= 1")
+        for key in ("backbone", "max_length"):
+            if key in self.model:
+                raise ConfigError(f"model.{key}: set the top-level '{key}' instead")
+        if "seed" in self.train:
+            raise ConfigError("train.seed: the bench sets each run's seed from 'seeds'")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides a cell's training: everything but the grid's extent and the inference settings."""
+        return {k: v for k, v in self.to_dict().items() if k not in REUSABLE_KEYS}
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is taken from the working directory, or else from the repository (for configs/...)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+def preset_path(name: str) -> Path:
+    for cand in (Path.cwd() / "configs" / "bench" / f"{name}.yaml", REPO_ROOT / "configs" / "bench" / f"{name}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)} (configs/bench/<name>.yaml)")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_bench_config(preset: str | None = None, path: str | Path | None = None,
+                      overrides: list[str] | None = None) -> BenchConfig:
+    """Defaults <- preset YAML <- `path` YAML <- `--set key=value` overrides; then every system's config is checked."""
+    if preset is None and path is None:
+        raise ConfigError(f"give a preset ({', '.join(PRESETS)}) or a bench config file")
+    data: dict[str, Any] = {}
+    if preset is not None:
+        _deep_update(data, _read_yaml(preset_path(preset)))
+    if path is not None:
+        _deep_update(data, _read_yaml(Path(path)))
+    for ov in overrides or []:
+        k, v = parse_override(ov)
+        if k in ("systems", "seeds") and isinstance(v, (int, str)):
+            v = [s for s in str(v).split(",") if s]  # --set seeds=0,1,2
+            v = [int(s) if k == "seeds" and s.strip().lstrip("-").isdigit() else s for s in v]
+        _set_dotted(data, k, v)
+    cfg = from_dict(BenchConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Every error names its key: unknown systems, and each section a system's run config is built from."""
+    from moerm.systems.base import get_system_class
+
+    for i, name in enumerate(cfg.systems):
+        try:
+            get_system_class(name)
+        except ValueError as e:
+            raise ConfigError(f"systems[{i}]: {e}") from None
+    from_dict(ModelConfig, dict(cfg.model), "model")
+    from_dict(TrainConfig, dict(cfg.train), "train")
+    for name, section in cfg.per_system.items():
+        where = f"per_system.{name}"
+        try:
+            get_system_class(name)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: expected a mapping with {', '.join(PER_SYSTEM_SECTIONS)}")
+        unknown = set(section) - set(PER_SYSTEM_SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config key '{where}.{sorted(unknown)[0]}' (known: {', '.join(PER_SYSTEM_SECTIONS)})")
+        for key, cls in (("model", ModelConfig), ("train", TrainConfig)):
+            sub = section.get(key) or {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{where}.{key}: expected a mapping")
+            if key == "model" and {"backbone", "max_length"} & set(sub):
+                raise ConfigError(f"{where}.model: backbone and max_length are shared; set them at the top level")
+            if key == "train" and "seed" in sub:
+                raise ConfigError(f"{where}.train.seed: the bench sets each run's seed from 'seeds'")
+            from_dict(cls, dict(sub), f"{where}.{key}")
+    for name in cfg.systems:
+        options = system_options(cfg, name)
+        cls = get_system_class(name)
+        if cls.options_class is not None:
+            try:
+                from_dict(cls.options_class, options, f"per_system.{name}.options")
+            except ConfigError:
+                raise
+            except ValueError as e:  # an options class's own check (e.g. options.inference must be ...)
+                raise ConfigError(f"per_system.{name}.options: {e}") from None
+        elif options:
+            raise ConfigError(f"per_system.{name}.options: system {name!r} takes no options")
+    if "dmoerm" in cfg.systems:  # fail before anything trains: a bad tasks mapping or a missing tasks file
+        from moerm.systems.tasks import load_tasks_file, parse_tasks
+
+        if cfg.dmoerm_tasks is not None:
+            parse_tasks(cfg.dmoerm_tasks, "dmoerm_tasks")
+        elif cfg.dmoerm_tasks_file:
+            load_tasks_file(resolve_path(cfg.dmoerm_tasks_file))
+        else:
+            raise ConfigError("dmoerm_tasks_file: dmoerm needs tasks (a tasks file or inline dmoerm_tasks)")
+
+
+def system_options(cfg: BenchConfig, system: str) -> dict[str, Any]:
+    return dict((cfg.per_system.get(system) or {}).get("options") or {})
+
+
+def run_config(cfg: BenchConfig, system: str, seed: int, backbone: str, train: list[str],
+               feature_cache: str | None = None, extra_options: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig of one cell: shared settings, then the system's own, then seed and data."""
+    data: dict[str, Any] = {
+        "system": system,
+        "model": {**copy.deepcopy(cfg.model), "backbone": backbone, "max_length": cfg.max_length},
+        "train": copy.deepcopy(cfg.train),
+        "options": {},
+    }
+    if feature_cache is not None and "feature_cache" not in data["model"]:
+        data["model"]["feature_cache"] = feature_cache
+    own = copy.deepcopy(cfg.per_system.get(system) or {})
+    _deep_update(data, {k: v for k, v in own.items() if v is not None})
+    data["options"].update(extra_options or {})
+    data["train"]["seed"] = seed
+    data["data"] = {"train": list(train), "eval": [], "eval_during_training": False, "on_invalid": "error"}
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"system {system}: {e}") from None

@@ -1,0 +1,418 @@
+"""The bench's outputs: results.json (everything, per seed and aggregated), report.md (tables like the router paper's
+Tables 2, 3 and 6 plus routing, expert and capability tables) and PNG plots (matplotlib, Agg, no display needed)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from moerm.bench.data import Prepared
+from moerm.bench.grid import environment
+from moerm.bench.presets import BenchConfig
+from moerm.eval.report import matrix_table
+from moerm.train.checkpoint import atomic_write_text
+
+PLOTS = {"accuracy_per_domain": "accuracy per domain, grouped by system",
+         "accuracy_vs_params": "average accuracy against total parameters",
+         "pairs_per_second": "pairs per second per system (same batch)"}
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference: dict[str, Any], prepared: Prepared,
+                  skipped: dict[str, str], failed: dict[str, str]) -> dict[str, Any]:
+    """Aggregate the cells over seeds: accuracy, sizes, training time, routing, experts, capabilities."""
+    by_system: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells.values():
+        by_system[cell["system"]].append(cell)
+    domains = sorted(prepared.info.get("eval_pairs", {}))
+    res: dict[str, Any] = {
+        "name": cfg.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "bench": cfg.to_dict(),
+        "environment": environment(cfg.resolved_device()), "data": prepared.info, "dmoerm_plan": prepared.dmoerm, "domains": domains,
+        "systems": {}, "accuracy": {}, "accuracy_oracle_routing": {}, "sizes": {}, "training": {},
+        "inference": inference, "routing": {}, "expert_utilisation": {}, "dmoerm": {}, "failed": failed,
+        "skipped": skipped,
+        "cells": {name: c["run_dir"] for name, c in cells.items()},
+    }
+    for s in cfg.systems:
+        got = sorted(by_system.get(s, []), key=lambda c: c["seed"])
+        status = "skipped" if s in skipped else "done" if len(got) == len(cfg.seeds) else "partial" if got else "failed"
+        res["systems"][s] = {"status": status, "seeds": [c["seed"] for c in got],
+                             **({"reason": skipped[s]} if s in skipped else {})}
+        if not got:
+            continue
+        res["accuracy"][s] = _accuracy(got)
+        if all("eval_oracle_routing" in c for c in got):
+            res["accuracy_oracle_routing"][s] = _accuracy(got, "eval_oracle_routing")
+        res["training"][s] = _training(got)
+        res["sizes"][s] = _size(got[0])
+        routing = _routing(got)
+        if routing:
+            res["routing"][s] = routing
+        if any("expert_utilisation" in c["eval"] for c in got):
+            res["expert_utilisation"][s] = _utilisation(got)
+        if any("per_task" in c["eval"] for c in got):
+            res["dmoerm"][s] = _tasks(got)
+    plan = prepared.dmoerm or {}
+    if plan.get("status") == "ok" and set(plan["domains"]) < set(domains):
+        sub = plan["domains"]  # every system on DMoERM's domains only: the like-for-like comparison
+        res["accuracy_on_dmoerm_domains"] = {"domains": sub, "systems": {
+            s: mean_std([sum(v["per_domain"][d] for d in sub) / len(sub) for v in acc["seeds"].values()])
+            for s, acc in res["accuracy"].items() if all(d in acc["per_domain"] for d in sub)}}
+    base = res["sizes"].get("baseline", {}).get("params_total")
+    for size in res["sizes"].values():
+        size["params_pct_of_baseline"] = 100.0 * size["params_total"] / base if base else None
+    return res
+
+
+def _accuracy(cells: list[dict[str, Any]], key: str = "eval") -> dict[str, Any]:
+    per: dict[str, list[float]] = defaultdict(list)
+    pairs: dict[str, int] = {}
+    for c in cells:
+        for d, v in c[key]["per_domain"].items():
+            per[d].append(v["accuracy"])
+            pairs[d] = v["pairs"]
+    return {
+        "per_domain": {d: {**mean_std(v), "pairs": pairs[d]} for d, v in sorted(per.items())},
+        "average": mean_std([c[key]["macro_accuracy"] for c in cells]),  # mean over domains, then over seeds
+        "pair_weighted": mean_std([c[key]["accuracy"] for c in cells]),
+        "seeds": {str(c["seed"]): {"per_domain": {d: v["accuracy"] for d, v in c[key]["per_domain"].items()},
+                                   "average": c[key]["macro_accuracy"]} for c in cells},
+    }
+
+
+def _training(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    comps: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        for comp, sec in c["seconds_per_component"].items():
+            comps[comp]["seconds"].append(sec)
+            if c["seconds_per_epoch"].get(comp) is not None:
+                comps[comp]["seconds_per_epoch"].append(c["seconds_per_epoch"][comp])
+    return {
+        "seconds": mean_std([c["train_seconds"] for c in cells]),
+        "seconds_per_epoch": mean_std([c["train_seconds_per_epoch"] for c in cells]),
+        "components": {k: {m: mean_std(v) for m, v in row.items() if v} for k, row in comps.items()},
+    }
+
+
+def _size(cell: dict[str, Any]) -> dict[str, Any]:
+    info = cell["size"]
+    return {"params_total": info["total"]["params_total"], "params_trained": sum(cell["params_trained"].values()),
+            "bytes_on_disk": info["total"].get("bytes_on_disk"), "components": info["components"],
+            "trained_by_component": cell["params_trained"], "backbone": info.get("backbone"), "tuning": info.get("tuning")}
+
+
+def _sum_confusion(mats: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for m in mats:
+        for true, row in m.items():
+            for pred, v in row.items():
+                out[true][pred] += v
+    return {t: dict(sorted(r.items())) for t, r in sorted(out.items())}
+
+
+def _routing(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    evals = [c["eval"] for c in cells]
+    if all("router_accuracy" in e for e in evals):
+        out["router_accuracy"] = mean_std([e["router_accuracy"] for e in evals])
+        out["fallback_rate"] = mean_std([e["fallback_rate"] for e in evals])
+        out["confusion"] = _sum_confusion([e["router_confusion"] for e in evals])
+    if all("task_router_accuracy" in e for e in evals):
+        out["task_router_accuracy"] = mean_std([e["task_router_accuracy"] for e in evals])
+        out["fallback_rate"] = mean_std([e["fallback_rate"] for e in evals])
+        out["task_confusion"] = _sum_confusion([e["task_router_confusion"] for e in evals])
+    return out
+
+
+def _utilisation(cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean over seeds of the share of each domain's inputs whose top-k includes each expert."""
+    acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    n = len(cells)
+    for c in cells:
+        for d, row in c["eval"].get("expert_utilisation", {}).items():
+            for e, v in row.items():
+                acc[d][e] += v / n
+    return {d: dict(sorted(r.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else kv[0]))
+            for d, r in sorted(acc.items())}
+
+
+def _tasks(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    per_task: dict[str, list[float]] = defaultdict(list)
+    caps: dict[tuple[str, str], list[float]] = defaultdict(list)
+    cap_pairs: dict[tuple[str, str], int] = {}
+    for c in cells:
+        for t, v in c["eval"].get("per_task", {}).items():
+            per_task[t].append(v["accuracy"])
+        for d, row in c["eval"].get("capability_accuracy", {}).items():
+            for cap, v in row.items():
+                caps[(d, cap)].append(v["accuracy"])
+                cap_pairs[(d, cap)] = v["pairs"]
+    return {
+        "per_task": {t: mean_std(v) for t, v in sorted(per_task.items())},
+        "capability_accuracy": {d: {cap: {**mean_std(caps[(d, cap)]), "pairs": cap_pairs[(d, cap)]}
+                                    for (dd, cap) in sorted(caps) if dd == d}
+                                for d in sorted({d for d, _ in caps})},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+def _pct(v: dict[str, float] | None, std: bool = True) -> str:
+    if not v:
+        return "–"
+    return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" if std else f"{100 * v['mean']:.1f}"
+
+
+def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _seconds(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if x < 1 else f"{x:.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def _accuracy_rows(table: dict[str, Any], domains: list[str]) -> tuple[list[str], list[str]]:
+    lines = ["| system | " + " | ".join(domains) + " | **average** |", "|---|" + "---:|" * (len(domains) + 1)]
+    partial = []
+    for s, acc in table.items():
+        cells = [_pct(acc["per_domain"].get(d)) for d in domains]
+        avg = _pct(acc["average"])
+        if set(acc["per_domain"]) != set(domains):
+            avg += " ¹"
+            partial.append(f"{s} ({len(acc['per_domain'])} of {len(domains)} domains)")
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | **{avg}** |")
+    return lines, partial
+
+
+def accuracy_markdown(res: dict[str, Any]) -> str:
+    domains = res["domains"]
+    n_seeds = {s: len(v["seeds"]) for s, v in res["accuracy"].items()}
+    lines, partial = _accuracy_rows(res["accuracy"], domains)
+    seeds = sorted(set(n_seeds.values()))
+    head = (f"Pairwise accuracy (%) on the held-out pairs: chosen scored strictly above rejected. Mean ± sample std over "
+            f"{' / '.join(map(str, seeds))} seed(s); **average** = mean over the system's domains (macro), then over seeds. "
+            "Routed systems route with their own router (no domain given).")
+    out = [head, "", *lines]
+    if partial:
+        out += ["", "¹ average over the domains it covers only: " + "; ".join(partial)]
+    sub = res.get("accuracy_on_dmoerm_domains")
+    if sub:
+        out += ["", f"Average over DMoERM's domains only ({', '.join(sub['domains'])}), every system:", "",
+                "| system | average |", "|---|---:|"]
+        out += [f"| {s} | {_pct(v)} |" for s, v in sub["systems"].items()]
+    if res.get("accuracy_oracle_routing"):
+        rows, _ = _accuracy_rows(res["accuracy_oracle_routing"], domains)
+        out += ["", "With oracle routing (each pair's true domain given to the routed systems: the upper bound that "
+                "isolates the domain RMs from routing errors):", "", *rows]
+    return "\n".join(out)
+
+
+def size_markdown(res: dict[str, Any]) -> str:
+    lines = ["| system | parameters | % of Baseline | trainable (trained) | bytes on disk | train s / epoch | "
+             "train s (total) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for s, size in res["sizes"].items():
+        tr = res["training"][s]
+        pct = size.get("params_pct_of_baseline")
+        lines.append(f"| {s} | {size['params_total']:,} | {_num(pct, '{:.0f}%')} | {size['params_trained']:,} | "
+                     f"{_num(size['bytes_on_disk'])} | {_seconds(tr['seconds_per_epoch']['mean'])} | "
+                     f"{_seconds(tr['seconds']['mean'])} |")
+    comp = ["| system | component | train s | s / epoch |", "|---|---|---:|---:|"]
+    for s, tr in res["training"].items():
+        for name, v in tr["components"].items():
+            pe = v.get("seconds_per_epoch")
+            comp.append(f"| {s} | {name} | {_seconds(v['seconds']['mean'])} | {_seconds(pe['mean']) if pe else '–'} |")
+    return "\n".join([
+        "Parameters of the saved system (shared weights counted once); trainable = what the optimizers updated (the "
+        "tensors in every component's final checkpoint: LoRA adapters and heads for LoRA systems); bytes on disk of "
+        "the saved model folder. Training seconds are the mean over seeds; per epoch divides each component's time by "
+        "its own epochs (routers: options.router_epochs; DMoERM experts: expert_epochs, aggregator: aggregator_epochs, "
+        "whose time includes computing the expert states once) and sums the components.",
+        "", *lines, "", "#### Training time per component (mean over seeds)", "", *comp])
+
+
+def inference_markdown(res: dict[str, Any]) -> str:
+    inf = res["inference"]
+    if not inf:
+        return "No system finished: nothing was timed."
+    env = inf.get("environment", {})
+    extra = []
+    left_out = (res.get("dmoerm_plan") or {}).get("left_out_domains")
+    if "dmoerm" in inf["rows"] and left_out:
+        extra = ["", f"DMoERM scores the whole batch too: inputs of domains outside its tasks ({', '.join(left_out)}) "
+                 "go to the task its router picks."]
+    lines = ["| system | seconds per pair | pairs / s | time vs Baseline |", "|---|---:|---:|---:|"]
+    for row, v in inf["rows"].items():
+        ratio = f"{v['time_vs_baseline']:.2f}×" if v.get("time_vs_baseline") else "–"
+        lines.append(f"| {row} | {v['seconds_per_pair'] * 1000:.2f} ms | {v['pairs_per_second']:.1f} | {ratio} |")
+    return "\n".join([
+        f"Every system scores the same {inf['pairs']} held-out pairs ({inf['sequences']} sequences, domains "
+        f"{', '.join(inf['domains'])} mixed in every batch), forward batch {inf['batch_size']}, median of "
+        f"{inf['repeats']} repeats after a warm-up{', interleaved across systems' if inf['interleave'] else ''}; "
+        f"{env.get('device', '?')}, threads: {env.get('threads', '?')}. Routing included; time vs Baseline above 1 is slower.",
+        "", *lines] + extra)
+
+
+def routing_markdown(res: dict[str, Any]) -> str:
+    parts = []
+    for s, r in res["routing"].items():
+        if "router_accuracy" in r:
+            parts += [f"#### {s}: router accuracy {_pct(r['router_accuracy'])}%, fallback rate "
+                      f"{_pct(r['fallback_rate'])}%", "", "Routed domain per true domain (held-out chosen replies, "
+                      "summed over seeds):", "", matrix_table(r["confusion"], "true \\ routed"), ""]
+        if "task_router_accuracy" in r:
+            parts += [f"#### {s}: task router accuracy {_pct(r['task_router_accuracy'])}%, fallback rate "
+                      f"{_pct(r['fallback_rate'])}%", "", matrix_table(r["task_confusion"], "true task \\ routed"), ""]
+    return "\n".join(parts).strip() or "No routed system in this bench."
+
+
+def utilisation_markdown(res: dict[str, Any]) -> str:
+    parts = []
+    for s, util in res["expert_utilisation"].items():
+        parts += [f"#### {s}", "", "Share of each domain's held-out inputs whose top-k includes the expert (%, mean over "
+                  "seeds):", "", matrix_table(util, "domain \\ expert", percent=True), ""]
+    return "\n".join(parts).strip() or "MoRE is not in this bench."
+
+
+def dmoerm_markdown(res: dict[str, Any]) -> str:
+    plan = res.get("dmoerm_plan") or {}
+    if not plan:
+        return "DMoERM is not in this bench."
+    if plan.get("status") != "ok":
+        return f"DMoERM skipped: {plan.get('reason', '?')}."
+    lines = [f"Tasks from {plan['tasks_source']}, restricted to the data's aspect-labelled domains:", ""]
+    lines += [f"- **{t}**: domains {', '.join(v['domains'])}; capability experts {', '.join(v['capabilities'])}"
+              for t, v in plan["tasks"].items()]
+    if plan.get("left_out_domains"):
+        lines.append(f"- domains outside every task (not trained on, not in its rows): {', '.join(plan['left_out_domains'])}")
+    if plan.get("dropped"):
+        lines += ["", "Left out of the plan:", ""] + [f"- {d}" for d in plan["dropped"]]
+    for s, d in res["dmoerm"].items():
+        lines += ["", f"#### {s}: consistency (pairwise accuracy) per task", "", "| task | accuracy (%) |", "|---|---:|"]
+        lines += [f"| {t} | {_pct(v)} |" for t, v in d["per_task"].items()]
+        lines += ["", "Per capability: how often the expert's own sub-score orders a held-out pair as its aspect scores "
+                  "do (ties dropped):", "", "| domain | capability | pairs | accuracy (%) |", "|---|---|---:|---:|"]
+        for dom, row in d["capability_accuracy"].items():
+            lines += [f"| {dom} | {cap} | {v['pairs']} | {_pct(v)} |" for cap, v in row.items()]
+    return "\n".join(lines)
+
+
+def report_markdown(res: dict[str, Any]) -> str:
+    b = res["bench"]
+    data = res["data"]
+    env = res["environment"]
+    dom_rows = ["| domain | training pairs | held-out pairs |", "|---|---:|---:|"]
+    for d in sorted(set(data.get("train_pairs", {})) | set(data.get("eval_pairs", {}))):
+        dom_rows.append(f"| {d} | {data['train_pairs'].get(d, 0)} | {data['eval_pairs'].get(d, 0)} |")
+    status = ["| system | status | seeds |", "|---|---|---|"]
+    for s, v in res["systems"].items():
+        why = f": {v['reason']}" if v.get("reason") else ""
+        status.append(f"| {s} | {v['status']}{why} | {', '.join(map(str, v['seeds'])) or '–'} |")
+    out = [
+        f"# moerm bench: {res['name']}", "",
+        f"{res['date']}; backbone `{b['backbone']}`, max_length {b['max_length']}, seeds {', '.join(map(str, b['seeds']))}; "
+        f"{env['device']}, torch threads: {env['threads']}, torch {env['torch']}.",
+    ]
+    if res.get("command"):
+        out += ["", f"Command: `{res['command']}`"]
+    out += ["", "## Systems", "", *status]
+    if res["failed"]:
+        out += ["", "Failed cells (rerun the same command to retry them; the error is in the cell's error.txt):", ""]
+        out += [f"- {k}: {v}" for k, v in res["failed"].items()]
+    out += ["", "## Data", "", *dom_rows]
+    if data.get("notes"):
+        out += ["", *[f"- {n}" for n in data["notes"]]]
+    out += ["", "## Accuracy per domain", "", accuracy_markdown(res),
+            "", "## Size and training cost", "", size_markdown(res),
+            "", "## Inference", "", inference_markdown(res),
+            "", "## Routing", "", routing_markdown(res),
+            "", "## MoRE expert utilisation", "", utilisation_markdown(res),
+            "", "## DMoERM", "", dmoerm_markdown(res),
+            "", "## Plots", ""]
+    out += [f"- {desc}: ![{name}](plots/{name}.png)" for name, desc in PLOTS.items()]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+def _figure(width: float, height: float) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display, Agg when saved as PNG
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return fig, fig.subplots()
+
+
+def plot_accuracy_per_domain(res: dict[str, Any], path: Path) -> None:
+    systems = list(res["accuracy"])
+    groups = res["domains"] + ["average"]
+    fig, ax = _figure(max(6.0, 1.0 + 0.5 * len(groups) * max(1, len(systems)) * 0.35), 4.2)
+    width = 0.8 / max(1, len(systems))
+    for i, s in enumerate(systems):
+        acc = res["accuracy"][s]
+        vals = [acc["per_domain"].get(d) for d in res["domains"]] + [acc["average"]]
+        xs = [g + (i - (len(systems) - 1) / 2) * width for g in range(len(groups))]
+        ys = [100 * v["mean"] if v else math.nan for v in vals]
+        err = [100 * v["std"] if v else 0.0 for v in vals]
+        ax.bar(xs, ys, width, yerr=err, label=s, capsize=2)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    ax.set_ylabel("pairwise accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_title(f"Accuracy per domain ({res['name']})")
+    ax.legend(fontsize=8, ncols=min(len(systems), 6), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    fig.savefig(path)
+
+
+def plot_accuracy_vs_params(res: dict[str, Any], path: Path) -> None:
+    fig, ax = _figure(6.0, 4.2)
+    for s, acc in res["accuracy"].items():
+        p = res["sizes"][s]["params_total"]
+        ax.errorbar([p], [100 * acc["average"]["mean"]], yerr=[100 * acc["average"]["std"]], fmt="o", capsize=3, label=s)
+        ax.annotate(s, (p, 100 * acc["average"]["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters (log scale)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title("Accuracy against size")
+    fig.savefig(path)
+
+
+def plot_pairs_per_second(res: dict[str, Any], path: Path) -> None:
+    rows = (res["inference"] or {}).get("rows", {})
+    fig, ax = _figure(max(5.0, 1.0 + 0.8 * len(rows)), 4.0)
+    names = list(rows)
+    ax.bar(range(len(names)), [rows[n]["pairs_per_second"] for n in names], color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("pairs per second")
+    ax.set_title("Inference throughput (same batch)")
+    fig.savefig(path)
+
+
+def write_report(out: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """results.json, report.md and plots/*.png into OUT; returns their paths."""
+    out = Path(out)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if res["accuracy"]:
+        for name, fn in (("accuracy_per_domain", plot_accuracy_per_domain), ("accuracy_vs_params", plot_accuracy_vs_params),
+                         ("pairs_per_second", plot_pairs_per_second)):
+            fn(res, plots / f"{name}.png")
+            written[name] = str(plots / f"{name}.png")
+    res["plots"] = written
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2, default=str))
+    atomic_write_text(out / "report.md", report_markdown(res))
+    return {"report": out / "report.md", "results_json": out / "results.json", "plots": written}
