@@ -37,5 +37,9 @@ demo: setup
 test: setup-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+## bench: every system side by side on a per-domain sample with the embedded MiniLM (docs/BENCH.md; ~45-60 min)
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/moerm bench --preset cpu-small --out runs/bench-cpu-small
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
