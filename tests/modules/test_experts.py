@@ -65,3 +65,15 @@ def test_aggregator_is_linear_prelu_linear_over_concatenated_states():
     torch.testing.assert_close(agg(x), expected)
     with pytest.raises(ValueError, match="expert states"):
         agg(torch.randn(2, 2, 4))
+
+
+def test_aggregator_warm_start_is_the_mean_of_the_expert_heads():
+    torch.manual_seed(0)
+    agg = CapabilityAggregator(num_experts=3, hidden_size=4)
+    w, b = torch.randn(3, 4), torch.randn(3)
+    agg.start_as_mean_of(w, b)
+    x = torch.randn(5, 3, 4)
+    expected = ((x * w).sum(-1) + b).mean(-1)  # (5,) mean over experts of w_k . x_k + b_k
+    got = agg(x)
+    # the other hidden units start at 1% scale, so the warm start is the mean up to a small perturbation
+    torch.testing.assert_close(got, expected, atol=5e-3, rtol=0)

@@ -73,7 +73,8 @@ class DMoERMOptions(RouterOptions):
     expert_layers: int | None = None  # top blocks carrying expert LoRA; None: a third of them (at least 1)
     expert_epochs: float | None = None  # phase 2; default train.epochs
     expert_lr: float | None = None  # phase 2; default 1e-3 (LoRA)
-    aggregator_epochs: float = 30.0
+    aggregator_epochs: float = 10.0
+    aggregator_init: str = "experts"  # experts: start as the mean of the experts' sub-scores; random: from scratch
     aggregator_lr: float = 1e-3
     aggregator_batch_size: int = 32
     inference: str = "batched"  # batched: one pass for all experts; sequential: one set_adapter pass per expert
@@ -86,6 +87,8 @@ class DMoERMOptions(RouterOptions):
             raise ValueError(f"options.inference must be batched or sequential; got {self.inference!r}")
         if self.fallback != "mixture":
             raise ValueError("dmoerm supports options.fallback=mixture only")
+        if self.aggregator_init not in ("experts", "random"):
+            raise ValueError(f"options.aggregator_init must be experts or random; got {self.aggregator_init!r}")
 
     def resolve_tasks(self) -> list[TaskSpec]:
         if self.tasks and self.tasks_file:
@@ -343,6 +346,8 @@ class DMoERMSystem(RewardSystem):
         """Everything frozen; the aggregator learns overall preference on split B from the experts' states."""
         t = self.config.train
         self._activate(model, None)
+        if self.opts.aggregator_init == "experts":
+            self._start_aggregator_from_experts(model)
         t0 = time.perf_counter()
         feats = self._expert_features(model, split_b, ctx.progress, f"{task}: expert states (split B)")
         eval_feats = self._expert_features(model, eval, False, "") if eval else None
@@ -359,6 +364,18 @@ class DMoERMSystem(RewardSystem):
         model.eval()
         metrics = {f"{task}:aggregator:{k}": v for k, v in result.final_metrics.items() if k.startswith("eval_")}
         return {f"{task}:phase3": time.perf_counter() - t0}, metrics
+
+    @staticmethod
+    def _start_aggregator_from_experts(model: TaskModel) -> None:
+        """Warm start: the aggregator begins as the mean of the experts' (linear) heads on their own states."""
+        linears = [head.net[-1] for head in model.expert_heads.values()]
+        if not all(isinstance(lin, nn.Linear) and lin.out_features == 1 for lin in linears) or any(
+                getattr(head, "kind", "linear") != "linear" for head in model.expert_heads.values()):
+            raise ConfigError("options.aggregator_init=experts needs linear reward heads (model.head=linear); "
+                              "use options.aggregator_init=random with an MLP head")
+        weights = torch.stack([lin.weight[0] for lin in linears]).to(model.aggregator.net[0].weight.device)  # (K, H)
+        biases = torch.stack([lin.bias[0] for lin in linears])  # (K,)
+        model.aggregator.start_as_mean_of(weights, biases)
 
     @torch.no_grad()
     def _expert_features(self, model: TaskModel, pairs: Sequence[PreferencePair], progress: bool, desc: str) -> FeaturePairs:
