@@ -74,7 +74,7 @@ class DMoERMOptions(RouterOptions):
     expert_epochs: float | None = None  # phase 2; default train.epochs
     expert_lr: float | None = None  # phase 2; default 1e-3 (LoRA)
     aggregator_epochs: float = 10.0
-    aggregator_init: str = "experts"  # experts: start as the mean of the experts' sub-scores; random: from scratch
+    aggregator_init: str = "random"  # random: from scratch (the paper); experts: start as the mean of their sub-scores
     aggregator_lr: float = 1e-3
     aggregator_batch_size: int = 32
     inference: str = "batched"  # batched: one pass for all experts; sequential: one set_adapter pass per expert
