@@ -14,20 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from moerm.bench.measure import timed_round_robin
 from moerm.config import load_config
 from moerm.data.readers import load_pairs
 from moerm.runs import cap_per_domain
 from moerm.systems import build_system
 from moerm.systems.base import FitContext
-
-sys.path.insert(0, str(Path(__file__).parent))
-from inference_throughput import timed_round_robin  # noqa: E402
 
 TASK = {"summarisation": {"domains": ["summeval", "newsroom"],
                           "capabilities": ["coherence", "consistency", "fluency", "relevance", "informativeness"]}}
@@ -69,7 +68,7 @@ def main() -> None:
     max_diff = max(float((rb - rs).abs().max()), float((sb - ss).abs().max()))
     runs = {mode: (lambda m=mode: system.score_task("summarisation", prompts, responses, args.batch_size, mode=m))
             for mode in ("sequential", "batched")}
-    secs = timed_round_robin(runs, args.repeats)
+    secs = {k: statistics.median(v) for k, v in timed_round_robin(runs, args.repeats).items()}
     n = len(test)
     total_layers = len(task.bank.peft.get_base_model().encoder.layer) if hasattr(task.bank.peft.get_base_model(), "encoder") else None
     print(f"command: {command}")

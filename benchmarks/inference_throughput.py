@@ -17,12 +17,12 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from moerm.bench.measure import timed_round_robin
 from moerm.config import load_config
 from moerm.data.readers import load_pairs
 from moerm.runs import cap_per_domain
@@ -35,19 +35,6 @@ def build(name: str, overrides: list[str], train: list, work: Path) -> RewardSys
     system = build_system(cfg)
     system.fit(train, None, FitContext(work / name, progress=False))
     return system
-
-
-def timed_round_robin(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per system; repeats are interleaved across systems so machine drift hits all alike."""
-    for fn in runs.values():
-        fn()  # warm-up: allocator, lazy init, thread pools
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -87,7 +74,7 @@ def main() -> None:
                                                                                batch_size=args.batch_size, mode=m))
             else:
                 runs[name] = lambda s=system: s.score(prompts, responses, batch_size=args.batch_size)
-        rows = timed_round_robin(runs, args.repeats)
+        rows = {k: statistics.median(v) for k, v in timed_round_robin(runs, args.repeats).items()}
 
     base = rows.get("baseline")
     print(f"command: {command}")
