@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moerm.backbone import Backbone, load_backbone, make_encoder
-from moerm.config import ConfigError, RunConfig, TrainConfig
+from moerm.config import ConfigError, RunConfig
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.inference import sorted_batches
@@ -377,6 +377,12 @@ class DMoERMSystem(RewardSystem):
         biases = torch.stack([lin.bias[0] for lin in linears])  # (K,)
         model.aggregator.start_as_mean_of(weights, biases)
 
+    def _padded_batches(self, encoded: list[dict[str, list[int]]], batch_size: int
+                        ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """Length-sorted batches of `encoded`: (row indices, padded tensors (b, T) on the model's device)."""
+        for idx in sorted_batches(encoded, batch_size):
+            yield idx, {k: v.to(self.device) for k, v in self.encoder.pad([encoded[i] for i in idx]).items()}
+
     @torch.no_grad()
     def _expert_features(self, model: TaskModel, pairs: Sequence[PreferencePair], progress: bool, desc: str) -> FeaturePairs:
         """Expert states of chosen (N, K, H) and rejected (N, K, H), in one batched pass per chunk."""
@@ -386,9 +392,8 @@ class DMoERMSystem(RewardSystem):
         encoded = [self.encoder.encode(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]
         out: torch.Tensor | None = None
         bs = self.config.train.eval_batch_size
-        batches = list(sorted_batches(encoded, bs))
-        for idx in tqdm(batches, desc=desc, disable=not progress or None, leave=False):
-            batch = {k: v.to(self.device) for k, v in self.encoder.pad([encoded[i] for i in idx]).items()}
+        for idx, batch in tqdm(self._padded_batches(encoded, bs), total=-(-len(encoded) // bs), desc=desc,
+                               disable=not progress or None, leave=False):
             states = model.bank.states(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             if out is None:
                 out = torch.empty(len(encoded), *states.shape[1:])
@@ -415,8 +420,7 @@ class DMoERMSystem(RewardSystem):
         encoded = [self.encoder.encode(p, r) for p, r in zip(prompts, responses)]
         rewards = torch.zeros(len(encoded))
         subs = torch.zeros(len(encoded), len(model.capabilities))
-        for idx in sorted_batches(encoded, batch_size):
-            batch = {k: v.to(self.device) for k, v in self.encoder.pad([encoded[i] for i in idx]).items()}
+        for idx, batch in self._padded_batches(encoded, batch_size):
             r, s, _ = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), mode=mode)
             rewards[torch.tensor(idx)] = r.float().cpu()
             subs[torch.tensor(idx)] = s.float().cpu()
