@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    AutoModel, BertConfig, BertModel, DebertaV2Config, GPT2Config, GPT2Model, LlamaConfig, PretrainedConfig,
+    PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
+)
 
 from moerm.backbone import load_tokenizer
 from moerm.data.schema import PreferencePair
@@ -58,6 +61,82 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
     cfg = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=128,
                      eos_token_id=1, bos_token_id=1, pad_token_id=1)
     GPT2Model(cfg).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+# The backbone table: every equivalence and system test runs on each of these fixtures (`request.getfixturevalue`).
+BACKBONES = ["tiny_bert", "tiny_deberta", "tiny_gpt2", "tiny_llama"]
+# peft's default LoRA targets by model type: what lands in the model when `model.lora_target_modules` is unset.
+DEFAULT_LORA_TARGETS = {"bert": {"query", "value"}, "deberta-v2": {"query_proj", "value_proj"}, "gpt2": {"c_attn"},
+                        "llama": {"q_proj", "v_proj"}, "qwen2": {"q_proj", "v_proj"}}
+
+
+def lora_sites(model: torch.nn.Module) -> set[tuple[int, str]]:
+    """(block index, module name) of every LoRA layer inside the model's transformer blocks."""
+    from peft.tuners.lora import LoraLayer
+
+    from moerm.modules.experts import transformer_blocks
+
+    _, blocks = transformer_blocks(model)
+    return {(i, name.rsplit(".", 1)[-1]) for i, block in enumerate(blocks) for name, m in block.named_modules()
+            if isinstance(m, LoraLayer)}
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_config(kind: str, vocab_size: int = 50, layers: int = 2, width: int = 32) -> PretrainedConfig:
+    """A tiny config per architecture; `deberta-v3` is DeBERTa-v3's attention (shared keys, relative positions)."""
+    common = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+                  intermediate_size=2 * width, max_position_embeddings=128)
+    if kind == "bert":
+        return BertConfig(**common)
+    if kind in ("deberta-v3", "deberta-v2"):
+        # v3: shared attention keys, log-bucketed relative positions, both disentangled terms, no absolute positions.
+        # v2 (share_att_key False) projects the relative embeddings with its own pos_key_proj/pos_query_proj.
+        return DebertaV2Config(**common, relative_attention=True, position_buckets=4, pos_att_type=["p2c", "c2p"],
+                               share_att_key=kind == "deberta-v3", norm_rel_ebd="layer_norm",
+                               position_biased_input=False, type_vocab_size=0)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=layers, n_head=2, n_positions=128,
+                          bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    if kind in ("llama", "qwen2"):
+        cls = LlamaConfig if kind == "llama" else Qwen2Config
+        return cls(**common, num_key_value_heads=1, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                   tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny kind {kind!r}")
+
+
+def tiny_model(kind: str, vocab_size: int = 50, layers: int = 2, width: int = 32) -> PreTrainedModel:
+    """A bare (headless) randomly initialised model of `tiny_config(kind, ...)`, seeded."""
+    torch.manual_seed(0)
+    return AutoModel.from_config(tiny_config(kind, vocab_size, layers, width))
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide DeBERTa-v3-style encoder (shared keys, relative positions) with MiniLM's WordPiece tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-deberta")
+    tiny_model("deberta-v3", vocab_size=30522).save_pretrained(path, safe_serialization=True)
+    load_tokenizer("minilm").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide Llama decoder; its WordLevel tokenizer adds <s>, has </s> and <pad>, and a ChatML template."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    words = ["system", "user", "assistant", *TOY_WORDS]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    tiny_model("llama", vocab_size=len(vocab)).save_pretrained(path, safe_serialization=True)
     return str(path)
 
 

@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny backbone: train, resume guard, eval (one run and seeds), info, score."""
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -75,7 +76,11 @@ def test_seeds_are_aggregated(tmp_path, data_dir, tiny_bert):
     assert res.exit_code == 0, res.output
     agg = json.loads((run / "eval" / "eval.json").read_text())[str(run)]["aggregate"]
     assert agg["runs"] == 2 and set(agg["per_domain"]) == {"alpha", "beta"}
-    assert agg["accuracy"]["std"] >= 0
+    runs = json.loads((run / "eval" / "eval.json").read_text())[str(run)]["runs"]
+    accs = [r["accuracy"] for r in runs.values()]
+    assert len(accs) == 2
+    assert agg["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert agg["accuracy"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))  # sample std of two
 
 
 def test_invalid_training_data_is_reported_with_file_line_field(tmp_path, tiny_bert):

@@ -90,12 +90,18 @@ def train(
     command = " ".join(shlex.quote(p) for p in parts)
 
     def go() -> None:
+        from moerm.train import distributed
+
+        main = distributed.is_main()  # under torchrun / accelerate launch only the main process talks
         cfg = load_config(config, overrides)
         seed_list = [int(s) for s in seeds.split(",")] if seeds else [None]
         for seed in seed_list:
             run_dir = out if seed is None else out / f"seed-{seed}"
             run_cfg = cfg if seed is None else load_config(config, overrides + [f"train.seed={seed}"])
-            summary = train_run(run_cfg, run_dir, command=command, resume=resume, progress=progress, console=console)
+            summary = train_run(run_cfg, run_dir, command=command, resume=resume, progress=progress and main,
+                                console=console if main else None)
+            if not main:
+                continue
             parts = summary["seconds_per_component"]
             if len(parts) > 1:  # e.g. each domain RM and the router, as in the router paper's Table 3
                 console.print("training time per component: " + ", ".join(f"{k} {v:.0f} s" for k, v in parts.items()),

@@ -30,11 +30,13 @@ class ModelConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = None
     feature_cache: str | None = field(default=None, metadata={"help": "frozen-feature cache dir (default ~/.cache/moerm/features)"})
+    dtype: str = field(default="auto", metadata={"help": "backbone weights: auto | float32 | bfloat16 | float16 (auto: float32, safe on CPUs)"})
 
     def __post_init__(self) -> None:
         _choice("model.pooling", self.pooling, ("auto", "cls", "mean", "last"))
         _choice("model.head", self.head, ("linear", "mlp"))
         _choice("model.tuning", self.tuning, ("auto", "full", "lora", "frozen"))
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.max_length < 8:
             raise ConfigError(f"model.max_length must be >= 8, got {self.max_length}")
 
@@ -59,11 +61,14 @@ class TrainConfig:
     use_margin: bool = True
     eval_batch_size: int = 64
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations in the backward pass (less memory, ~30% slower)"})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"train.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from accelerate.utils import set_seed
 from rich.console import Console
 
 from moerm.config import ConfigError, RunConfig, from_dict
@@ -21,6 +22,7 @@ from moerm.data.schema import PreferencePair
 from moerm.eval.metrics import aggregate_runs, evaluate_system
 from moerm.eval.report import accuracy_table, aggregate_table
 from moerm.systems.base import FitContext, build_system, find_model_dir, load_system
+from moerm.train import distributed
 from moerm.train.checkpoint import atomic_write_text
 
 
@@ -85,31 +87,44 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
     """Train `cfg` into `run_dir` (or resume it) and save the system to run_dir/model."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
-    if cfg_path.exists():
+    # Every process looks before any process writes: they all see the same folder, so they agree on the outcome.
+    existed = cfg_path.exists()
+    distributed.barrier()
+    if existed:
         if not resume:
             raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         saved = from_dict(RunConfig, yaml.safe_load(cfg_path.read_text()))
         if saved != cfg and console is not None:
             console.print("[yellow]resuming with the run's saved config.yaml (command-line changes ignored)[/]")
         cfg = saved
-    run_dir.mkdir(parents=True, exist_ok=True)
     train, evals, data_info = load_run_data(cfg, console)
     if console is not None:
+        world = distributed.world_size()
         console.print(f"[bold]{cfg.system}[/] ({cfg.model.tuning}, {cfg.model.backbone}): "
                       f"{len(train)} training pairs in {len(data_info['train_pairs'])} domains, "
-                      f"{len(evals)} held-out pairs", highlight=False)
+                      f"{len(evals)} held-out pairs" + (f", {world} processes" if world > 1 else ""), highlight=False)
+    # Seed before anything random is built (heads, routers, adapters): this torch build seeds randomly at import,
+    # so without it the same command twice trains different weights.
+    set_seed(cfg.train.seed)
     system = build_system(cfg)
     cfg = system.config  # the system resolves `auto` fields
-    atomic_write_text(cfg_path, cfg.to_yaml())
-    atomic_write_text(run_dir / "command.txt", command + "\n")
-    atomic_write_text(run_dir / "data.json", json.dumps(data_info, indent=2))
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_path, cfg.to_yaml())
+        atomic_write_text(run_dir / "command.txt", command + "\n")
+        atomic_write_text(run_dir / "data.json", json.dumps(data_info, indent=2))
+    distributed.barrier()
     result = system.fit(train, evals or None, FitContext(run_dir, resume=resume, progress=progress,
                                                           stop_after_steps=stop_after_steps))
-    model_dir = system.save(run_dir / "model")
+    model_dir = run_dir / "model"
     summary = {"system": cfg.system, "model_dir": str(model_dir), "metrics": result.metrics,
                "seconds_per_component": result.seconds_per_component,
-               "train_seconds": sum(result.seconds_per_component.values())}
-    atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
+               "train_seconds": sum(result.seconds_per_component.values()),
+               "processes": distributed.world_size()}
+    if distributed.is_main():  # one save, by one process; the others wait until it is complete
+        system.save(model_dir)
+        atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
+    distributed.barrier()
     return summary
 
 

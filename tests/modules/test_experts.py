@@ -1,47 +1,104 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+from transformers import BertConfig, BertModel
 
+from conftest import tiny_model
 from moerm.backbone import Backbone
 from moerm.modules.aggregator import CapabilityAggregator
 from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_blocks
 
+# Every architecture family the bank must be exact on; deberta-v2 (no share_att_key) projects its relative
+# embeddings with separate pos_* layers, deberta-v3 (share_att_key) with the adapted query_proj/key_proj.
+KINDS = ["bert", "deberta-v3", "deberta-v2", "gpt2", "llama", "qwen2"]
+DECODERS = {"gpt2", "llama", "qwen2"}
+
 
 def _bank(kind: str, expert_layers: int, experts=("cap_a", "cap_b", "cap_c")) -> ExpertBank:
-    torch.manual_seed(0)
-    if kind == "bert":
-        model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                                     intermediate_size=32))
-        targets, pooling = ["query", "value"], "mean"
-    else:
-        model = GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=3, n_head=2, bos_token_id=1, eos_token_id=1))
-        targets, pooling = ["c_attn"], "last"
+    model = tiny_model(kind, layers=3)
     layers = expert_layer_indices(model, expert_layers)
     pattern = transformer_blocks(model)[0].rsplit(".", 1)[-1]
     for i, name in enumerate(experts):
-        # init_lora_weights=False: B is random, so every expert really differs from the base and from each other
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, layers_to_transform=layers,
-                         layers_pattern=pattern, init_lora_weights=False)
+        # init_lora_weights=False: B is random, so every expert really differs from the base and from each other.
+        # target_modules=None: peft's defaults for the model type (query/value, query_proj/value_proj, c_attn, ...)
+        cfg = LoraConfig(r=4, lora_alpha=8, layers_to_transform=layers, layers_pattern=pattern, init_lora_weights=False)
         model = get_peft_model(model, cfg, adapter_name=name) if i == 0 else (model.add_adapter(name, cfg) or model)
-    bank = ExpertBank(Backbone(model, pooling), list(experts), layers[0])
+    bank = ExpertBank(Backbone(model, "last" if kind in DECODERS else "mean"), list(experts), layers[0])
     return bank.eval()
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def _inputs(n: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(4, 50, (n, t))
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[0, t // 2:] = 0  # right padding of different lengths
+    if n > 2:
+        mask[2, 2:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("expert_layers", [1, 3])
-def test_batched_expert_states_equal_sequential_set_adapter_passes(kind, expert_layers):
+# (5, 9): plain; (3, 3): n == T; (1, 9): n == 1; (8, 6): n == 2 * position_buckets, the rows of DeBERTa's
+# relative-embedding table. A batch-size guess about which tensors to expand gets the last three wrong.
+@pytest.mark.parametrize("n, t", [(5, 9), (3, 3), (1, 9), (8, 6)])
+def test_batched_expert_states_equal_sequential_set_adapter_passes(kind, expert_layers, n, t):
     bank = _bank(kind, expert_layers)
-    ids = torch.randint(2, 50, (5, 9))
-    mask = torch.ones(5, 9, dtype=torch.long)
-    mask[1, 6:] = 0
-    mask[4, 2:] = 0  # right padding of different lengths
+    ids, mask = _inputs(n, t)
     with torch.no_grad():
         batched = bank.states(ids, mask, mode="batched")
         sequential = bank.states(ids, mask, mode="sequential")
-    assert batched.shape == (5, 3, 16)
-    torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=1e-5)
+    assert batched.shape == (n, 3, 32)
+    torch.testing.assert_close(batched, sequential, atol=1e-6, rtol=0)
     assert (sequential[:, 0] - sequential[:, 1]).abs().max() > 1e-3  # the experts are not all the same model
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_batched_expert_states_equal_sequential_with_left_padding(kind):
+    bank = _bank(kind, expert_layers=1)
+    ids, mask = _inputs(4, 8)
+    mask = mask.flip(1)  # left padding: positions must count real tokens, as the Backbone counts them
+    with torch.no_grad():
+        batched = bank.states(ids, mask, mode="batched")
+        sequential = bank.states(ids, mask, mode="sequential")
+    torch.testing.assert_close(batched, sequential, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind, top_calls", [("bert", [15]), ("deberta-v3", [5, 5, 5]), ("llama", [15])])
+def test_lower_blocks_run_once_per_input_and_the_top_once_per_expert(kind, top_calls):
+    bank = _bank(kind, expert_layers=1)
+    _, blocks = transformer_blocks(bank.peft)
+    calls: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    # forward (post) hooks: count only the block passes that really ran, and their batch size
+    handles = [b.register_forward_hook(lambda m, a, kw, out, i=i: calls[i].append(
+        (a[0] if a else kw["hidden_states"]).shape[0]), with_kwargs=True) for i, b in enumerate(blocks)]
+    ids, mask = _inputs(5, 7)
+    with torch.no_grad():
+        bank.states(ids, mask, mode="batched")
+    for h in handles:
+        h.remove()
+    assert calls[0] == [5] and calls[1] == [5]  # the shared trunk: each input once
+    # one mixed-adapter pass over 5 inputs x 3 experts, or (DeBERTa-v3 cannot mix) one 5-row pass per expert
+    assert calls[2] == top_calls
+    assert all(type(b).__name__ != "_PassThrough" for b in blocks)  # the real lower blocks are back
+
+
+def test_states_leave_the_active_adapter_and_trainable_flags_as_they_were():
+    bank = _bank("deberta-v3", expert_layers=1)
+    bank.peft.set_adapter("cap_b")
+    bank.peft.requires_grad_(False)
+    ids, mask = _inputs(2, 5)
+    with torch.no_grad():
+        for mode in ("batched", "sequential"):
+            bank.states(ids, mask, mode=mode)
+            assert bank.peft.active_adapter == "cap_b"
+            assert not any(p.requires_grad for p in bank.peft.parameters())
+
+
+def test_bank_refuses_lora_below_the_first_expert_layer():
+    bank = _bank("bert", expert_layers=2)  # LoRA on blocks 1 and 2
+    with pytest.raises(ValueError, match="below first_expert_layer=2 carry LoRA"):
+        ExpertBank(bank.backbone, bank.experts, first_expert_layer=2)
 
 
 def test_expert_layers_default_to_the_top_third_and_are_checked():

@@ -1,4 +1,4 @@
-"""ARLISS: LoRA adapters per domain + a router adapter on one frozen tiny BERT."""
+"""ARLISS: LoRA adapters per domain + a router adapter on one frozen tiny base, for every backbone of the table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import toy_pairs
+from conftest import BACKBONES, DEFAULT_LORA_TARGETS, lora_sites, toy_pairs
 from moerm.backbone import load_backbone
 from moerm.config import ModelConfig, RunConfig, TrainConfig
 from moerm.data.schema import PreferencePair
@@ -18,8 +18,9 @@ from moerm.modules.heads import RewardHead
 from moerm.systems.arliss import ROUTER, ARLISSSystem, adapter_name
 from moerm.systems.base import FitContext, load_system
 
-# Each domain's prompts start with distinctive words, so the router can tell the domains apart.
-PREFIX = {"alpha": "python code function", "beta": "recipe cooking kitchen", "gamma x": "football match goal"}
+# Each domain's prompts start with distinctive words (in every tiny tokenizer's vocabulary), so the router can tell
+# the domains apart.
+PREFIX = {"alpha": "tell me about the topic", "beta": "please explain why", "gamma x": "what is this and that"}
 
 
 def _pairs(domain: str, n: int, seed: int) -> list[PreferencePair]:
@@ -36,12 +37,12 @@ def _mixed(pairs: list[PreferencePair]) -> tuple[list[str], list[str]]:
     return [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ARLISSSystem, Path]:
-    """One system fitted on alpha + beta, and its saved folder."""
+@pytest.fixture(scope="module", params=BACKBONES)
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[ARLISSSystem, Path]:
+    """One system fitted on alpha + beta on each backbone of the table, and its saved folder."""
     root = tmp_path_factory.mktemp("arliss")
     torch.manual_seed(0)
-    system = ARLISSSystem(_cfg(tiny_bert))
+    system = ARLISSSystem(_cfg(request.getfixturevalue(request.param)))
     train = _pairs("alpha", 64, 1) + _pairs("beta", 64, 2)
     result = system.fit(train, _pairs("alpha", 16, 3) + _pairs("beta", 16, 4), FitContext(root / "run", progress=False))
     assert set(result.seconds_per_component) == {"rm:alpha", "rm:beta", "router"}
@@ -69,7 +70,7 @@ def test_router_routes_and_each_domain_ranks_right(trained, test_set):
         assert acc >= 0.75, (domain, acc)
 
 
-def test_batched_equals_switch_equals_each_adapter_alone(trained, test_set, tiny_bert):
+def test_batched_equals_switch_equals_each_adapter_alone(trained, test_set):
     system, path = trained
     prompts, responses = _mixed(test_set[::3])  # mixed domains, different lengths
     batched = system.score(prompts, responses, batch_size=5)
@@ -80,7 +81,7 @@ def test_batched_equals_switch_equals_each_adapter_alone(trained, test_set, tiny
     # A fresh PeftModel carrying only one domain's adapter, and that domain's head, read from the saved folder.
     for domain in ("alpha", "beta"):
         name = adapter_name(domain)
-        backbone = load_backbone(tiny_bert)
+        backbone = load_backbone(system.config.model.backbone)
         backbone.model = PeftModel.from_pretrained(backbone.model, str(path / "adapters" / name)).eval()
         head = RewardHead(backbone.hidden_size)
         head.load_state_dict(load_file(str(path / "heads" / f"{name}.safetensors")))
@@ -91,6 +92,14 @@ def test_batched_equals_switch_equals_each_adapter_alone(trained, test_set, tiny
                 b = system.encoder.pad([system.encoder.encode(prompts[i], responses[i])])
                 alone = float(head(backbone(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))))
                 assert abs(alone - batched.rewards[i]) < 1e-5
+
+
+def test_adapters_sit_on_the_default_targets_of_every_block(trained):
+    system, _ = trained
+    peft = system.model.peft
+    targets = DEFAULT_LORA_TARGETS[peft.config.model_type]
+    assert lora_sites(peft) == {(i, name) for i in range(2) for name in targets}
+    assert set(peft.peft_config) == {"alpha", "beta", ROUTER}
 
 
 def test_only_the_active_adapter_and_its_head_train(trained, tmp_path):
@@ -141,7 +150,7 @@ def test_unknown_given_domain_falls_back(trained, test_set):
     assert given.details[0]["route_source"] == "given" and given.details[0]["adapter"] == "beta"
 
 
-def test_add_domain_leaves_existing_files_and_routes_the_new_domain(trained, tmp_path, tiny_bert):
+def test_add_domain_leaves_existing_files_and_routes_the_new_domain(trained, tmp_path):
     _, path = trained
     import shutil
 
@@ -182,7 +191,7 @@ def test_describe_shows_adapters_are_a_small_fraction_of_the_base(trained):
     base = comps["base"]["params_total"]
     assert comps["base"]["params_trainable"] == 0
     for key in ("adapter:alpha", "adapter:beta", "adapter:router"):
-        assert 0 < comps[key]["params_total"] < 0.01 * base
+        assert 0 < comps[key]["params_total"] < 0.1 * base  # (the toy decoders' bases have tiny vocabularies)
         assert comps[key]["bytes_on_disk"] > 0
     assert comps["head:router"]["params_total"] == 2 * 32 + 2
     # Every parameter is in exactly one component: the counts add up to the whole model.

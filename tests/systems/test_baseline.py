@@ -94,3 +94,21 @@ def test_frozen_features_are_cached_on_disk(tiny_bert, toy_train, tmp_path, monk
     monkeypatch.setattr(features.Backbone, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     build_system(cfg).fit(toy_train, None, FitContext(tmp_path / "b", progress=False))
     assert calls == []  # the second run reads every feature from the cache
+
+
+def test_frozen_features_are_extracted_on_the_training_device(tiny_bert, toy_train, tmp_path, monkeypatch):
+    """With a GPU the training device is cuda: the frozen backbone must run there, not on the CPU it loaded on."""
+    from moerm.systems import baseline
+
+    seen = []
+
+    def fake_encode(backbone, encoder, prompts, responses, *a, **k):
+        seen.append(next(backbone.parameters()).device)
+        return torch.zeros(len(prompts), backbone.hidden_size)
+
+    monkeypatch.setattr(baseline.distributed, "device", lambda: torch.device("meta"))  # stands in for "cuda:0"
+    monkeypatch.setattr(baseline, "encode_features", fake_encode)
+    system = build_system(_cfg(tiny_bert, tuning="frozen", epochs=1))
+    with pytest.raises(Exception):  # training itself cannot run on meta tensors; only the extraction is checked
+        system.fit(toy_train, None, FitContext(tmp_path / "run", progress=False))
+    assert seen and seen[0] == torch.device("meta")

@@ -1,4 +1,4 @@
-"""DMoERM on tiny models: two tasks, an easy overall preference, and capability labels from aspect scores.
+"""DMoERM on tiny models (every backbone of the table): two tasks, an easy overall preference, and capability labels from aspect scores.
 
 Task `alpha` has capabilities `quality` (agrees with the overall label) and `contrary` (the *rejected* reply is
 better on it), so phase 2 must learn each capability's own direction, not the overall one.
@@ -19,7 +19,7 @@ from moerm.systems import build_system, load_system
 from moerm.systems.base import FitContext
 from moerm.systems.dmoerm import adapter_of, split_ab
 
-from conftest import toy_pairs
+from conftest import BACKBONES, DEFAULT_LORA_TARGETS, lora_sites, toy_pairs
 
 PREFIX = {"a1": "tell me about the topic", "a2": "tell me why the answer", "b1": "what is this and that"}
 TASKS = {"alpha": {"domains": ["a1", "a2"], "capabilities": ["quality", "contrary"]},
@@ -45,15 +45,21 @@ def _cfg(backbone, tmp, **options):
                               "min_capability_pairs": 8, **options})
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_bert, tmp_path_factory):
+# A frozen random tiny decoder's last token says little about the prompt's first words: its router tunes LoRA.
+ROUTER_TUNING = {"tiny_gpt2": "lora", "tiny_llama": "lora"}
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def trained(request, tmp_path_factory):
+    tiny = request.getfixturevalue(request.param)
     tmp = tmp_path_factory.mktemp("dmoerm")
     train = task_pairs("a1", 40, 1) + task_pairs("a2", 40, 2) + task_pairs("b1", 60, 3)
     # LLM-judge labels for `judged` (no aspect score carries it): here the overall order, as `moerm label` writes it
     judged = [oriented_pair(p, "judged", True) for p in train if p.domain == "b1"]
     write_jsonl(judged, tmp / "judged.jsonl")
     test = task_pairs("a1", 16, 11) + task_pairs("a2", 16, 12) + task_pairs("b1", 24, 13)
-    system = build_system(_cfg(tiny_bert, tmp, capability_labels=[str(tmp / "judged.jsonl")]))
+    system = build_system(_cfg(tiny, tmp, capability_labels=[str(tmp / "judged.jsonl")],
+                               router_tuning=ROUTER_TUNING.get(request.param, "frozen")))
     result = system.fit(train, test, FitContext(tmp / "run", progress=False))
     system.save(tmp / "run" / "model")
     return system, result, train, test, tmp
@@ -96,6 +102,15 @@ def test_splits_and_components(trained):
         for cap in caps:  # LoRA B starts at zero: non-zero means phase 2 trained this expert
             b_weights = [p for n, p in peft.named_parameters() if f".{adapter_of(cap)}." in n and "lora_B" in n]
             assert b_weights and all(p.abs().sum() > 0 for p in b_weights)
+
+
+def test_experts_sit_on_the_default_targets_of_the_top_blocks_only(trained):
+    system = trained[0]
+    for model in system.models.values():
+        peft = model.bank.peft
+        assert model.bank.first_expert_layer == 1  # the top third of 2 blocks, at least one
+        # layers_to_transform/layers_pattern put LoRA in block 1 only, on peft's default targets for the model type
+        assert lora_sites(peft) == {(1, name) for name in DEFAULT_LORA_TARGETS[peft.config.model_type]}
 
 
 def test_phase3_trains_only_the_aggregator(trained, tmp_path):

@@ -16,6 +16,21 @@ def test_combine_by_hand():
     torch.testing.assert_close(combine(r, "uwo", 0.5), torch.tensor([1.5, -1.5]))
 
 
+def test_wco_and_uwo_standardise_each_member_first():
+    # member 1 is member 0 shifted by +10 and scaled by 2: the same ranking, an arbitrary offset and scale
+    r0 = torch.tensor([1.0, -1.0, 0.5])
+    r = torch.stack([r0, 2 * r0 + 10])  # (K=2, N=3)
+    norm = torch.tensor([[0.0, 1.0], [10.0, 2.0]])  # (K, 2): each member's (mean, std)
+    # raw: the minimum is always member 0 and the variance is dominated by the offset
+    torch.testing.assert_close(combine(r, "wco"), r0)
+    # standardised: both members agree exactly, so the minimum is r0 and the variance is 0
+    torch.testing.assert_close(combine(r, "wco", norm=norm), r0)
+    torch.testing.assert_close(combine(r, "uwo", 1.0, norm=norm), r0)
+    shifted = torch.stack([r0, r0 + 100])
+    torch.testing.assert_close(combine(shifted, "uwo", 1.0, norm=torch.tensor([[0.0, 1.0], [100.0, 1.0]])), r0)
+    assert not torch.allclose(combine(shifted, "uwo", 1.0), r0)  # raw variance (2500) swamps the reward
+
+
 def test_members_differ_train_and_reload(tiny_bert, tmp_path, toy_train, toy_test):
     cfg = RunConfig(system="ensemble", model=ModelConfig(backbone=tiny_bert, max_length=48),
                     train=TrainConfig(lr=5e-4, batch_size=8, epochs=3, save_every=0), options={"members": 2})
@@ -30,6 +45,8 @@ def test_members_differ_train_and_reload(tiny_bert, tmp_path, toy_train, toy_tes
     assert evaluate_system(system, toy_test)["accuracy"] >= 0.85
     system.save(tmp_path / "model")
     again = load_system(tmp_path / "model")
+    assert system.norm is not None and system.norm.shape == (2, 2) and (system.norm[:, 1] > 0).all()
+    torch.testing.assert_close(again.norm, system.norm)
     torch.testing.assert_close(torch.tensor(again.score([toy_test[0].prompt], [toy_test[0].chosen]).rewards),
                                torch.tensor(out.rewards[:1]), atol=1e-5, rtol=1e-5)
 

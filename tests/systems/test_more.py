@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moerm.config import ModelConfig, RunConfig, TrainConfig
@@ -5,7 +6,7 @@ from moerm.eval.metrics import evaluate_system
 from moerm.systems import build_system, load_system
 from moerm.systems.base import FitContext
 
-from conftest import toy_pairs
+from conftest import BACKBONES, toy_pairs
 
 
 def _cfg(backbone, **options):
@@ -14,10 +15,11 @@ def _cfg(backbone, **options):
                      options={"num_experts": 4, "top_k": 2, **options})
 
 
-def test_more_learns_reports_experts_and_round_trips(tiny_bert, tmp_path):
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_more_learns_reports_experts_and_round_trips(backbone, request, tmp_path):
     train = toy_pairs(64, 1, "alpha") + toy_pairs(64, 2, "beta")
     test = toy_pairs(24, 3, "alpha") + toy_pairs(24, 4, "beta")
-    system = build_system(_cfg(tiny_bert))
+    system = build_system(_cfg(request.getfixturevalue(backbone)))
     gate_before = system.head.moe.gate.w_gate.detach().clone()
     system.fit(train, None, FitContext(tmp_path, progress=False))
     assert not torch.equal(gate_before, system.head.moe.gate.w_gate.detach())  # the router inside trains too

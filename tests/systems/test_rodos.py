@@ -8,7 +8,7 @@ from moerm.eval.metrics import evaluate_system
 from moerm.systems import build_system, load_system
 from moerm.systems.base import FitContext
 
-from conftest import toy_pairs
+from conftest import BACKBONES, toy_pairs
 
 PREFIX = {"alpha": "tell me about the topic", "beta": "please explain why", "gamma": "what is this and that"}
 
@@ -23,11 +23,18 @@ def _cfg(backbone, cache, **options):
                      options={"router_epochs": 15, "router_lr": 2e-2, **options})
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_bert, tmp_path_factory):
+# Frozen random tiny bases other than BERT separate the domains' prompts imperfectly (a decoder's last token says
+# little about the first words): their routers tune LoRA.
+ROUTER_TUNING = {"tiny_deberta": "lora", "tiny_gpt2": "lora", "tiny_llama": "lora"}
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def trained(request, tmp_path_factory):
+    """RODOS fitted on alpha + beta, on each backbone of the table."""
     tmp = tmp_path_factory.mktemp("rodos")
     train = domain_pairs("alpha", 48, 1) + domain_pairs("beta", 48, 2)
-    system = build_system(_cfg(tiny_bert, tmp / "cache"))
+    system = build_system(_cfg(request.getfixturevalue(request.param), tmp / "cache",
+                               router_tuning=ROUTER_TUNING.get(request.param, "frozen")))
     result = system.fit(train, None, FitContext(tmp / "run", progress=False))
     system.save(tmp / "run" / "model")
     return system, result, tmp
@@ -82,7 +89,7 @@ def test_save_load_scores_identically(trained):
     assert info["components"]["rm:alpha"]["bytes_on_disk"] > 0
 
 
-def test_add_domain_leaves_other_rms_byte_identical(trained, tiny_bert):
+def test_add_domain_leaves_other_rms_byte_identical(trained):
     _, _, tmp = trained
     import shutil
 

@@ -51,7 +51,8 @@ class NoisyTopKGate(nn.Module):
         self.w_importance, self.w_load, self.noise_eps = w_importance, w_load, noise_eps
         # Zero init as in the paper: experts start equally likely, the noise breaks ties while training.
         self.w_gate = nn.Parameter(torch.zeros(hidden, num_experts))
-        self.w_noise = nn.Parameter(torch.zeros(hidden, num_experts))
+        # With k == E every expert is always chosen: no noise is used, so its weights do not train.
+        self.w_noise = nn.Parameter(torch.zeros(hidden, num_experts), requires_grad=k < num_experts)
 
     def forward(self, x: torch.Tensor) -> GateOutput:
         clean = x @ self.w_gate  # (B, E)
@@ -101,6 +102,8 @@ class SparseMoE(nn.Module):
         y = torch.zeros_like(x)  # (B, H)
         for e, name in enumerate(self.names):
             rows = g.gates[:, e].nonzero(as_tuple=True)[0]  # only the inputs routed to this expert
-            if rows.numel():
-                y = y.index_add(0, rows, g.gates[rows, e].unsqueeze(-1) * self.experts[name](x[rows]))
+            # An expert with no rows still runs (on 0 rows: no arithmetic), so its parameters stay in the autograd
+            # graph with zero gradients: multi-process DDP needs every trainable parameter to get a gradient,
+            # and this keeps its fast path (no find_unused_parameters).
+            y = y.index_add(0, rows, g.gates[rows, e].unsqueeze(-1) * self.experts[name](x[rows]))
         return y, g

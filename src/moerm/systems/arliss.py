@@ -5,9 +5,10 @@ scores the (prompt, response). Everything shares one set of base weights, so a d
 head. Two inference modes:
 
 - `switch` (the paper's way): per input, `set_adapter("router")`, classify, `set_adapter(domain)`, score. Slow.
-- `batched`: one router pass over the batch with peft mixed-adapter batching, then one reward pass in which each row
-  goes through its own domain's adapter (`adapter_names=[...]`). Fallback rows are duplicated once per domain in the
-  same pass and mixed with the router's probabilities (`combine_rewards`).
+- `batched`: one router pass over the batch, then one reward pass in which each row goes through its own domain's
+  adapter (`modules.adapters.encode_through`: a peft mixed-adapter batch, or one pass per adapter where the
+  architecture cannot mix them, e.g. DeBERTa-v3). Fallback rows are duplicated once per domain in the same pass and
+  mixed with the router's probabilities (`combine_rewards`).
 
 `options.router_tuning` is ignored: the ARLISS router is always a LoRA adapter on the shared base.
 """
@@ -27,9 +28,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from moerm.backbone import Backbone, load_backbone, make_encoder
-from moerm.config import RunConfig
+from moerm.backbone import Backbone, backbone_kwargs, load_backbone, make_encoder
+from moerm.config import ConfigError, RunConfig
 from moerm.data.schema import PreferencePair
+from moerm.modules.adapters import encode_through, lora_parameters
 from moerm.modules.heads import RewardHead
 from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.baseline import lora_config
@@ -67,11 +69,6 @@ def adapter_name(domain: str) -> str:
     if safe == domain and domain not in RESERVED:
         return safe
     return f"{safe}_{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
-
-
-def _lora_params(peft_model: nn.Module, name: str) -> list[nn.Parameter]:
-    """The LoRA parameters of adapter `name` (e.g. `...query.lora_A.<name>.weight`)."""
-    return [p for n, p in peft_model.named_parameters() if f".{name}." in n and ("lora_A" in n or "lora_B" in n)]
 
 
 class _ParamView(nn.Module):
@@ -121,7 +118,11 @@ class ARLISSSystem(RewardSystem):
 
     def __init__(self, config: RunConfig, model: ARLISSModel | None = None, domains: Sequence[str] = (),
                  examples: Sequence[tuple[str, str]] = ()):
-        super().__init__(config)
+        if config.model.tuning not in ("auto", "lora"):
+            raise ConfigError(f"arliss trains one LoRA adapter per domain on a frozen base: model.tuning must be lora "
+                              f"or auto, got {config.model.tuning!r}")
+        super().__init__(dataclasses.replace(config, model=dataclasses.replace(config.model, tuning="lora")))
+        config = self.config
         self.opts: ARLISSOptions = self.options
         self.model = model
         self.domains: list[str] = list(domains)  # router label order
@@ -189,8 +190,9 @@ class ARLISSSystem(RewardSystem):
         model.to(trainer.accelerator.device)
         return result.seconds, {f"{k}:{domain}": v for k, v in result.final_metrics.items()}
 
-    def _train_router(self, ctx: FitContext) -> tuple[float, dict[str, float]]:
-        """(Re)build the router adapter and head from scratch for the current domains, and train them."""
+    def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None) -> tuple[float, dict[str, float]]:
+        """(Re)build the router adapter and head from scratch for the current domains, and train them; its accuracy
+        is measured on the held-out pairs' prompts (`eval`), never on its training prompts."""
         model = self._require()
         if ROUTER in model.peft.peft_config:
             model.peft.delete_adapter(ROUTER)
@@ -199,22 +201,26 @@ class ARLISSSystem(RewardSystem):
         model.router_head = nn.Linear(model.backbone.hidden_size, len(self.domains)).to(self.device)
         self._activate(ROUTER)
         data = PromptTexts.build(self.router_examples, self.domains, self.router_encoder)
+        held_out = [(p, d) for p, d in router_examples(eval or [], self.opts.max_router_prompts_per_domain)
+                    if d in self.domains]
+        eval_data = PromptTexts.build(held_out, self.domains, self.router_encoder) if held_out else None
         t_cfg = dataclasses.replace(self.config.train, lr=self.opts.router_lr, head_lr=self.opts.router_lr,
                                     epochs=self.opts.router_epochs, max_steps=None)
         path = _RouterPath(model.backbone, model.router_head)
         trainer = Trainer(path, classification_step, data, data.collate, t_cfg, ctx.out_dir / "components" / "router",
                           [(model.backbone, t_cfg.lr), (model.router_head, t_cfg.lr)],
-                          eval_fn=lambda m: classification_eval(m, data), desc="router", progress=ctx.progress,
-                          stop_after_steps=ctx.stop_after_steps)
+                          eval_fn=(lambda m: classification_eval(m, eval_data)) if eval_data is not None else None,
+                          desc="router", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps)
         result = trainer.train(resume=ctx.resume)
         model.to(trainer.accelerator.device)
-        return result.seconds, {"router_train_accuracy": result.final_metrics.get("eval_accuracy", float("nan"))}
+        acc = result.final_metrics.get("eval_accuracy")
+        return result.seconds, ({"router:eval_accuracy": acc} if acc is not None else {})
 
     # -- training
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         m = self.config.model
         self.domains = sorted({p.domain for p in train})
-        backbone = load_backbone(m.backbone, m.pooling)
+        backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(self.config))
         heads: dict[str, nn.Module] = {}
         for d in self.domains:
             self._add_adapter(backbone, adapter_name(d))
@@ -226,7 +232,7 @@ class ARLISSSystem(RewardSystem):
             seconds[f"rm:{d}"], sub = self._train_rm(d, train, eval, ctx)
             metrics.update(sub)
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
-        seconds[ROUTER], sub = self._train_router(ctx)
+        seconds[ROUTER], sub = self._train_router(ctx, eval)
         metrics.update(sub)
         return FitResult(metrics, seconds)
 
@@ -269,14 +275,16 @@ class ARLISSSystem(RewardSystem):
         return ScoreOutput(rewards.tolist(), details)
 
     def _forward(self, encoded: list[dict[str, list[int]]], names: list[str] | None) -> torch.Tensor:
-        """Pooled features (b, H); `names` gives each row's adapter (mixed batch), None uses the active adapter."""
+        """Pooled features (b, H); `names` gives each row's adapter (`encode_through`), None uses the active adapter."""
         model = self._require()
         batch = {k: v.to(self.device) for k, v in self.encoder.pad(encoded).items()}  # (b, T)
-        extra = {"adapter_names": names} if names is not None else {}
-        return model.backbone(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), **extra)
+        if names is None:
+            return model.backbone(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return encode_through(model.backbone, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                              names)
 
     def _router_probs(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-        """(N, D) router probabilities in one mixed-adapter pass (all rows 'router'); each distinct prompt once."""
+        """(N, D) router probabilities, every row through the router adapter; each distinct prompt once."""
         model = self._require()
         return prompt_probs(prompts, self.router_encoder,
                             lambda rows: model.router_head(self._forward(rows, [ROUTER] * len(rows))),  # (b, H) -> (b, D)
@@ -330,9 +338,9 @@ class ARLISSSystem(RewardSystem):
         lora = {id(p) for n, p in model.peft.named_parameters() if "lora_A" in n or "lora_B" in n}
         comps: dict[str, nn.Module] = {"base": _ParamView([p for p in model.peft.parameters() if id(p) not in lora])}
         for d, name in self.adapters.items():
-            comps[f"adapter:{d}"] = _ParamView(_lora_params(model.peft, name))
+            comps[f"adapter:{d}"] = _ParamView(lora_parameters(model.peft, name))
             comps[f"head:{d}"] = model.heads[name]
-        comps[f"adapter:{ROUTER}"] = _ParamView(_lora_params(model.peft, ROUTER))
+        comps[f"adapter:{ROUTER}"] = _ParamView(lora_parameters(model.peft, ROUTER))
         comps[f"head:{ROUTER}"] = model.router_head
         return comps
 
@@ -367,7 +375,7 @@ class ARLISSSystem(RewardSystem):
         domains: list[str] = index["domains"]
         adapters: dict[str, str] = index["adapters"]
         m = config.model
-        backbone = load_backbone(m.backbone, m.pooling)
+        backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
         names = [adapters[d] for d in domains] + [ROUTER]
         # is_trainable keeps the adapters trainable so `add_domain` can run on a loaded system.
         backbone.model = PeftModel.from_pretrained(backbone.model, str(path / "adapters" / names[0]),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 
 from moerm.config import RunConfig, from_dict
@@ -73,6 +74,9 @@ class RewardSystem(ABC):
     options_class: ClassVar[type | None] = None
 
     def __init__(self, config: RunConfig):
+        # Seeded before a subclass builds anything random (heads, routers, adapters), so the same config gives the
+        # same initial weights in every process and every run (this torch build seeds randomly at import).
+        set_seed(config.train.seed)
         self.config = config
         self.options = from_dict(self.options_class, config.options, "options") if self.options_class else None
 

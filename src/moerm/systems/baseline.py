@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from moerm.backbone import Backbone, backbone_id, load_backbone, make_encoder
+from moerm.backbone import Backbone, backbone_id, backbone_kwargs, load_backbone, make_encoder
 from moerm.config import ConfigError, RunConfig
 from moerm.data.schema import PreferencePair
 from moerm.features import FeatureCache, encode_features
@@ -23,6 +23,7 @@ from moerm.inference import batched_forward
 from moerm.modules.heads import RewardHead
 from moerm.modules.reward_model import RewardModel
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
+from moerm.train import distributed
 from moerm.train.checkpoint import atomic_save_safetensors
 from moerm.train.pairwise import FeaturePairs, TokenPairs, make_pairwise_step, pairwise_eval
 from moerm.train.trainer import Trainer
@@ -50,7 +51,7 @@ class BaselineSystem(RewardSystem):
         self._check_tuning(config.model.tuning)
         super().__init__(config)
         m = config.model
-        self.backbone = backbone if backbone is not None else load_backbone(m.backbone, m.pooling)
+        self.backbone = backbone if backbone is not None else load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
         self.head = head if head is not None else self.make_head(config, self.backbone.hidden_size)
         if backbone is None and m.tuning == "lora":
             self.backbone.model = get_peft_model(self.backbone.model, lora_config(config))
@@ -77,8 +78,10 @@ class BaselineSystem(RewardSystem):
     def _feature_pairs(self, pairs: Sequence[PreferencePair], cache: FeatureCache, progress: bool, desc: str) -> FeaturePairs:
         prompts = [p.prompt for p in pairs] * 2
         responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        feats = encode_features(self.backbone, self.encoder, prompts, responses, self.config.train.eval_batch_size,
-                                cache, desc=desc, progress=progress)  # (2N, H)
+        self.backbone.to(distributed.device())  # extract on the training device (a GPU when there is one)
+        with distributed.main_first():  # the main process fills the cache; the others then read it
+            feats = encode_features(self.backbone, self.encoder, prompts, responses,
+                                    self.config.train.eval_batch_size, cache, desc=desc, progress=progress)  # (2N, H)
         n = len(pairs)
         margin = torch.tensor([float(p.margin or 0.0) for p in pairs])
         return FeaturePairs(feats[:n], feats[n:], margin)
@@ -86,7 +89,7 @@ class BaselineSystem(RewardSystem):
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         cfg, t = self.config, self.config.train
         if cfg.model.tuning == "frozen":
-            cache = FeatureCache(cfg.model.feature_cache, backbone_id(cfg.model.backbone), cfg.model.max_length,
+            cache = FeatureCache(cfg.model.feature_cache, backbone_id(cfg.model.backbone, cfg.model.dtype), cfg.model.max_length,
                                  self.backbone.pooling)
             data: TokenPairs | FeaturePairs = self._feature_pairs(train, cache, ctx.progress, "features (train)")
             eval_data = self._feature_pairs(eval, cache, ctx.progress, "features (eval)") if eval else None
@@ -142,9 +145,9 @@ class BaselineSystem(RewardSystem):
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "BaselineSystem":
         m = config.model
         if m.tuning == "full":
-            backbone = load_backbone(str(path / "backbone"), m.pooling)
+            backbone = load_backbone(str(path / "backbone"), m.pooling, **backbone_kwargs(config))
         else:
-            backbone = load_backbone(m.backbone, m.pooling)
+            backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
             if m.tuning == "lora":
                 backbone.model = PeftModel.from_pretrained(backbone.model, str(path / "adapter"), is_trainable=True)
         head = cls.make_head(config, backbone.hidden_size)

@@ -13,7 +13,7 @@ Unlike the public reference code, the ranking direction is the same everywhere (
 accuracy counts chosen > rejected), split A trains phases 1-2 and split B phase 3, the router's cross-entropy reads
 logits, and every phase starts from pretrained weights.
 
-Inference runs the K experts of a task together (`ExpertBank`, one mixed-adapter pass whose lower blocks are shared);
+Inference runs the K experts of a task together (`ExpertBank`: the lower blocks once, the adapted top per expert);
 `score` returns the reward, each expert's own sub-score (its head on its state), and the routed task.
 """
 
@@ -34,7 +34,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from moerm.backbone import Backbone, load_backbone, make_encoder
+from moerm.backbone import Backbone, backbone_kwargs, load_backbone, make_encoder
 from moerm.config import ConfigError, RunConfig
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
@@ -43,7 +43,8 @@ from moerm.labeling.aspects import capability_pairs
 from moerm.modules.aggregator import CapabilityAggregator
 from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_blocks
 from moerm.modules.reward_model import RewardModel
-from moerm.systems.arliss import _lora_params, _ParamView, _RewardPath
+from moerm.modules.adapters import lora_parameters
+from moerm.systems.arliss import _ParamView, _RewardPath
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.rodos import Router
@@ -263,9 +264,13 @@ class DMoERMSystem(RewardSystem):
         self.router_examples = router_examples(relabelled, self.opts.max_router_prompts_per_domain)
         t0 = time.perf_counter()
         self.router = Router(self.config, self.opts, self.task_names)
-        self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx)
+        held_out = router_examples([dataclasses.replace(p, domain=self.task_of_domain[p.domain]) for p in eval or []
+                                    if p.domain in self.task_of_domain], self.opts.max_router_prompts_per_domain)
+        self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx, held_out)
         self.router.model.requires_grad_(False)
         seconds["router"] = time.perf_counter() - t0
+        if self.router.eval_accuracy is not None:
+            metrics["router:eval_accuracy"] = self.router.eval_accuracy
         for task in self.tasks:
             sec, met = self._fit_task(task, by_task[task.name], eval_by_task.get(task.name, []), judged, ctx)
             seconds.update(sec)
@@ -468,7 +473,7 @@ class DMoERMSystem(RewardSystem):
             comps[f"{name}:base"] = _ParamView([p for p in model.bank.peft.parameters() if id(p) not in lora]
                                                + list(model.base_head.parameters()))
             for cap in model.capabilities:
-                comps[f"{name}:expert:{cap}"] = _ParamView(_lora_params(model.bank.peft, adapter_of(cap))
+                comps[f"{name}:expert:{cap}"] = _ParamView(lora_parameters(model.bank.peft, adapter_of(cap))
                                                            + list(model.expert_heads[cap].parameters()))
             comps[f"{name}:aggregator"] = model.aggregator
         return comps
@@ -514,7 +519,7 @@ class DMoERMSystem(RewardSystem):
         m = config.model
         for task in system.tasks:
             folder = path / "tasks" / task.name
-            backbone = load_backbone(str(folder / "backbone"), m.pooling)
+            backbone = load_backbone(str(folder / "backbone"), m.pooling, **backbone_kwargs(config))
             names = [adapter_of(c) for c in task.capabilities]
             backbone.model = PeftModel.from_pretrained(backbone.model, str(folder / "adapters" / names[0]),
                                                        adapter_name=names[0])

@@ -2,7 +2,9 @@
 
 Every member is a `baseline` RM trained on the same pairs with its own seed (its own head initialisation and data
 order). Rewards combine as in Coste et al. 2023: `mean`, `wco` (worst case: the minimum), or `uwo` (uncertainty
-weighted: mean - uwo_lambda * variance across members).
+weighted: mean - uwo_lambda * variance across members). A BT-trained reward has an arbitrary offset and scale per
+member, so before taking a minimum or a variance each member's rewards are standardised with the mean and standard
+deviation of its own rewards on (a sample of) its training replies, as Coste et al. do; `mean` stays the raw mean.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from moerm.train.checkpoint import atomic_write_text
 
 ENSEMBLE_FILE = "ensemble.json"
 COMBINE = ("mean", "wco", "uwo")
+NORM_SAMPLE_PAIRS = 256  # training pairs whose replies set each member's reward mean and std
 
 
 @dataclass
@@ -40,10 +43,12 @@ class EnsembleOptions:
             raise ValueError(f"options.combine must be one of {', '.join(COMBINE)}; got {self.combine!r}")
 
 
-def combine(rewards: torch.Tensor, how: str, uwo_lambda: float = 1.0) -> torch.Tensor:
-    """(K, N) member rewards -> (N,)."""
+def combine(rewards: torch.Tensor, how: str, uwo_lambda: float = 1.0, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, N) member rewards -> (N,). `norm` (K, 2): each member's (mean, std); `wco`/`uwo` standardise with it."""
     if how == "mean":
         return rewards.mean(0)
+    if norm is not None:
+        rewards = (rewards - norm[:, :1]) / norm[:, 1:].clamp(min=1e-6)  # (K, N) on a common scale
     if how == "wco":
         return rewards.min(0).values
     if how == "uwo":
@@ -63,6 +68,7 @@ class EnsembleSystem(RewardSystem):
         super().__init__(config)
         self.opts: EnsembleOptions = self.options
         self.members: list[BaselineSystem] = list(members)
+        self.norm: torch.Tensor | None = None  # (K, 2) per member (mean, std) of its rewards on training replies
 
     def _member_config(self, i: int) -> RunConfig:
         m = self.config.model
@@ -82,14 +88,27 @@ class EnsembleSystem(RewardSystem):
             seconds[f"member:{i}"] = time.perf_counter() - t0
             metrics.update({f"member:{i}:{k}": v for k, v in result.metrics.items() if k.startswith("eval_")})
             self.members.append(rm)
+        self.norm = self._reward_stats(train)
         return FitResult(metrics, seconds)
+
+    def _reward_stats(self, train: Sequence[PreferencePair]) -> torch.Tensor:
+        """(K, 2): each member's reward mean and std over the replies of a fixed sample of training pairs."""
+        step = max(1, len(train) // NORM_SAMPLE_PAIRS)
+        sample = list(train)[::step][:NORM_SAMPLE_PAIRS]
+        prompts = [p.prompt for p in sample] * 2
+        replies = [p.chosen for p in sample] + [p.rejected for p in sample]
+        stats = []
+        for m in self.members:
+            r = torch.tensor(m.score(prompts, replies).rewards, dtype=torch.float64)  # (2S,)
+            stats.append([float(r.mean()), float(r.std(unbiased=False))])
+        return torch.tensor(stats)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
               batch_size: int = 32) -> ScoreOutput:
         if not self.members:
             raise RuntimeError("the ensemble has no members yet: fit or load it first")
         per = torch.tensor([m.score(prompts, responses, batch_size=batch_size).rewards for m in self.members])  # (K, N)
-        rewards = combine(per, self.opts.combine, self.opts.uwo_lambda)
+        rewards = combine(per, self.opts.combine, self.opts.uwo_lambda, self.norm)
         details = [{"system": self.name, "combine": self.opts.combine, "member_rewards": per[:, i].tolist(),
                     "member_std": float(per[:, i].std(unbiased=False))} for i in range(per.shape[1])]
         return ScoreOutput(rewards.tolist(), details)
@@ -103,12 +122,16 @@ class EnsembleSystem(RewardSystem):
     def save_components(self, path: Path) -> None:
         for i, m in enumerate(self.members):
             m.save(path / "members" / str(i))
-        atomic_write_text(path / ENSEMBLE_FILE, json.dumps({"members": len(self.members)}, indent=2))
+        norm = self.norm.tolist() if self.norm is not None else None
+        atomic_write_text(path / ENSEMBLE_FILE, json.dumps({"members": len(self.members), "reward_norm": norm}, indent=2))
 
     @classmethod
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "EnsembleSystem":
-        n = json.loads((path / ENSEMBLE_FILE).read_text())["members"]
-        return cls(config, [load_system(path / "members" / str(i), device) for i in range(n)])  # type: ignore[misc]
+        index = json.loads((path / ENSEMBLE_FILE).read_text())
+        system = cls(config, [load_system(path / "members" / str(i), device) for i in range(index["members"])])  # type: ignore[misc]
+        if index.get("reward_norm") is not None:
+            system.norm = torch.tensor(index["reward_norm"])
+        return system
 
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:
         info = super().describe(path)

@@ -15,21 +15,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from moerm.backbone import Backbone, backbone_id, load_backbone, make_encoder
+from moerm.backbone import Backbone, backbone_id, backbone_kwargs, load_backbone, make_encoder
 from moerm.config import RunConfig
 from moerm.data.schema import PreferencePair
 from moerm.features import FeatureCache, encode_features
 from moerm.modules.router import DomainClassifier
 from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem, ScoreOutput, load_system, register
-from moerm.systems.baseline import BaselineSystem
+from moerm.systems.baseline import BaselineSystem, lora_config
 from moerm.systems.routing import (
     ROUTER_PROMPTS, FeatureTexts, PromptTexts, RouterOptions, classification_eval, classification_step,
     combine_rewards, decide_routes, load_router_examples, new_domain_of, prompt_probs, router_examples,
     save_router_examples,
 )
+from moerm.train import distributed
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.trainer import Trainer
 
@@ -51,39 +53,53 @@ def domain_dir(domain: str) -> str:
 
 
 class Router:
-    """A DomainClassifier over prompts, either on a frozen backbone (cached features) or fine-tuned."""
+    """A DomainClassifier over prompts: on a frozen backbone (cached features), fine-tuned fully, or with LoRA."""
 
     def __init__(self, config: RunConfig, opts: RODOSOptions, domains: list[str], backbone: Backbone | None = None):
         self.config, self.opts, self.domains = config, opts, list(domains)
         m = config.model
-        self.backbone = backbone if backbone is not None else load_backbone(m.backbone, m.pooling)
+        self.backbone = backbone if backbone is not None else load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
         if opts.router_tuning == "frozen":
             self.backbone.requires_grad_(False)
+        elif opts.router_tuning == "lora" and not isinstance(self.backbone.model, PeftModel):
+            self.backbone.model = get_peft_model(self.backbone.model, lora_config(config))  # only LoRA + classifier train
         self.model = DomainClassifier(self.backbone, self.backbone.hidden_size, len(self.domains))
         self.encoder = make_encoder(m.backbone, opts.router_max_length)
+        self.eval_accuracy: float | None = None  # on held-out prompts, set by `fit` when it had some
 
-    def fit(self, examples: Sequence[tuple[str, str]], out_dir: Path, ctx: FitContext) -> float:
+    def _features(self, examples: Sequence[tuple[str, str]], ctx: FitContext, desc: str) -> FeatureTexts:
+        cache = FeatureCache(self.config.model.feature_cache, backbone_id(self.config.model.backbone, self.config.model.dtype),
+                             self.opts.router_max_length, self.backbone.pooling)
+        self.backbone.to(distributed.device())
+        with distributed.main_first():  # the main process fills the cache; the others then read it
+            feats = encode_features(self.backbone, self.encoder, [p for p, _ in examples], None,
+                                    self.config.train.eval_batch_size, cache, desc=desc, progress=ctx.progress)
+        index = {d: i for i, d in enumerate(self.domains)}
+        return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
+
+    def fit(self, examples: Sequence[tuple[str, str]], out_dir: Path, ctx: FitContext,
+            eval_examples: Sequence[tuple[str, str]] = ()) -> float:
+        """Train on `examples`; `eval_examples` (held-out prompts, unknown domains dropped) give its eval accuracy."""
         t_cfg = dataclasses.replace(self.config.train, lr=self.opts.router_lr, head_lr=self.opts.router_lr,
                                     epochs=self.opts.router_epochs, max_steps=None)
+        held_out = [(p, d) for p, d in eval_examples if d in self.domains]
         if self.opts.router_tuning == "frozen":
-            cache = FeatureCache(self.config.model.feature_cache, backbone_id(self.config.model.backbone),
-                                 self.opts.router_max_length, self.backbone.pooling)
-            feats = encode_features(self.backbone, self.encoder, [p for p, _ in examples], None,
-                                    t_cfg.eval_batch_size, cache, desc="features (router)", progress=ctx.progress)
-            index = {d: i for i, d in enumerate(self.domains)}
-            data: PromptTexts | FeatureTexts = FeatureTexts(feats, torch.tensor([index[d] for _, d in examples]))
+            data: PromptTexts | FeatureTexts = self._features(examples, ctx, "features (router)")
+            eval_data = self._features(held_out, ctx, "features (router eval)") if held_out else None
             module: nn.Module = DomainClassifier(None, self.backbone.hidden_size, len(self.domains))
             module.classifier = self.model.classifier
             groups = [(self.model.classifier, self.opts.router_lr)]
         else:
             data = PromptTexts.build(examples, self.domains, self.encoder)
+            eval_data = PromptTexts.build(held_out, self.domains, self.encoder) if held_out else None
             module = self.model
             groups = [(self.backbone, self.opts.router_lr), (self.model.classifier, self.opts.router_lr)]
         trainer = Trainer(module, classification_step, data, data.collate, t_cfg, out_dir, groups,
-                          eval_fn=lambda m: classification_eval(m, data), desc="router", progress=ctx.progress,
-                          stop_after_steps=ctx.stop_after_steps)
+                          eval_fn=(lambda m: classification_eval(m, eval_data)) if eval_data is not None else None,
+                          desc="router", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps)
         result = trainer.train(resume=ctx.resume)
         self.model.to(trainer.accelerator.device)
+        self.eval_accuracy = result.final_metrics.get("eval_accuracy")
         return result.seconds
 
     def probs(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
@@ -98,14 +114,19 @@ class Router:
 
     def save(self, path: Path) -> None:
         atomic_save_safetensors(self.model.classifier.state_dict(), path / "classifier.safetensors")
-        if self.opts.router_tuning != "frozen":
+        if self.opts.router_tuning == "full":
             self.backbone.model.save_pretrained(path / "backbone", safe_serialization=True)
             self.encoder.tokenizer.save_pretrained(path / "backbone")
+        elif self.opts.router_tuning == "lora":  # only the adapter: the base is config.model.backbone
+            self.backbone.model.save_pretrained(str(path / "adapter"), safe_serialization=True)
 
     @classmethod
     def load(cls, path: Path, config: RunConfig, opts: RODOSOptions, domains: list[str]) -> "Router":
         m = config.model
-        backbone = load_backbone(str(path / "backbone") if opts.router_tuning != "frozen" else m.backbone, m.pooling)
+        backbone = load_backbone(str(path / "backbone") if opts.router_tuning == "full" else m.backbone, m.pooling,
+                                **backbone_kwargs(config))
+        if opts.router_tuning == "lora":
+            backbone.model = PeftModel.from_pretrained(backbone.model, str(path / "adapter"))
         router = cls(config, opts, domains, backbone=backbone)
         router.model.classifier.load_state_dict(load_file(str(path / "classifier.safetensors")))
         return router
@@ -147,10 +168,11 @@ class RODOSSystem(RewardSystem):
         result = rm.fit([p for p in train if keep(p)], [p for p in eval if keep(p)] if eval else None, sub)
         return rm, time.perf_counter() - t0, result.metrics
 
-    def _train_router(self, ctx: FitContext) -> float:
+    def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None) -> float:
         self.router = Router(self.config, self.opts, self.domains)
         t0 = time.perf_counter()
-        self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx)
+        held_out = router_examples(eval, self.opts.max_router_prompts_per_domain) if eval else []
+        self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx, held_out)
         return time.perf_counter() - t0
 
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
@@ -163,7 +185,9 @@ class RODOSSystem(RewardSystem):
         if self.opts.fallback == "general":
             self.general, seconds["rm:general"], _ = self._train_rm(None, train, None, ctx)
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
-        seconds["router"] = self._train_router(ctx)
+        seconds["router"] = self._train_router(ctx, eval)
+        if self.router is not None and self.router.eval_accuracy is not None:  # on held-out prompts, never training ones
+            metrics["router:eval_accuracy"] = self.router.eval_accuracy
         return FitResult(metrics, seconds)
 
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:

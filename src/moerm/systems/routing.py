@@ -17,6 +17,7 @@ from torch import nn
 from moerm.backbone import PairEncoder
 from moerm.data.schema import PreferencePair
 from moerm.inference import sorted_batches
+from moerm.train import distributed
 
 ROUTER_PROMPTS = "router_prompts.jsonl.gz"
 
@@ -27,7 +28,7 @@ class RouterOptions:
 
     router_epochs: float = 3.0
     router_lr: float = 1e-3
-    router_tuning: str = "frozen"  # frozen: cached prompt features + linear classifier; full: fine-tune a backbone
+    router_tuning: str = "frozen"  # frozen: cached prompt features + linear classifier; full: fine-tune a backbone; lora: LoRA + classifier
     min_confidence: float = 0.0  # below it the router's choice is not trusted: fall back
     fallback: str = "mixture"  # mixture: probability-weighted sum of the domain RMs; general: an RM on all domains
     max_router_prompts_per_domain: int = 2000
@@ -134,13 +135,16 @@ def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
 
 @torch.no_grad()
 def classification_eval(model: nn.Module, data: PromptTexts | FeatureTexts, batch_size: int = 64) -> dict[str, float]:
+    """Router accuracy on `data`; under a multi-process launch each process classifies its shard (then gathered)."""
     device = next(model.parameters()).device
-    correct = 0
-    for s in range(0, len(data), batch_size):
-        batch = data.collate([data[i] for i in range(s, min(s + batch_size, len(data)))])
+    mine = distributed.shard(len(data))
+    local: list[bool] = []
+    for s in range(0, len(mine), batch_size):
+        batch = data.collate([data[i] for i in mine[s : s + batch_size]])
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        correct += int((model(**inputs).argmax(-1).cpu() == batch["labels"]).sum())
-    return {"accuracy": correct / max(1, len(data))}
+        local += (model(**inputs).argmax(-1).cpu() == batch["labels"]).tolist()
+    rows = distributed.gather_rows(local, len(data))
+    return {"accuracy": sum(rows) / len(rows) if rows else float("nan")}
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from moerm.backbone import PairEncoder
 from moerm.data.schema import PreferencePair
+from moerm.train import distributed
 from moerm.train.loss import bradley_terry_loss
 
 
@@ -81,18 +82,26 @@ def make_pairwise_step(center_coef: float = 0.0, use_margin: bool = True) -> Cal
 
 @torch.no_grad()
 def pairwise_eval(model: nn.Module, data: TokenPairs | FeaturePairs, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and reward statistics of `model` on held-out pairs (model in eval mode)."""
+    """Accuracy and reward statistics of `model` on held-out pairs (model in eval mode).
+
+    Under a multi-process launch each process scores its shard and the rewards are gathered, so every process
+    returns the metrics of the whole set (and none scores it all).
+    """
     device = next(model.parameters()).device
-    chosen: list[torch.Tensor] = []
-    rejected: list[torch.Tensor] = []
-    for s in range(0, len(data), batch_size):
-        batch = data.collate([data[i] for i in range(s, min(s + batch_size, len(data)))])
+    mine = distributed.shard(len(data))
+    local: list[tuple[float, float]] = []
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s : s + batch_size]
+        batch = data.collate([data[i] for i in idx])
         inputs = {k: v.to(device) for k, v in batch.items() if k != "margin"}
-        r = model(**inputs).float().cpu()
+        r = model(**inputs).float().cpu()  # (2b,)
         b = r.shape[0] // 2
-        chosen.append(r[:b])
-        rejected.append(r[b:])
-    rc, rr = torch.cat(chosen), torch.cat(rejected)
+        local += list(zip(r[:b].tolist(), r[b:].tolist()))
+    rows = distributed.gather_rows(local, len(data))
+    if not rows:
+        return {"accuracy": float("nan"), "reward_mean": float("nan"), "reward_std": 0.0, "margin_mean": float("nan")}
+    rc = torch.tensor([c for c, _ in rows], dtype=torch.float64)
+    rr = torch.tensor([r for _, r in rows], dtype=torch.float64)
     both = torch.cat([rc, rr])
-    return {"accuracy": float((rc > rr).float().mean()), "reward_mean": float(both.mean()),
+    return {"accuracy": float((rc > rr).double().mean()), "reward_mean": float(both.mean()),
             "reward_std": float(both.std()) if both.numel() > 1 else 0.0, "margin_mean": float((rc - rr).mean())}

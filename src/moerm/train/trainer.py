@@ -17,12 +17,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from moerm.config import TrainConfig
+from moerm.train import distributed
 from moerm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -89,6 +90,10 @@ class Trainer:
     ):
         if len(dataset) == 0:
             raise ValueError(f"{desc}: the training set is empty")
+        world = distributed.world_size()
+        if len(dataset) < world:
+            raise ValueError(f"{desc}: {len(dataset)} training examples cannot be shared by {world} processes (each "
+                             f"needs at least one per epoch): use fewer processes or more data")
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.step_fn = step_fn
@@ -96,17 +101,20 @@ class Trainer:
         self.collate = collate
         self.eval_fn = eval_fn
         self.desc = desc
-        self.progress = progress
+        self.progress = progress and distributed.is_main()  # one progress bar, not one per process
         self.stop_after_steps = stop_after_steps
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # Saving gathers nothing from shards yet: refuse up front rather than fail at the first checkpoint.
+            raise ValueError(f"{desc}: {self.accelerator.distributed_type.value} sharding is not supported yet; "
+                             "launch without an FSDP/DeepSpeed accelerate config (DDP: every process holds the model)")
         set_seed(cfg.seed)
         groups = groups or [(model, cfg.lr)]
         pgroups = param_groups(groups, cfg.weight_decay)
         # fused: one kernel for all tensors (CPU and CUDA); measured 115 -> 15 ms per MiniLM step on one CPU thread
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in pgroups for p in g["params"])
         optimizer = torch.optim.AdamW(pgroups, lr=cfg.lr, fused=fused)
-        world = self.accelerator.num_processes
-        per_rank = len(dataset) // world if world > 1 else len(dataset)
+        per_rank = len(dataset) // world  # each process's share (the same for all: the tail is dropped)
         self.batches_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / cfg.grad_accum))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
@@ -138,7 +146,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """After resuming from step N, drop log lines the killed run wrote after N (they will be redone)."""
-        if not self.metrics_path.exists():
+        if not self.accelerator.is_main_process or not self.metrics_path.exists():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
@@ -164,11 +172,22 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
-        save_checkpoint(
-            self.ckpt_dir, step, trainable_state(model), self._raw_optimizer(),
-            self.scheduler, {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps},
-            keep=self.cfg.keep_checkpoints,
-        )
+        state = {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps}
+        scaler = self.accelerator.scaler  # fp16 on a GPU: its loss scale must survive a resume for an exact restart
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
+        save_checkpoint(self.ckpt_dir, step, trainable_state(model), self._raw_optimizer(), self.scheduler, state,
+                        keep=self.cfg.keep_checkpoints)
+
+    def _group_size(self, b_idx: int, n_batches: int) -> int:
+        """Micro-batches in the accumulation group of batch `b_idx`: `grad_accum`, or fewer for an epoch's last group.
+
+        Each micro-batch's loss is divided by its group's size, so every optimizer step averages its micro-batches
+        with equal weights (a short last group is not down-weighted).
+        """
+        accum = self.cfg.grad_accum
+        start = b_idx // accum * accum
+        return min(accum, n_batches - start)
 
     def train(self, resume: bool = False) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
@@ -180,6 +199,8 @@ class Trainer:
             if missing.unexpected_keys:
                 raise RuntimeError(f"checkpoint {ckpt} does not match the model: {missing.unexpected_keys[:3]}")
             step, epoch, start_batch = tstate["step"], tstate["epoch"], tstate["next_batch"]
+            if acc.scaler is not None and "grad_scaler" in tstate:
+                acc.scaler.load_state_dict(tstate["grad_scaler"])
             seconds_before = tstate.get("seconds", 0.0)
             resumed_from = step
             self._truncate_metrics(step)
@@ -191,8 +212,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=step, desc=self.desc, disable=not self.progress or None,
                    dynamic_ncols=True, leave=False)
         window: list[tuple[float, float]] = []
+        last_loss: float | None = None  # the last logged (global) training loss
         last_eval: dict[str, float] = {}
-        accum = cfg.grad_accum
         done = step >= self.total_steps
         while not done:
             batches = self._epoch_batches(epoch)
@@ -200,8 +221,8 @@ class Trainer:
             for b_idx in range(start_batch, len(batches)):
                 batch = _to_device(self.collate([self.dataset[i] for i in batches[b_idx]]), acc.device)
                 last_of_epoch = b_idx == len(batches) - 1
-                will_step = micro_in_step + 1 == accum or last_of_epoch
-                n_micro = accum if not last_of_epoch else micro_in_step + 1
+                n_micro = self._group_size(b_idx, len(batches))
+                will_step = micro_in_step + 1 == n_micro
                 ctx = acc.no_sync(self.model) if not will_step else nullcontext()
                 with ctx, acc.autocast():
                     loss, metrics = self.step_fn(self.model, batch)
@@ -218,13 +239,14 @@ class Trainer:
                 micro_in_step = 0
                 step += 1
                 bar.update(1)
-                mean_loss = sum(w[0] for w in window) / len(window)
-                mean_acc = sum(w[1] for w in window) / len(window)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{mean_acc:.3f}")
                 if step % cfg.log_every == 0 or step == self.total_steps:
+                    # every process holds as many micro-batches of equal size: the mean of the means is global
+                    mean_loss, mean_acc = distributed.mean_across([sum(w[0] for w in window) / len(window),
+                                                                   sum(w[1] for w in window) / len(window)])
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{mean_acc:.3f}")
                     self._log({"step": step, "component": self.desc, "epoch": epoch, "loss": mean_loss,
                                "accuracy": mean_acc, "lr": self.scheduler.get_last_lr()[0]})
-                    window = []
+                    window, last_loss = [], mean_loss
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
                     last_eval = self._evaluate(step)
                 at_end = step >= self.total_steps
@@ -244,6 +266,9 @@ class Trainer:
         seconds = seconds_before + time.perf_counter() - t0
         final = {f"eval_{k}": v for k, v in last_eval.items()}
         if window:
-            final["train_loss"] = sum(w[0] for w in window) / len(window)
+            last_loss = distributed.mean_across([sum(w[0] for w in window) / len(window)])[0]
+        if last_loss is not None:
+            final["train_loss"] = last_loss
         self._save(step, epoch, 0, seconds)
+        distributed.barrier()  # no process moves on (to the next component, or to saving) before the checkpoint is written
         return TrainResult(steps=step, seconds=seconds, final_metrics=final, resumed_from=resumed_from)
