@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from moerm.bench.grid import environment
+from moerm.bench.measure import environment
 
 
 def _train(out: Path, nproc: int, batch: int, args: argparse.Namespace) -> dict:
@@ -66,14 +66,15 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="one process per GPU (nccl) instead of CPU processes (gloo)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    env, load_before = environment(), os.getloadavg()
+    env = environment("cuda" if args.gpu else "cpu")  # its load_average is the one before training
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
         rows = [_train(root / "1proc", 1, args.nproc * args.batch, args),
                 _train(root / f"{args.nproc}proc", args.nproc, args.batch, args)]
     print(f"# DDP vs 1 process: {args.system} on {args.backbone}, {rows[0]['train_pairs']} pairs, global batch "
           f"{args.nproc * args.batch}, {args.threads} thread(s) per process")
-    print(f"# load average before: {load_before}, after: {os.getloadavg()}")
+    env["load_average_after"] = list(os.getloadavg())
+    print(f"# load average before: {env['load_average']}, after: {env['load_average_after']}")
     print("| processes | batch/process | pairs/s | final train loss | held-out accuracy |")
     print("|---|---|---|---|---|")
     for r in rows:

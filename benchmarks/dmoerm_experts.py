@@ -54,7 +54,7 @@ def main() -> None:
     responses = [p.chosen for p in test] + [p.rejected for p in test]
     cfg = load_config(None, ["system=dmoerm", f"model.backbone={args.backbone}", f"model.max_length={args.max_length}",
                              "train.max_steps=1", "train.batch_size=4", "train.save_every=0",
-                             "options.router_epochs=0.01", "options.aggregator_epochs=0.01",
+                             "components.router.train.epochs=0.01", "components.aggregator.train.epochs=0.01",
                              "options.min_capability_pairs=1", *args.overrides])
     cfg.options["tasks"] = TASK
     with tempfile.TemporaryDirectory() as tmp:

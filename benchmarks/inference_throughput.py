@@ -63,7 +63,7 @@ def main() -> None:
     n = len(test)
     common = [f"model.backbone={args.backbone}", f"model.max_length={args.max_length}", "train.max_steps=1",
               "train.batch_size=8", "train.save_every=0", *args.overrides]
-    router = ["options.router_epochs=0.01"]
+    router = ["components.router.train.epochs=0.01"]
     runs: dict[str, Callable[[], Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems.split(","):

@@ -35,7 +35,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems.split(","):
-            extra = ["options.router_epochs=0.01"] if name in ("rodos", "arliss") else []
+            extra = ["components.router.train.epochs=0.01"] if name in ("rodos", "arliss") else []
             system = build_system(load_config(None, [f"system={name}", *common, *extra]))
             system.fit(train, None, FitContext(Path(tmp) / name, progress=False))
             saved = system.save(Path(tmp) / name / "model")

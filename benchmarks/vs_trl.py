@@ -257,7 +257,7 @@ def mean_pool_reward_model(path: str) -> Any:
     from transformers import BertModel, BertPreTrainedModel
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-    from moerm.backbone import pooled
+    from moerm.encoding import pooled
 
     class BertMeanPoolReward(BertPreTrainedModel):
         def __init__(self, config: Any):
@@ -285,7 +285,7 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    from moerm.backbone import load_tokenizer, make_encoder, resolve_model_path
+    from moerm.encoding import load_tokenizer, make_encoder, resolve_model_path
 
     train, test = _load_data(spec)
     transformers.set_seed(spec["seed"])

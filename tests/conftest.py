@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
 )
 
-from moerm.backbone import load_tokenizer
+from moerm.encoding import load_tokenizer
 from moerm.data.schema import PreferencePair
 
 TOY_WORDS = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -11,8 +12,10 @@ from typing import Any
 
 import yaml
 
+from moerm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
 
 
@@ -39,6 +42,11 @@ class ModelConfig:
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.max_length < 8:
             raise ConfigError(f"model.max_length must be >= 8, got {self.max_length}")
+        _at_least("model.head_hidden", self.head_hidden, 1)
+        _within("model.head_dropout", self.head_dropout, 0.0, 1.0, high_open=True)
+        _at_least("model.lora_r", self.lora_r, 1)
+        _positive("model.lora_alpha", self.lora_alpha)
+        _within("model.lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -66,6 +74,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        _positive("train.lr", self.lr)
+        if self.head_lr is not None:
+            _positive("train.head_lr", self.head_lr)
+        _positive("train.epochs", self.epochs)
+        if self.max_steps is not None:
+            _at_least("train.max_steps", self.max_steps, 1)
+        _within("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _within("train.weight_decay", self.weight_decay, 0.0, float("inf"))
+        _within("train.max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
+        _within("train.center_rewards_coefficient", self.center_rewards_coefficient, 0.0, float("inf"))
+        for name in ("eval_every", "save_every"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        for name in ("log_every", "keep_checkpoints", "eval_batch_size"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError(f"train.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
@@ -83,6 +105,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.on_invalid", self.on_invalid, ("error", "skip"))
+        for name in ("max_train_pairs_per_domain", "max_eval_pairs_per_domain"):
+            if getattr(self, name) is not None:
+                _at_least(f"data.{name}", getattr(self, name), 1)
 
 
 @dataclass
@@ -92,12 +117,31 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "system-specific options"})
+    components: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "per-component settings over `train`, e.g. components.router.train.lr=1e-3 (the components a "
+                "system has: `moerm train --help`)"})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _positive(name: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value!r}")
+
+
+def _within(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    if not math.isfinite(value) or value < low or (value >= high if high_open else value > high):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ConfigError(f"{name} must be within {bound}, got {value!r}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -206,7 +250,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         _deep_update(data, loaded)

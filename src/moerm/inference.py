@@ -6,7 +6,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from moerm.backbone import PairEncoder
+from moerm.encoding import PairEncoder
 
 
 def sorted_batches(encoded: Sequence[dict[str, list[int]]], batch_size: int) -> Iterator[list[int]]:

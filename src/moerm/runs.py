@@ -119,6 +119,7 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
     model_dir = run_dir / "model"
     summary = {"system": cfg.system, "model_dir": str(model_dir), "metrics": result.metrics,
                "seconds_per_component": result.seconds_per_component,
+               "epochs_per_component": result.epochs_per_component,
                "train_seconds": sum(result.seconds_per_component.values()),
                "processes": distributed.world_size()}
     if distributed.is_main():  # one save, by one process; the others wait until it is complete
@@ -180,11 +181,11 @@ def read_score_requests(path: Path) -> list[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
             for key in ("prompt", "response"):
                 if not isinstance(rec.get(key), str):
-                    raise ValueError(f"{path}:{n}: field '{key}': missing or not a string")
+                    raise DataError(f"{path}:{n}: field '{key}': missing or not a string")
             if rec.get("domain") is not None and not isinstance(rec["domain"], str):
-                raise ValueError(f"{path}:{n}: field 'domain': not a string")
+                raise DataError(f"{path}:{n}: field 'domain': not a string")
             items.append(rec)
     return items

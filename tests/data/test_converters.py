@@ -46,7 +46,7 @@ def test_hh(tmp_path: Path) -> None:
     assert (report.n_in, report.n_out) == (4, 2)
     assert report.skipped == [
         "hh.jsonl:3: chosen and rejected transcripts differ before the final Assistant turn",
-        "hh.jsonl:4: field 'rejected': chosen and rejected are identical",
+        "hh.jsonl:4: field 'rejected': chosen and rejected are identical (up to whitespace)",
     ]
     recs = read_out(out)
     assert triples(recs) == [
@@ -128,7 +128,7 @@ def test_dahoas_json_list(tmp_path: Path) -> None:
     out = tmp_path / "d.jsonl"
     report = convert("dahoas", FIX / "dahoas.json", out)
     assert (report.n_in, report.n_out) == (3, 2)
-    assert report.skipped == ["dahoas.json:3: field 'rejected': chosen and rejected are identical"]
+    assert report.skipped == ["dahoas.json:3: field 'rejected': chosen and rejected are identical (up to whitespace)"]
     assert triples(read_out(out)) == [
         ("Human: What is a good name for a cat?\nAssistant:", " Whiskers is a classic.", " Car."),
         ("Human: How many legs does a spider have?\nAssistant:", " Eight.", " Six."),

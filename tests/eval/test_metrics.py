@@ -37,7 +37,7 @@ def test_pairwise_report_ties_count_as_wrong_and_macro_is_per_domain():
 
 
 def test_task_report_and_capability_accuracy_by_hand():
-    details = [{"task_top": "t1"}, {"task_top": "t2"}, {"task_top": "t2"}]
+    details = [{"router_top": "t1"}, {"router_top": "t2"}, {"router_top": "t2"}]
     rep = task_report([1.0, 0.0, 3.0], [0.0, 1.0, 2.0], details, ["a", "b", "c"], {"a": "t1", "b": "t1", "c": "t2"})
     assert rep["per_task"] == {"t1": {"accuracy": 0.5, "pairs": 2}, "t2": {"accuracy": 1.0, "pairs": 1}}
     assert rep["task_router_accuracy"] == pytest.approx(2 / 3)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from moerm.cli_label import label_app
+from moerm.cli.label import label_app
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.labeling.aspects import available_aspects, capability_pairs

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from moerm.cli_label import label_app
+from moerm.cli.label import label_app
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.labeling.judge import JudgeConfig, JudgeConfigError, judge_pairs, parse_verdict

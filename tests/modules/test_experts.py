@@ -4,7 +4,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel
 
 from conftest import tiny_model
-from moerm.backbone import Backbone
+from moerm.encoding import Backbone
 from moerm.modules.aggregator import CapabilityAggregator
 from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_blocks
 

@@ -45,7 +45,8 @@ def arliss(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("serve-arliss")
     cfg = RunConfig(system="arliss", model=ModelConfig(backbone=tiny_bert, max_length=48),
                     train=TrainConfig(lr=5e-3, batch_size=8, epochs=1, save_every=0),
-                    options={"router_epochs": 2, "router_lr": 1e-2, "inference": "batched"})
+                    options={"inference": "batched"},
+                    components={"router": {"train": {"epochs": 2, "lr": 1e-2}}})
     system = build_system(cfg)
     train = routed_pairs("alpha", 16, 1) + routed_pairs("beta", 16, 2)
     system.fit(train, None, FitContext(root / "run", progress=False))

@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from conftest import BACKBONES, DEFAULT_LORA_TARGETS, lora_sites, toy_pairs
-from moerm.backbone import load_backbone
+from moerm.encoding import load_backbone
 from moerm.config import ModelConfig, RunConfig, TrainConfig
 from moerm.data.schema import PreferencePair
 from moerm.modules.heads import RewardHead
@@ -30,7 +30,7 @@ def _pairs(domain: str, n: int, seed: int) -> list[PreferencePair]:
 def _cfg(backbone: str, **options: object) -> RunConfig:
     return RunConfig(system="arliss", model=ModelConfig(backbone=backbone, max_length=48),
                      train=TrainConfig(lr=5e-3, batch_size=8, epochs=4, save_every=0),
-                     options={"router_lr": 1e-2, "router_epochs": 6, **options})
+                     options={**options}, components={"router": {"train": {"lr": 1e-2, "epochs": 6}}})
 
 
 def _mixed(pairs: list[PreferencePair]) -> tuple[list[str], list[str]]:

@@ -50,7 +50,7 @@ def test_baselora_uses_pefts_default_targets_and_reloads_exactly(backbone, reque
 
 
 def test_tiny_llama_is_a_chat_decoder_with_its_own_specials(tiny_llama):
-    from moerm.backbone import load_config, load_tokenizer
+    from moerm.encoding import load_config, load_tokenizer
 
     tok, cfg = load_tokenizer(tiny_llama), load_config(tiny_llama)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (cfg.bos_token_id, cfg.eos_token_id,

@@ -40,9 +40,9 @@ def task_pairs(domain, n, seed):
 def _cfg(backbone, tmp, **options):
     return RunConfig(system="dmoerm", model=ModelConfig(backbone=backbone, max_length=48, feature_cache=str(tmp / "cache")),
                      train=TrainConfig(lr=5e-4, batch_size=8, epochs=4, save_every=0, eval_batch_size=16),
-                     options={"tasks": TASKS, "router_epochs": 15, "router_lr": 2e-2, "expert_lr": 1e-2,
-                              "expert_epochs": 4, "aggregator_epochs": 20, "aggregator_lr": 1e-2,
-                              "min_capability_pairs": 8, **options})
+                     options={"tasks": TASKS, "min_capability_pairs": 8, **options},
+                     components={"router": {"train": {"epochs": 15, "lr": 2e-2}}, "expert": {"train": {"lr": 1e-2, "epochs": 4}},
+                                 "aggregator": {"train": {"epochs": 20, "lr": 1e-2}}})
 
 
 # A frozen random tiny decoder's last token says little about the prompt's first words: its router tunes LoRA.
@@ -83,7 +83,7 @@ def test_each_phase_ranks_in_its_labels_direction(trained):
     assert caps["a1"]["quality"]["pairs"] == 16 - 4  # the 4 ties are not counted
     out = system.score([test[0].prompt], [test[0].rejected])
     sub = out.details[0]["capability_scores"]
-    assert out.details[0]["routed_task"] == "alpha" and set(sub) == {"quality", "contrary"}
+    assert out.details[0]["routed_domain"] == "alpha" and set(sub) == {"quality", "contrary"}
 
 
 def test_splits_and_components(trained):
@@ -156,7 +156,7 @@ def test_domain_hint_and_unknown_domain_fall_back(trained):
     system, _, _, test, _ = trained
     p = test[0]
     given = system.score([p.prompt], [p.chosen], domains=["b1"])
-    assert given.details[0]["routed_task"] == "beta" and given.details[0]["task_route_source"] == "given"
+    assert given.details[0]["routed_domain"] == "beta" and given.details[0]["route_source"] == "given"
     unknown = system.score([p.prompt], [p.chosen], domains=["nowhere"])
     d = unknown.details[0]
     assert d["fallback"] and "nowhere" in d["fallback_reason"]
@@ -173,6 +173,6 @@ def test_configuration_errors_are_clear(tiny_bert, tmp_path):
     with pytest.raises(ConfigError, match="needs tasks"):
         build_system(dataclasses.replace(_cfg(tiny_bert, tmp_path), options={})).fit(
             task_pairs("a1", 10, 1), None, FitContext(tmp_path / "r3", progress=False))
-    with pytest.raises(ConfigError, match="tuning must be full"):
+    with pytest.raises(ConfigError, match="dmoerm' cannot honour model.tuning='lora'"):
         build_system(dataclasses.replace(_cfg(tiny_bert, tmp_path),
                                          model=ModelConfig(backbone=tiny_bert, tuning="lora")))

@@ -20,7 +20,7 @@ def domain_pairs(domain, n, seed):
 def _cfg(backbone, cache, **options):
     return RunConfig(system="rodos", model=ModelConfig(backbone=backbone, max_length=48, feature_cache=str(cache)),
                      train=TrainConfig(lr=5e-4, batch_size=8, epochs=4, save_every=0),
-                     options={"router_epochs": 15, "router_lr": 2e-2, **options})
+                     options={**options}, components={"router": {"train": {"epochs": 15, "lr": 2e-2}}})
 
 
 # Frozen random tiny bases other than BERT separate the domains' prompts imperfectly (a decoder's last token says

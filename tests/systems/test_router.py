@@ -21,7 +21,7 @@ def _fit(tiny_bert, tmp_path, eval_pairs=None, **options):
     cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40, lora_dropout=0.0,
                                                       feature_cache=str(tmp_path / "cache")),
                     train=TrainConfig(lr=5e-4, batch_size=8, epochs=1, save_every=0),
-                    options={"router_epochs": 3, "router_lr": 1e-2, **options})
+                    options={**options}, components={"router": {"train": {"epochs": 3, "lr": 1e-2}}})
     train = domain_pairs("alpha", 24, 1) + domain_pairs("beta", 24, 2)
     system = build_system(cfg)
     result = system.fit(train, eval_pairs, FitContext(tmp_path / "run", progress=False))

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
-from moerm.backbone import load_tokenizer
+from moerm.encoding import load_tokenizer
 from moerm.config import TrainConfig
 from moerm.data.readers import write_jsonl
 from moerm.systems import load_system
@@ -42,10 +42,10 @@ SYSTEMS = {
     "baselora": ["--set", "train.lr=5e-3"],
     "frozen": ["--system", "baseline", "--tuning", "frozen"],
     "more": ["--set", "options.num_experts=4", "--set", "options.top_k=1"],
-    "rodos": ["--set", "options.router_epochs=2"],
-    "arliss": ["--set", "options.router_epochs=2"],
-    "dmoerm": ["--set", "options.tasks=" + json.dumps(TASKS), "--set", "options.router_epochs=2",
-               "--set", "options.expert_epochs=1", "--set", "options.aggregator_epochs=2",
+    "rodos": ["--set", "components.router.train.epochs=2"],
+    "arliss": ["--set", "components.router.train.epochs=2"],
+    "dmoerm": ["--set", "options.tasks=" + json.dumps(TASKS), "--set", "components.router.train.epochs=2",
+               "--set", "components.expert.train.epochs=1", "--set", "components.aggregator.train.epochs=2",
                "--set", "options.min_capability_pairs=4"],
     "ensemble": ["--set", "options.members=2", "--set", "train.epochs=1"],
 }
@@ -142,7 +142,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(setup, name, extr
 def test_same_command_twice_in_fresh_processes_gives_identical_weights(setup, name):
     runs = [setup / f"repro-{name}-{i}" for i in range(2)]
     for run in runs:  # fresh interpreters: this torch build seeds its RNG randomly at import
-        _train(setup, run, ["--system", name, "--set", "options.router_epochs=1"] if name == "arliss"
+        _train(setup, run, ["--system", name, "--set", "components.router.train.epochs=1"] if name == "arliss"
                else ["--system", name], nproc=1)
     a, b = _weights(runs[0] / "model"), _weights(runs[1] / "model")
     assert a.keys() == b.keys()

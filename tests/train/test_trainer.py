@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from moerm.backbone import load_backbone, make_encoder
+from moerm.encoding import load_backbone, make_encoder
 from moerm.config import TrainConfig
 from moerm.modules.heads import RewardHead
 from moerm.modules.reward_model import RewardModel

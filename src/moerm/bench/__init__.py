@@ -1,8 +1,8 @@
 """`moerm bench`: every system on the same data, backbone, budget and seeds; accuracy, size, cost and speed tables."""
 
-from moerm.bench.presets import ALL_SYSTEMS, PRESETS, BenchConfig, load_bench_config
+from moerm.bench.presets import PRESETS, BenchConfig, all_systems, load_bench_config
 
-__all__ = ["ALL_SYSTEMS", "PRESETS", "BenchConfig", "load_bench_config", "run_bench"]
+__all__ = ["PRESETS", "BenchConfig", "all_systems", "load_bench_config", "run_bench"]
 
 
 def run_bench(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -3,8 +3,9 @@
 - `OUT/backbone/tiny-random-bert/` when the backbone is `tiny-random-bert` (a seeded random 2-layer BERT with the
   embedded MiniLM tokenizer: smoke runs and tests);
 - `OUT/data/train.jsonl.gz`, `OUT/data/test.jsonl.gz` and `OUT/data/data.json` (what was read, sampled, dropped);
-- `OUT/data/dmoerm/` and `OUT/data/dmoerm.json`: the DMoERM plan (tasks restricted to the domains and capabilities
-  the data has labels for), or why DMoERM is skipped.
+- `OUT/data/plans.json`: every system's bench plan (`RewardSystem.bench_plan`; null: the shared pairs), e.g.
+  DMoERM's tasks restricted to the domains and capabilities the data has labels for, or why a system is skipped;
+  `OUT/data/<system>/` the pairs of a system whose plan restricts them.
 """
 
 from __future__ import annotations
@@ -28,30 +29,12 @@ WORDS_POS = "good great helpful correct clear kind".split()
 WORDS_NEG = "bad awful wrong rude useless unclear".split()
 FILLER = ("the a answer question about topic please explain tell me how why what is it this that and of to in reply "
           "yes no maybe one two three").split()
+PLANS_FILE = "plans.json"
 SYNTHETIC_DOMAINS = {  # domain -> prompt prefix (the router's cue)
     "qa": "question : tell me about the topic",
     "chat": "chat : hello how are you today",
     "summary": "summarize this text in one line",
 }
-
-
-@dataclass
-class Prepared:
-    """Where the prepared inputs are, and what the report says about them."""
-
-    backbone: str
-    train_path: Path
-    test_path: Path
-    info: dict[str, Any]
-    dmoerm: dict[str, Any] = field(default_factory=dict)
-
-    def test_pairs(self, system: str | None = None) -> list[PreferencePair]:
-        """The held-out pairs a system is evaluated on (DMoERM: its tasks' domains); None: all of them."""
-        path = Path(self.dmoerm["test"]) if system == "dmoerm" else self.test_path
-        return load_pairs([path])[0]
-
-    def train_paths(self, system: str) -> list[str]:
-        return [self.dmoerm["train"]] if system == "dmoerm" else [str(self.train_path)]
 
 
 # ------------------------------------------------------------------------------------------------ backbone
@@ -64,7 +47,7 @@ def tiny_backbone(out: Path, max_length: int) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from moerm.backbone import load_tokenizer
+    from moerm.encoding import load_tokenizer
 
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,19 +94,27 @@ def synthetic_pairs(n: int, seed: int, split: str) -> list[PreferencePair]:
     return pairs
 
 
-def _expand(paths: Sequence[str], domains: Sequence[str] | None) -> list[str]:
-    """A folder of domain folders is read per wanted domain only (hellaswag alone is 20k pairs)."""
-    out: list[str] = []
+def _expand(paths: Sequence[str], domains: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """A folder of domain folders is read per wanted domain only (hellaswag alone is 20k pairs).
+
+    Returns the paths to read and the same paths as the user gave them (relative stays relative: the record).
+    """
+    read: list[str] = []
+    shown: list[str] = []
     for raw in paths:
         if raw.startswith("hf:"):
-            out.append(raw)
+            read.append(raw)
+            shown.append(raw)
             continue
-        p = resolve_path(raw).resolve()
+        p = resolve_path(raw)
         if domains and p.is_dir() and any((p / d).is_dir() for d in domains):
-            out += [str(p / d) for d in domains if (p / d).is_dir()]
+            wanted = [d for d in domains if (p / d).is_dir()]
+            read += [str(p / d) for d in wanted]
+            shown += [str(Path(raw) / d) for d in wanted]
         else:
-            out.append(str(p))
-    return out
+            read.append(str(p))
+            shown.append(raw)
+    return read, shown
 
 
 def _counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
@@ -151,22 +142,22 @@ def load_bench_data(cfg: BenchConfig) -> tuple[list[PreferencePair], list[Prefer
         elif len(existing) < len(paths):
             missing = [p for p in paths if p not in existing]
             raise DataError(f"data: {missing[0]}: no such file or folder")
-        train_paths = _expand(paths, cfg.domains)
+        train_paths, train_shown = _expand(paths, cfg.domains)
         train, rep = load_pairs(train_paths, split="train", on_invalid=cfg.on_invalid)
         if rep.n_invalid:
             notes.append(f"training data: {rep.summary(max_reasons=2)}")
         if cfg.eval_data:
-            eval_paths = _expand(cfg.eval_data, cfg.domains)
+            eval_paths, eval_shown = _expand(cfg.eval_data, cfg.domains)
             split = "test" if all(Path(p).is_dir() for p in eval_paths) else None
         else:
-            eval_paths, split = train_paths, "test"
+            eval_paths, eval_shown, split = train_paths, train_shown, "test"
         try:
             test, rep = load_pairs(eval_paths, split=split, on_invalid=cfg.on_invalid)
         except DataError as e:
             raise DataError(f"no held-out pairs ({e}); give eval_data or test* files in the data folders") from None
         if rep.n_invalid:
             notes.append(f"held-out data: {rep.summary(max_reasons=2)}")
-        source = {"train": train_paths, "eval": eval_paths}
+        source = {"train": train_shown, "eval": eval_shown}  # as given: no absolute paths of this machine
     if cfg.domains:
         present = {p.domain for p in train}
         missing = [d for d in cfg.domains if d not in present]
@@ -187,74 +178,93 @@ def load_bench_data(cfg: BenchConfig) -> tuple[list[PreferencePair], list[Prefer
     return train, test, info
 
 
-# ------------------------------------------------------------------------------------------------ DMoERM plan
+# ------------------------------------------------------------------------------------------------ plans
 
-def _load_tasks(cfg: BenchConfig) -> tuple[list[Any], str]:
-    from moerm.systems.tasks import load_tasks_file, parse_tasks
+def plan_system(cfg: BenchConfig, system: str, train: Sequence[PreferencePair], test: Sequence[PreferencePair],
+                out: Path) -> dict[str, Any] | None:
+    """Ask the system's class for its bench plan and write its pairs into OUT/data/<system>/; None: no plan.
 
-    if cfg.dmoerm_tasks is not None:
-        return parse_tasks(cfg.dmoerm_tasks, "dmoerm_tasks"), "dmoerm_tasks (inline)"
-    if not cfg.dmoerm_tasks_file:
-        raise ConfigError("dmoerm needs tasks: set dmoerm_tasks_file or dmoerm_tasks")
-    path = resolve_path(cfg.dmoerm_tasks_file)
-    return load_tasks_file(path), str(cfg.dmoerm_tasks_file)
-
-
-def plan_dmoerm(cfg: BenchConfig, train: Sequence[PreferencePair], test: Sequence[PreferencePair]) -> dict[str, Any]:
-    """Which tasks, domains and capabilities DMoERM can train on this data; or why it cannot run.
-
-    A task keeps the domains present in the data, and the capabilities with at least `min_capability_pairs`
-    aspect-labelled pairs (ties dropped) in split A for every seed; a task with no domain or capability left is
-    dropped. DMoERM then trains and is evaluated on the kept tasks' domains only.
+    The returned record (kept in OUT/data/plans.json) names its files relative to OUT, as results.json does.
     """
-    from moerm.labeling.aspects import capability_pairs
-    from moerm.systems.dmoerm import DMoERMOptions, split_ab
+    from moerm.systems.base import get_system_class
 
-    tasks, source = _load_tasks(cfg)
-    opts = system_options(cfg, "dmoerm")
-    defaults = DMoERMOptions()
-    min_pairs = int(opts.get("min_capability_pairs", defaults.min_capability_pairs))
-    share_a = float(opts.get("split_a", defaults.split_a))
-    if opts.get("use_aspects", True) is False or opts.get("capability_labels"):
-        raise ConfigError("per_system.dmoerm.options: the bench takes capability labels from aspect scores only "
-                          "(use_aspects true, no capability_labels)")
+    folder = out / "data" / system
+    try:
+        plan = get_system_class(system).bench_plan(system_options(cfg, system), train, test, list(cfg.seeds), folder)
+    except ConfigError as e:
+        raise ConfigError(f"per_system.{system}: {e}") from None
+    if plan is None:
+        return None
     data_domains = sorted({p.domain for p in train})
-    kept: dict[str, Any] = {}
-    dropped: list[str] = []
-    for t in tasks:
-        present = [d for d in t.domains if d in data_domains]
-        if not present:
-            dropped.append(f"task {t.name}: none of its domains ({', '.join(t.domains)}) is in the data")
-            continue
-        pairs = [p for p in train if p.domain in present]
-        caps = []
-        for c in t.capabilities:
-            fewest = min(len(capability_pairs(split_ab(pairs, share_a, seed)[0], c)[0]) for seed in cfg.seeds)
-            if fewest >= min_pairs:
-                caps.append(c)
-            else:
-                dropped.append(f"task {t.name}: capability {c} has {fewest} aspect-labelled pairs in split A "
-                               f"(< min_capability_pairs {min_pairs})")
-        if not caps:
-            dropped.append(f"task {t.name}: no capability with enough aspect labels in {', '.join(present)}")
-            continue
-        kept[t.name] = {"domains": present, "capabilities": caps}
-    plan: dict[str, Any] = {"tasks_source": source, "dropped": dropped}
-    if not kept:
-        plan.update(status="skipped", reason=(
-            f"the data has no aspect labels for the domains of {source} (its tasks cover "
-            f"{', '.join(sorted({d for t in tasks for d in t.domains}))}; the data has {', '.join(data_domains)})"))
-        return plan
-    domains = sorted(d for t in kept.values() for d in t["domains"])
-    plan.update(status="ok", tasks=kept, domains=domains,
-                left_out_domains=[d for d in data_domains if d not in domains])
-    return plan
+    rec: dict[str, Any] = {"status": "skipped" if plan.skipped else "ok", "report": list(plan.report),
+                           "left_out": dict(plan.left_out), "info": dict(plan.info)}
+    if plan.skipped:
+        rec["reason"] = plan.skipped
+        return rec
+    p_train = list(train) if plan.train is None else plan.train
+    p_test = list(test) if plan.test is None else plan.test
+    if not p_train or not p_test:
+        rec.update(status="skipped", reason=f"its plan leaves no {'training' if not p_train else 'held-out'} pairs")
+        return rec
+    rec["domains"] = sorted({p.domain for p in p_train})
+    rec["left_out"] = {d: plan.left_out.get(d, "left out by its plan") for d in data_domains if d not in rec["domains"]}
+    rec["options"] = dict(plan.options)
+    for split, pairs, given in (("train", p_train, plan.train), ("test", p_test, plan.test)):
+        if given is None:
+            rec[split] = f"data/{split}.jsonl.gz"
+        else:
+            write_jsonl(pairs, folder / f"{split}.jsonl.gz")
+            rec[split] = f"data/{system}/{split}.jsonl.gz"
+    return rec
 
 
 # ------------------------------------------------------------------------------------------------ prepare
 
+@dataclass
+class Prepared:
+    """Where the prepared inputs are, and what the report says about them.
+
+    `plans`: system -> its bench plan record (see `plan_system`), for the systems that have one. Its file names are
+    relative to `out`, the bench folder.
+    """
+
+    backbone: str
+    out: Path
+    info: dict[str, Any]
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def train_path(self) -> Path:
+        return (self.out / "data" / "train.jsonl.gz").resolve()
+
+    @property
+    def test_path(self) -> Path:
+        return (self.out / "data" / "test.jsonl.gz").resolve()
+
+    def _plan_file(self, system: str | None, split: str) -> Path | None:
+        plan = self.plans.get(system or "")
+        return (self.out / plan[split]).resolve() if plan and plan.get("status") == "ok" else None
+
+    def test_pairs(self, system: str | None = None) -> list[PreferencePair]:
+        """The held-out pairs a system is evaluated on (its plan's, if it has one); None: all of them."""
+        return load_pairs([self._plan_file(system, "test") or self.test_path])[0]
+
+    def train_paths(self, system: str) -> list[str]:
+        return [str(self._plan_file(system, "train") or self.train_path)]
+
+    def extra_options(self, system: str) -> dict[str, Any]:
+        """Options the system's plan adds over its per_system options (e.g. DMoERM's kept tasks)."""
+        plan = self.plans.get(system)
+        return dict(plan.get("options") or {}) if plan and plan.get("status") == "ok" else {}
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """System -> why its plan keeps it out of the grid."""
+        return {s: p.get("reason", "no plan") for s, p in self.plans.items() if p.get("status") != "ok"}
+
+
 def prepare(cfg: BenchConfig, out: Path) -> Prepared:
-    """Build (or reuse) the backbone, the sampled data and the DMoERM plan in OUT."""
+    """Build (or reuse) the backbone, the sampled data and every system's bench plan in OUT."""
     backbone = resolve_backbone(cfg, out)
     data_dir = out / "data"
     info_path = data_dir / "data.json"
@@ -266,25 +276,16 @@ def prepare(cfg: BenchConfig, out: Path) -> Prepared:
         write_jsonl(train, data_dir / "train.jsonl.gz")
         write_jsonl(test, data_dir / "test.jsonl.gz")
         atomic_write_text(info_path, json.dumps(info, indent=2))  # last: marks the data complete
-    prepared = Prepared(backbone, (data_dir / "train.jsonl.gz").resolve(), (data_dir / "test.jsonl.gz").resolve(), info)
-    if "dmoerm" in cfg.systems:
-        plan_path = data_dir / "dmoerm.json"
-        if plan_path.exists():
-            plan = json.loads(plan_path.read_text())
-        else:
-            if train is None:
-                train = load_pairs([prepared.train_path])[0]
-                test = load_pairs([prepared.test_path])[0]
-            plan = plan_dmoerm(cfg, train, test or [])
-            if plan["status"] == "ok":
-                keep = set(plan["domains"])
-                d_train = [p for p in train if p.domain in keep]
-                d_test = [p for p in test or [] if p.domain in keep]
-                if not d_test:
-                    plan.update(status="skipped", reason="no held-out pairs in the domains DMoERM covers")
-                else:
-                    plan["train"] = str(write_jsonl(d_train, data_dir / "dmoerm" / "train.jsonl.gz").resolve())
-                    plan["test"] = str(write_jsonl(d_test, data_dir / "dmoerm" / "test.jsonl.gz").resolve())
-            atomic_write_text(plan_path, json.dumps(plan, indent=2))
-        prepared.dmoerm = plan
+    prepared = Prepared(backbone, out, info)
+    plans_path = data_dir / PLANS_FILE
+    saved: dict[str, Any] = json.loads(plans_path.read_text()) if plans_path.exists() else {}
+    missing = [s for s in cfg.systems if s not in saved]
+    if missing:  # planned once per system; a system added in a rerun is planned then
+        if train is None or test is None:
+            train = load_pairs([prepared.train_path])[0]
+            test = load_pairs([prepared.test_path])[0]
+        for s in missing:
+            saved[s] = plan_system(cfg, s, train, test, out)
+        atomic_write_text(plans_path, json.dumps(saved, indent=2))
+    prepared.plans = {s: saved[s] for s in cfg.systems if saved.get(s) is not None}
     return prepared

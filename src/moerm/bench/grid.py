@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import platform
 import shutil
 import time
 import traceback
@@ -29,10 +28,10 @@ from rich.console import Console
 
 from moerm.bench.data import Prepared, prepare
 from moerm.bench.measure import (
-    inference_batch, seconds_per_epoch, throughput_row, timed_alone, timed_round_robin, trained_params,
+    environment, inference_batch, seconds_per_epoch, throughput_row, timed_alone, timed_round_robin, trained_params,
 )
-from moerm.bench.presets import BenchConfig, run_config
-from moerm.config import ConfigError, RunConfig, from_dict
+from moerm.bench.presets import BenchConfig, check_moved_keys, run_config
+from moerm.config import ConfigError, from_dict
 from moerm.eval.metrics import evaluate_system
 from moerm.runs import train_run
 from moerm.systems.base import SYSTEM_FILE, find_model_dir, load_system
@@ -72,9 +71,11 @@ def check_bench_folder(cfg: BenchConfig, out: Path) -> None:
     if path.exists():
         saved = yaml.safe_load(path.read_text()) or {}
         try:
+            check_moved_keys(saved)
             old = from_dict(BenchConfig, saved).fingerprint()
-        except ConfigError:
-            old = {}
+        except ConfigError as e:
+            raise ConfigError(f"{out} holds a bench of an older moerm that this one cannot compare ({path}: {e}); "
+                              "use another --out") from None
         new = cfg.fingerprint()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -88,9 +89,9 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
     """Train (or resume) one cell, evaluate it on the held-out pairs, write cell.json atomically."""
     d = cell.dir(out)
     t0 = time.perf_counter()
-    extra = {"tasks": prepared.dmoerm["tasks"], "tasks_file": None} if cell.system == "dmoerm" else None
     rc = run_config(cfg, cell.system, cell.seed, prepared.backbone, prepared.train_paths(cell.system),
-                    feature_cache=str((out / "cache" / "features").resolve()), extra_options=extra)
+                    feature_cache=str((out / "cache" / "features").resolve()),
+                    extra_options=prepared.extra_options(cell.system))
     trained = (d / "train_summary.json").exists() and (d / "model" / SYSTEM_FILE).exists()
     resumed = (d / "config.yaml").exists() and not trained
     if trained:
@@ -107,20 +108,21 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
     else:
         params = trained_params(d)
         atomic_write_text(params_path, json.dumps(params, indent=2))
-    resolved = from_dict(RunConfig, yaml.safe_load((d / "config.yaml").read_text()))
     model_dir = find_model_dir(d)
     system = load_system(model_dir, device=cfg.resolved_device())
     pairs = prepared.test_pairs(cell.system)
     report = evaluate_system(system, pairs, batch_size=cfg.eval_batch_size)  # routed systems use their own router
     oracle = None
-    routed = "router_accuracy" in report or "task_router_accuracy" in report
-    if cfg.oracle_routing and routed:  # the upper bound: each pair's true domain given
+    if cfg.oracle_routing and system.routed:  # the upper bound: each pair's true domain given
         oracle = evaluate_system(system, pairs, batch_size=cfg.eval_batch_size, oracle_domains=True)
     info = system.describe(model_dir)
+    if info.get("backbone") == prepared.backbone:  # the backbone as the bench config names it, not this machine's path
+        info["backbone"] = cfg.backbone
     seconds = summary["seconds_per_component"]
-    per_epoch = seconds_per_epoch(resolved, seconds)
+    per_epoch = seconds_per_epoch(seconds, summary.get("epochs_per_component", {}))
     result = {
-        "system": cell.system, "seed": cell.seed, "run_dir": str(d),
+        "system": cell.system, "seed": cell.seed, "run_dir": str(d.relative_to(out)),
+        "inference_mode": system.default_mode,
         "eval": report,
         **({"eval_oracle_routing": oracle} if oracle is not None else {}),
         "size": info,
@@ -146,18 +148,31 @@ def _score_fn(system: Any, prompts: list[str], responses: list[str], batch_size:
     return lambda: system.score(prompts, responses, batch_size=batch_size, mode=mode)
 
 
+def inference_rows(cfg: BenchConfig, runs: dict[str, Path], default_modes: dict[str, str | None]
+                   ) -> list[tuple[str, str, str]]:
+    """(row, system, mode): each system in its default mode; with `inference.all_modes`, a row per other mode of its
+    `inference_modes` too, named "<system> (<mode>)"."""
+    from moerm.systems.base import get_system_class
+
+    rows: list[tuple[str, str, str]] = []
+    for s, path in runs.items():
+        modes = get_system_class(s).inference_modes
+        default = default_modes.get(s) or load_system(path, device="cpu").default_mode  # a cell.json from before
+        rows.append((s, s, default))
+        if cfg.inference.all_modes:
+            rows += [(f"{s} ({m})", s, m) for m in modes if m != default]
+    return rows
+
+
 def measure_inference(cfg: BenchConfig, out: Path, runs: dict[str, Path], prepared: Prepared,
-                      console: Console | None = None) -> dict[str, Any]:
+                      console: Console | None = None, default_modes: dict[str, str | None] | None = None
+                      ) -> dict[str, Any]:
     """Every system scores the same mixed-domain batch; the median of interleaved repeats per row."""
     inf = cfg.inference
-    rows: list[tuple[str, str, str | None]] = []  # (row, system, mode)
-    for s in runs:
-        rows.append((s, s, "batched" if s == "arliss" else None))
-        if s == "arliss" and inf.arliss_switch:
-            rows.append(("arliss (switch)", s, "switch"))
+    rows = inference_rows(cfg, runs, default_modes or {})
     batch = inference_batch(prepared.test_pairs(), inf.pairs, inf.seed)
     n = len(batch)
-    key = {"rows": [r[0] for r in rows], "runs": {s: str(p) for s, p in runs.items()}, "pairs": n,
+    key = {"rows": [[r[0], r[2]] for r in rows], "runs": {s: _shown(p, out) for s, p in runs.items()}, "pairs": n,
            "batch_size": inf.batch_size, "repeats": inf.repeats, "interleave": inf.interleave, "seed": inf.seed,
            "device": cfg.resolved_device(), "threads": torch.get_num_threads()}
     path = out / "inference.json"
@@ -195,11 +210,12 @@ def measure_inference(cfg: BenchConfig, out: Path, runs: dict[str, Path], prepar
     return result
 
 
-def environment(device: str = "cpu") -> dict[str, Any]:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": device, "platform": platform.platform()}
+def _shown(path: Path, out: Path) -> str:
+    """A path inside the bench folder as results.json records it: relative to OUT."""
+    try:
+        return str(Path(path).relative_to(out))
+    except ValueError:
+        return str(path)
 
 
 def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, console: Console | None = None, command: str = "",
@@ -227,9 +243,7 @@ def _run_bench(cfg: BenchConfig, out: Path, progress: bool, console: Console | N
     if console is not None and progress:
         console = Console(file=_TqdmFile(), soft_wrap=True, highlight=False)  # type: ignore[arg-type]
     prepared = prepare(cfg, out)
-    skipped: dict[str, str] = {}
-    if "dmoerm" in cfg.systems and prepared.dmoerm.get("status") != "ok":
-        skipped["dmoerm"] = prepared.dmoerm.get("reason", "no plan")
+    skipped = prepared.skipped  # systems whose bench plan keeps them out (e.g. no labels they need)
     cells = [Cell(s, seed) for s in cfg.systems if s not in skipped for seed in cfg.seeds]
     done = {c: json.loads((c.dir(out) / CELL_FILE).read_text()) for c in cells if (c.dir(out) / CELL_FILE).exists()}
     failed: dict[str, str] = {}
@@ -255,14 +269,17 @@ def _run_bench(cfg: BenchConfig, out: Path, progress: bool, console: Console | N
             bar.update(1)
     finally:
         bar.close()
-    runs = {}
+    runs: dict[str, Path] = {}
+    modes: dict[str, str | None] = {}  # each timed cell's default inference mode
     for s in cfg.systems:  # the first finished seed of each system is timed
         for seed in cfg.seeds:
             if Cell(s, seed) in done:
                 runs[s] = Cell(s, seed).dir(out)
+                modes[s] = done[Cell(s, seed)].get("inference_mode")
                 break
-    inference = measure_inference(cfg, out, runs, prepared, console) if runs else {}
-    results = build_results(cfg, {c.name: done[c] for c in cells if c in done}, inference, prepared, skipped, failed)
+    inference = measure_inference(cfg, out, runs, prepared, console, modes) if runs else {}
+    finished = {c.name: {**done[c], "run_dir": _shown(c.dir(out), out)} for c in cells if c in done}  # relative to OUT
+    results = build_results(cfg, finished, inference, prepared, skipped, failed)
     results["command"] = command
     results["grid_seconds_this_run"] = time.perf_counter() - t0
     paths = write_report(out, results)

@@ -6,14 +6,26 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
 import random
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from moerm.config import RunConfig, from_dict
+import torch
+
 from moerm.data.schema import PreferencePair
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Where a figure was measured: versions, threads, device, and the load average (1, 5, 15 min) beside it."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": device, "platform": platform.platform(), "load_average": load}
 
 
 def timed_round_robin(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
@@ -85,28 +97,6 @@ def trained_params(run_dir: Path) -> dict[str, int]:
     return out
 
 
-def component_epochs(config: RunConfig, component: str) -> float | None:
-    """How many epochs a component trained for (None with train.max_steps): the run's epochs, or the component's
-    own (routers: options.router_epochs; DMoERM experts: expert_epochs; its aggregator: aggregator_epochs)."""
-    from moerm.systems.base import get_system_class
-
-    t = config.train
-    cls = get_system_class(config.system)
-    opts = from_dict(cls.options_class, config.options, "options") if cls.options_class else None
-    if component == "router" and opts is not None and hasattr(opts, "router_epochs"):
-        return float(opts.router_epochs)
-    if t.max_steps:
-        return None
-    if component.endswith(":phase3") and hasattr(opts, "aggregator_epochs"):
-        return float(opts.aggregator_epochs)
-    if ":expert:" in component and hasattr(opts, "expert_epochs"):
-        return float(opts.expert_epochs or t.epochs)
-    return float(t.epochs)
-
-
-def seconds_per_epoch(config: RunConfig, seconds: dict[str, float]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for comp, sec in seconds.items():
-        ep = component_epochs(config, comp)
-        out[comp] = sec / ep if ep else None
-    return out
+def seconds_per_epoch(seconds: dict[str, float], epochs: dict[str, float | None]) -> dict[str, float | None]:
+    """Each component's training seconds per epoch, from the epochs it recorded (None: it ran fixed steps)."""
+    return {comp: sec / ep if (ep := epochs.get(comp)) else None for comp, sec in seconds.items()}

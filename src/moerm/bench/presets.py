@@ -2,7 +2,8 @@
 
 A bench trains every system in `systems` once per seed in `seeds` on the same data, backbone and budget. Each
 system's run config is built as: RunConfig defaults <- `model`/`train` (shared by all systems) <- `per_system[name]`
-(its own model/train/options), plus `backbone`, `max_length`, the seed and the bench's prepared data.
+(its own model/train/options), plus `backbone`, `max_length`, the seed, the bench's prepared data and the options of
+the system's bench plan (`RewardSystem.bench_plan`: e.g. DMoERM's tasks restricted to the data's labelled domains).
 """
 
 from __future__ import annotations
@@ -17,13 +18,38 @@ import yaml
 from moerm.config import ConfigError, ModelConfig, RunConfig, TrainConfig, _deep_update, _set_dotted, from_dict, parse_override
 
 PRESETS = ("smoke", "cpu-small", "paper")
-ALL_SYSTEMS = ["baseline", "baselora", "more", "rodos", "arliss", "dmoerm"]
 TINY_BACKBONE = "tiny-random-bert"  # built by the bench into OUT/backbone (a 2-layer, 32-wide random BERT)
 REPO_ROOT = Path(__file__).resolve().parents[3]
-PER_SYSTEM_SECTIONS = ("model", "train", "options")
+PER_SYSTEM_SECTIONS = ("model", "train", "options", "components")
 # Settings that may change between runs into the same output folder (they do not change what a cell trains).
 REUSABLE_KEYS = ("name", "systems", "seeds", "inference", "eval_batch_size", "oracle_routing", "device", "threads",
                  "prune_checkpoints")
+_MISSING = object()
+# Keys of older bench configs, and where their settings live now.
+MOVED_KEYS = {
+    "dmoerm_tasks_file": "per_system.dmoerm.options.tasks_file (DMoERM's own option)",
+    "dmoerm_tasks": "per_system.dmoerm.options.tasks (DMoERM's own option)",
+    "inference.arliss_switch": "inference.all_modes (a row per extra inference mode of every system, "
+                               "e.g. 'arliss (switch)')",
+}
+
+
+def all_systems() -> list[str]:
+    """Every registered system, in registration order (a system registered later joins the default grid)."""
+    import moerm.systems  # noqa: F401 - importing the package registers the built-in systems
+    from moerm.systems.base import REGISTRY
+
+    return list(REGISTRY)
+
+
+def check_moved_keys(data: dict[str, Any], where: str = "") -> None:
+    """An old key is an error that says where its setting moved."""
+    for key, now in MOVED_KEYS.items():
+        section: Any = data
+        for part in key.split("."):
+            section = section.get(part, _MISSING) if isinstance(section, dict) else _MISSING
+        if section is not _MISSING:
+            raise ConfigError(f"{where}{key} has moved: set {now}")
 
 
 @dataclass
@@ -33,7 +59,8 @@ class InferenceConfig:
     pairs: int = 64  # held-out pairs in the shared batch (chosen + rejected: twice as many sequences)
     batch_size: int = 32  # forward batch size inside `score`
     repeats: int = 3  # timed repeats per system (median reported), after one warm-up
-    arliss_switch: bool = True  # also time ARLISS in `switch` mode (the paper's), as its own row
+    # also time every other inference mode of each system (its `inference_modes`), a row each: "arliss (switch)"
+    all_modes: bool = False
     interleave: bool = True  # all systems loaded at once, repeats interleaved; false: one system at a time
     seed: int = 0  # which pairs, in which order
 
@@ -47,7 +74,7 @@ class BenchConfig:
     """One benchmark grid: systems x seeds on the same data, backbone and training budget."""
 
     name: str = "custom"
-    systems: list[str] = field(default_factory=lambda: list(ALL_SYSTEMS))
+    systems: list[str] = field(default_factory=all_systems)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # data: files or folders (train* / test* files in folders); a folder of domain folders is read per domain
     data: list[str] = field(default_factory=list)
@@ -71,9 +98,6 @@ class BenchConfig:
     threads: int | None = None  # torch CPU threads during the bench (None: torch's default)
     prune_checkpoints: bool = True  # delete a finished cell's training checkpoints (its saved model stays)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
-    # DMoERM: tasks (domains + capabilities); it runs on the domains its tasks cover that carry aspect labels
-    dmoerm_tasks_file: str | None = "configs/tasks/aspect-domains.yaml"
-    dmoerm_tasks: dict[str, Any] | None = None  # inline, instead of the file
 
     def __post_init__(self) -> None:
         if not self.systems:
@@ -164,6 +188,7 @@ def load_bench_config(preset: str | None = None, path: str | Path | None = None,
             v = [s for s in str(v).split(",") if s]  # --set seeds=0,1,2
             v = [int(s) if k == "seeds" and s.strip().lstrip("-").isdigit() else s for s in v]
         _set_dotted(data, k, v)
+    check_moved_keys(data)
     cfg = from_dict(BenchConfig, data)
     validate(cfg)
     return cfg
@@ -212,15 +237,6 @@ def validate(cfg: BenchConfig) -> None:
                 raise ConfigError(f"per_system.{name}.options: {e}") from None
         elif options:
             raise ConfigError(f"per_system.{name}.options: system {name!r} takes no options")
-    if "dmoerm" in cfg.systems:  # fail before anything trains: a bad tasks mapping or a missing tasks file
-        from moerm.systems.tasks import load_tasks_file, parse_tasks
-
-        if cfg.dmoerm_tasks is not None:
-            parse_tasks(cfg.dmoerm_tasks, "dmoerm_tasks")
-        elif cfg.dmoerm_tasks_file:
-            load_tasks_file(resolve_path(cfg.dmoerm_tasks_file))
-        else:
-            raise ConfigError("dmoerm_tasks_file: dmoerm needs tasks (a tasks file or inline dmoerm_tasks)")
 
 
 def system_options(cfg: BenchConfig, system: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The bench's outputs: results.json (everything, per seed and aggregated), report.md (tables like the router paper's
-Tables 2, 3 and 6 plus routing, expert and capability tables) and PNG plots (matplotlib, Agg, no display needed)."""
+Tables 2, 3 and 6 plus routing, expert, per-route and capability tables) and PNG plots (matplotlib, Agg, no display
+needed). Nothing here names a system: each table is there for every system whose results carry what it shows."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moerm.bench.data import Prepared
-from moerm.bench.grid import environment
+from moerm.bench.measure import environment
 from moerm.bench.presets import BenchConfig
 from moerm.eval.report import matrix_table
 from moerm.train.checkpoint import atomic_write_text
@@ -33,17 +34,17 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference: dict[str, Any], prepared: Prepared,
                   skipped: dict[str, str], failed: dict[str, str]) -> dict[str, Any]:
-    """Aggregate the cells over seeds: accuracy, sizes, training time, routing, experts, capabilities."""
+    """Aggregate the cells over seeds: accuracy, sizes, training time, routing, experts, routes, capabilities."""
     by_system: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells.values():
         by_system[cell["system"]].append(cell)
     domains = sorted(prepared.info.get("eval_pairs", {}))
     res: dict[str, Any] = {
         "name": cfg.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "bench": cfg.to_dict(),
-        "environment": environment(cfg.resolved_device()), "data": prepared.info, "dmoerm_plan": prepared.dmoerm, "domains": domains,
-        "systems": {}, "accuracy": {}, "accuracy_oracle_routing": {}, "sizes": {}, "training": {},
-        "inference": inference, "routing": {}, "expert_utilisation": {}, "dmoerm": {}, "failed": failed,
-        "skipped": skipped,
+        "environment": environment(cfg.resolved_device()), "data": prepared.info, "plans": prepared.plans,
+        "domains": domains, "systems": {}, "accuracy": {}, "accuracy_oracle_routing": {}, "accuracy_on_plan_domains": {},
+        "sizes": {}, "training": {}, "inference": inference, "routing": {}, "expert_utilisation": {}, "per_route": {},
+        "capability_accuracy": {}, "failed": failed, "skipped": skipped,
         "cells": {name: c["run_dir"] for name, c in cells.items()},
     }
     for s in cfg.systems:
@@ -63,12 +64,16 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
             res["routing"][s] = routing
         if any("expert_utilisation" in c["eval"] for c in got):
             res["expert_utilisation"][s] = _utilisation(got)
-        if any("per_task" in c["eval"] for c in got):
-            res["dmoerm"][s] = _tasks(got)
-    plan = prepared.dmoerm or {}
-    if plan.get("status") == "ok" and set(plan["domains"]) < set(domains):
-        sub = plan["domains"]  # every system on DMoERM's domains only: the like-for-like comparison
-        res["accuracy_on_dmoerm_domains"] = {"domains": sub, "systems": {
+        if any("per_task" in c["eval"] for c in got):  # routes that group domains (e.g. DMoERM's tasks)
+            res["per_route"][s] = _per_route(got)
+        if any("capability_accuracy" in c["eval"] for c in got):
+            res["capability_accuracy"][s] = _capabilities(got)
+    for planned, plan in prepared.plans.items():
+        sub = [d for d in plan.get("domains") or [] if d in domains]
+        if plan.get("status") != "ok" or not sub or set(sub) >= set(domains):
+            continue
+        # every system on the domains a plan restricted one to: the like-for-like comparison
+        res["accuracy_on_plan_domains"][planned] = {"domains": sub, "systems": {
             s: mean_std([sum(v["per_domain"][d] for d in sub) / len(sub) for v in acc["seeds"].values()])
             for s, acc in res["accuracy"].items() if all(d in acc["per_domain"] for d in sub)}}
     base = res["sizes"].get("baseline", {}).get("params_total")
@@ -149,23 +154,28 @@ def _utilisation(cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for d, r in sorted(acc.items())}
 
 
-def _tasks(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    per_task: dict[str, list[float]] = defaultdict(list)
+def _per_route(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy per true route (a group of domains the router picks among), mean over seeds."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    pairs: dict[str, int] = {}
+    for c in cells:
+        for t, v in c["eval"].get("per_task", {}).items():
+            acc[t].append(v["accuracy"])
+            pairs[t] = v["pairs"]
+    return {t: {**mean_std(v), "pairs": pairs[t]} for t, v in sorted(acc.items())}
+
+
+def _capabilities(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per domain and capability: how often the capability's sub-score orders a pair as its aspect scores do."""
     caps: dict[tuple[str, str], list[float]] = defaultdict(list)
     cap_pairs: dict[tuple[str, str], int] = {}
     for c in cells:
-        for t, v in c["eval"].get("per_task", {}).items():
-            per_task[t].append(v["accuracy"])
         for d, row in c["eval"].get("capability_accuracy", {}).items():
             for cap, v in row.items():
                 caps[(d, cap)].append(v["accuracy"])
                 cap_pairs[(d, cap)] = v["pairs"]
-    return {
-        "per_task": {t: mean_std(v) for t, v in sorted(per_task.items())},
-        "capability_accuracy": {d: {cap: {**mean_std(caps[(d, cap)]), "pairs": cap_pairs[(d, cap)]}
-                                    for (dd, cap) in sorted(caps) if dd == d}
-                                for d in sorted({d for d, _ in caps})},
-    }
+    return {d: {cap: {**mean_std(caps[(d, cap)]), "pairs": cap_pairs[(d, cap)]} for (dd, cap) in sorted(caps) if dd == d}
+            for d in sorted({d for d, _ in caps})}
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -210,10 +220,9 @@ def accuracy_markdown(res: dict[str, Any]) -> str:
     out = [head, "", *lines]
     if partial:
         out += ["", "¹ average over the domains it covers only: " + "; ".join(partial)]
-    sub = res.get("accuracy_on_dmoerm_domains")
-    if sub:
-        out += ["", f"Average over DMoERM's domains only ({', '.join(sub['domains'])}), every system:", "",
-                "| system | average |", "|---|---:|"]
+    for planned, sub in (res.get("accuracy_on_plan_domains") or {}).items():
+        out += ["", f"Average over {planned}'s domains only ({', '.join(sub['domains'])}: its bench plan), every system:",
+                "", "| system | average |", "|---|---:|"]
         out += [f"| {s} | {_pct(v)} |" for s, v in sub["systems"].items()]
     if res.get("accuracy_oracle_routing"):
         rows, _ = _accuracy_rows(res["accuracy_oracle_routing"], domains)
@@ -240,9 +249,15 @@ def size_markdown(res: dict[str, Any]) -> str:
         "Parameters of the saved system (shared weights counted once); trainable = what the optimizers updated (the "
         "tensors in every component's final checkpoint: LoRA adapters and heads for LoRA systems); bytes on disk of "
         "the saved model folder. Training seconds are the mean over seeds; per epoch divides each component's time by "
-        "its own epochs (routers: options.router_epochs; DMoERM experts: expert_epochs, aggregator: aggregator_epochs, "
+        "its own epochs (components.<kind>.train.epochs: routers, DMoERM experts and aggregator, "
         "whose time includes computing the expert states once) and sums the components.",
         "", *lines, "", "#### Training time per component (mean over seeds)", "", *comp])
+
+
+def _load(env: dict[str, Any]) -> str:
+    """", load average 1.23 / 1.10 / 0.98" (1, 5, 15 min) where the environment recorded it."""
+    load = env.get("load_average")
+    return ", load average " + " / ".join(f"{x:.2f}" for x in load) if load else ""
 
 
 def inference_markdown(res: dict[str, Any]) -> str:
@@ -251,19 +266,23 @@ def inference_markdown(res: dict[str, Any]) -> str:
         return "No system finished: nothing was timed."
     env = inf.get("environment", {})
     extra = []
-    left_out = (res.get("dmoerm_plan") or {}).get("left_out_domains")
-    if "dmoerm" in inf["rows"] and left_out:
-        extra = ["", f"DMoERM scores the whole batch too: inputs of domains outside its tasks ({', '.join(left_out)}) "
-                 "go to the task its router picks."]
-    lines = ["| system | seconds per pair | pairs / s | time vs Baseline |", "|---|---:|---:|---:|"]
+    timed = {v.get("system", row) for row, v in inf["rows"].items()}
+    for s, plan in (res.get("plans") or {}).items():
+        if s in timed and plan.get("left_out"):
+            extra += ["", f"{s} scores the whole batch too, inputs of the domains its bench plan left out "
+                      f"({', '.join(plan['left_out'])}) included."]
+    lines = ["| system | mode | seconds per pair | pairs / s | time vs Baseline |", "|---|---|---:|---:|---:|"]
     for row, v in inf["rows"].items():
         ratio = f"{v['time_vs_baseline']:.2f}×" if v.get("time_vs_baseline") else "–"
-        lines.append(f"| {row} | {v['seconds_per_pair'] * 1000:.2f} ms | {v['pairs_per_second']:.1f} | {ratio} |")
+        lines.append(f"| {row} | {v.get('mode') or '–'} | {v['seconds_per_pair'] * 1000:.2f} ms | "
+                     f"{v['pairs_per_second']:.1f} | {ratio} |")
     return "\n".join([
         f"Every system scores the same {inf['pairs']} held-out pairs ({inf['sequences']} sequences, domains "
         f"{', '.join(inf['domains'])} mixed in every batch), forward batch {inf['batch_size']}, median of "
         f"{inf['repeats']} repeats after a warm-up{', interleaved across systems' if inf['interleave'] else ''}; "
-        f"{env.get('device', '?')}, threads: {env.get('threads', '?')}. Routing included; time vs Baseline above 1 is slower.",
+        f"{env.get('device', '?')}, threads: {env.get('threads', '?')}{_load(env)}. Routing included; time vs Baseline "
+        "above 1 is slower. Each system runs in its default inference mode; `inference.all_modes` adds a row "
+        "\"<system> (<mode>)\" per other mode it has.",
         "", *lines] + extra)
 
 
@@ -275,8 +294,10 @@ def routing_markdown(res: dict[str, Any]) -> str:
                       f"{_pct(r['fallback_rate'])}%", "", "Routed domain per true domain (held-out chosen replies, "
                       "summed over seeds):", "", matrix_table(r["confusion"], "true \\ routed"), ""]
         if "task_router_accuracy" in r:
-            parts += [f"#### {s}: task router accuracy {_pct(r['task_router_accuracy'])}%, fallback rate "
-                      f"{_pct(r['fallback_rate'])}%", "", matrix_table(r["task_confusion"], "true task \\ routed"), ""]
+            parts += [f"#### {s}: router accuracy over its routes {_pct(r['task_router_accuracy'])}%, fallback rate "
+                      f"{_pct(r['fallback_rate'])}%", "", "Its routes group domains; routed route per true route "
+                      "(held-out chosen replies, summed over seeds):", "",
+                      matrix_table(r["task_confusion"], "true route \\ routed"), ""]
     return "\n".join(parts).strip() or "No routed system in this bench."
 
 
@@ -285,30 +306,48 @@ def utilisation_markdown(res: dict[str, Any]) -> str:
     for s, util in res["expert_utilisation"].items():
         parts += [f"#### {s}", "", "Share of each domain's held-out inputs whose top-k includes the expert (%, mean over "
                   "seeds):", "", matrix_table(util, "domain \\ expert", percent=True), ""]
-    return "\n".join(parts).strip() or "MoRE is not in this bench."
+    return "\n".join(parts).strip() or "No system in this bench reports which experts it used."
 
 
-def dmoerm_markdown(res: dict[str, Any]) -> str:
-    plan = res.get("dmoerm_plan") or {}
-    if not plan:
-        return "DMoERM is not in this bench."
-    if plan.get("status") != "ok":
-        return f"DMoERM skipped: {plan.get('reason', '?')}."
-    lines = [f"Tasks from {plan['tasks_source']}, restricted to the data's aspect-labelled domains:", ""]
-    lines += [f"- **{t}**: domains {', '.join(v['domains'])}; capability experts {', '.join(v['capabilities'])}"
-              for t, v in plan["tasks"].items()]
-    if plan.get("left_out_domains"):
-        lines.append(f"- domains outside every task (not trained on, not in its rows): {', '.join(plan['left_out_domains'])}")
-    if plan.get("dropped"):
-        lines += ["", "Left out of the plan:", ""] + [f"- {d}" for d in plan["dropped"]]
-    for s, d in res["dmoerm"].items():
-        lines += ["", f"#### {s}: consistency (pairwise accuracy) per task", "", "| task | accuracy (%) |", "|---|---:|"]
-        lines += [f"| {t} | {_pct(v)} |" for t, v in d["per_task"].items()]
-        lines += ["", "Per capability: how often the expert's own sub-score orders a held-out pair as its aspect scores "
-                  "do (ties dropped):", "", "| domain | capability | pairs | accuracy (%) |", "|---|---|---:|---:|"]
-        for dom, row in d["capability_accuracy"].items():
-            lines += [f"| {dom} | {cap} | {v['pairs']} | {_pct(v)} |" for cap, v in row.items()]
-    return "\n".join(lines)
+def plans_markdown(res: dict[str, Any]) -> str:
+    """Every system whose bench plan changed its data: what it kept, what it left out and why, or why it is skipped."""
+    parts = []
+    for s, plan in (res.get("plans") or {}).items():
+        parts += [f"#### {s}", ""]
+        if plan.get("status") != "ok":
+            parts += [f"{s} skipped: {plan.get('reason', '?')}.", ""]
+        if plan.get("report"):
+            parts += [*plan["report"], ""]
+        if plan.get("status") == "ok":
+            parts += [f"Trained and evaluated on {', '.join(plan['domains'])}."]
+            if plan.get("left_out"):
+                parts += ["", "Domains left out (not trained on, not in its rows):", ""]
+                parts += [f"- {d}: {why}" for d, why in plan["left_out"].items()]
+            parts += [""]
+    return "\n".join(parts).strip() or "Every system trains and is evaluated on the shared pairs."
+
+
+def routes_markdown(res: dict[str, Any]) -> str:
+    """Accuracy per route for systems whose routes group domains (e.g. DMoERM's tasks)."""
+    parts = []
+    for s, routes in (res.get("per_route") or {}).items():
+        parts += [f"#### {s}: consistency (pairwise accuracy) per route", "", "| route | pairs | accuracy (%) |",
+                  "|---|---:|---:|"]
+        parts += [f"| {t} | {v['pairs']} | {_pct(v)} |" for t, v in routes.items()] + [""]
+    return "\n".join(parts).strip() or "No system in this bench routes to groups of domains."
+
+
+def capabilities_markdown(res: dict[str, Any]) -> str:
+    """Per domain and capability, for systems that report capability sub-scores (e.g. DMoERM's experts)."""
+    parts = []
+    for s, caps in (res.get("capability_accuracy") or {}).items():
+        parts += [f"#### {s}", "", "How often the capability's own sub-score orders a held-out pair as its aspect "
+                  "scores do (ties dropped; mean over seeds):", "", "| domain | capability | pairs | accuracy (%) |",
+                  "|---|---|---:|---:|"]
+        for dom, row in caps.items():
+            parts += [f"| {dom} | {cap} | {v['pairs']} | {_pct(v)} |" for cap, v in row.items()]
+        parts += [""]
+    return "\n".join(parts).strip() or "No system in this bench reports capability sub-scores."
 
 
 def report_markdown(res: dict[str, Any]) -> str:
@@ -325,7 +364,7 @@ def report_markdown(res: dict[str, Any]) -> str:
     out = [
         f"# moerm bench: {res['name']}", "",
         f"{res['date']}; backbone `{b['backbone']}`, max_length {b['max_length']}, seeds {', '.join(map(str, b['seeds']))}; "
-        f"{env['device']}, torch threads: {env['threads']}, torch {env['torch']}.",
+        f"{env['device']}, torch threads: {env['threads']}, torch {env['torch']}{_load(env)}.",
     ]
     if res.get("command"):
         out += ["", f"Command: `{res['command']}`"]
@@ -336,12 +375,17 @@ def report_markdown(res: dict[str, Any]) -> str:
     out += ["", "## Data", "", *dom_rows]
     if data.get("notes"):
         out += ["", *[f"- {n}" for n in data["notes"]]]
+    if data.get("source", {}).get("train"):
+        out += ["", f"Training data: {', '.join(data['source']['train'])}; held-out: "
+                f"{', '.join(data['source'].get('eval') or [])}."]
+    out += ["", "### Data plans", "", plans_markdown(res)]
     out += ["", "## Accuracy per domain", "", accuracy_markdown(res),
             "", "## Size and training cost", "", size_markdown(res),
             "", "## Inference", "", inference_markdown(res),
             "", "## Routing", "", routing_markdown(res),
-            "", "## MoRE expert utilisation", "", utilisation_markdown(res),
-            "", "## DMoERM", "", dmoerm_markdown(res),
+            "", "## Expert utilisation", "", utilisation_markdown(res),
+            "", "## Accuracy per route", "", routes_markdown(res),
+            "", "## Capability accuracy", "", capabilities_markdown(res),
             "", "## Plots", ""]
     out += [f"- {desc}: ![{name}](plots/{name}.png)" for name, desc in PLOTS.items()]
     return "\n".join(out) + "\n"
@@ -411,7 +455,7 @@ def write_report(out: Path, res: dict[str, Any]) -> dict[str, Any]:
         for name, fn in (("accuracy_per_domain", plot_accuracy_per_domain), ("accuracy_vs_params", plot_accuracy_vs_params),
                          ("pairs_per_second", plot_pairs_per_second)):
             fn(res, plots / f"{name}.png")
-            written[name] = str(plots / f"{name}.png")
+            written[name] = f"plots/{name}.png"  # relative to OUT, like every path in results.json
     res["plots"] = written
     atomic_write_text(out / "results.json", json.dumps(res, indent=2, default=str))
     atomic_write_text(out / "report.md", report_markdown(res))

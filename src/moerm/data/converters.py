@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from moerm.data.schema import validate_record
+from moerm.errors import UserError
 
 Record = dict[str, Any]
 
@@ -79,7 +80,7 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any | Skip]]:
         with _open_text(path) as f:
             data = json.load(f)
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+            raise UserError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
         yield from enumerate(data, start=1)
         return
     with _open_text(path) as f:
@@ -312,7 +313,7 @@ CONVERTERS: dict[str, Converter] = {
 def convert(fmt: str, in_path: Path, out_path: Path, domain: str | None = None, **options: Any) -> ConvertReport:
     """Convert one raw file to validated JSON Lines (gzipped if `out_path` ends in .gz), written atomically."""
     if fmt not in CONVERTERS:
-        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(CONVERTERS))}")
+        raise UserError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(CONVERTERS))}")
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise MissingInputError(f"input file not found: {in_path}")

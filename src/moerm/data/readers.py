@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moerm.data.schema import InvalidRecord, PreferencePair, validate_record
+from moerm.errors import UserError
 
 DATA_SUFFIXES: tuple[str, ...] = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".parquet")
 SPLIT_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -31,7 +32,7 @@ _OFFLINE_VARS: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRAN
 _Item = tuple[int, Any]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source that cannot be read at all (missing path, corrupt file, unreachable Hub)."""
 
 
@@ -370,7 +371,7 @@ def load_pairs(
     In "error" mode the first invalid record raises InvalidRecord; in "skip" mode it is counted in the report.
     """
     if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        raise UserError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     report = ReadReport()
     pairs: list[PreferencePair] = []
     first_seen: dict[str, str] = {}

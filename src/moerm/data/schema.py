@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from moerm.errors import UserError
+
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "domain", "prompt", "chosen", "rejected")
 OPTIONAL_FIELDS: tuple[str, ...] = ("subset", "margin", "aspects_chosen", "aspects_rejected")
 
@@ -30,7 +32,7 @@ class PreferencePair:
         return {k: v for k, v in d.items() if k in REQUIRED_FIELDS or v is not None}
 
 
-class InvalidRecord(ValueError):
+class InvalidRecord(UserError):
     """A record that breaks the schema; carries where it came from and which field is wrong."""
 
     def __init__(self, source: str, line: int | None, field_name: str | None, reason: str):
@@ -54,6 +56,10 @@ def _check_text(rec: dict[str, Any], name: str, source: str, line: int | None) -
         raise InvalidRecord(source, line, name, f"expected a string, got {type(value).__name__}")
     if name in ("chosen", "rejected", "domain", "id") and not value.strip():
         raise InvalidRecord(source, line, name, "empty text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (e.g. "\ud800" in JSON): no tokenizer can read it
+        raise InvalidRecord(source, line, name, f"not valid Unicode text (lone surrogate at character {e.start})") from None
     return value
 
 
@@ -76,8 +82,12 @@ def validate_record(rec: Any, source: str, line: int | None = None) -> Preferenc
     if not isinstance(rec, dict):
         raise InvalidRecord(source, line, None, f"expected a JSON object, got {type(rec).__name__}")
     texts = {name: _check_text(rec, name, source, line) for name in REQUIRED_FIELDS}
-    if texts["chosen"] == texts["rejected"]:
-        raise InvalidRecord(source, line, "rejected", "chosen and rejected are identical")
+    domain = texts["domain"]
+    if any(c in domain for c in "/\\\x00") or domain.strip() in (".", "..") or domain != domain.strip():
+        raise InvalidRecord(source, line, "domain", f"{domain!r} is not a valid domain name (no '/', '\\', NUL, "
+                            "surrounding spaces, '.' or '..': domain names become folder and adapter names)")
+    if " ".join(texts["chosen"].split()) == " ".join(texts["rejected"].split()):
+        raise InvalidRecord(source, line, "rejected", "chosen and rejected are identical (up to whitespace)")
     subset = rec.get("subset")
     if subset is not None and not isinstance(subset, str):
         raise InvalidRecord(source, line, "subset", f"expected a string, got {type(subset).__name__}")

@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from moerm.data.schema import PreferencePair
+from moerm.errors import UserError
 
 
 def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains: Sequence[str]) -> dict[str, Any]:
@@ -18,7 +19,7 @@ def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains:
     if not (len(chosen) == len(rejected) == len(domains)):
         raise ValueError("chosen, rejected and domains must have the same length")
     if not chosen:
-        raise ValueError("no pairs to evaluate")
+        raise UserError("no pairs to evaluate")
     per: dict[str, list[bool]] = defaultdict(list)
     for c, r, d in zip(chosen, rejected, domains):
         per[d].append(c > r)
@@ -56,10 +57,13 @@ def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: in
     report["routing"] = "oracle domains" if oracle_domains else "own router"
     report["latency_ms_per_pair"] = 1000.0 * seconds / n
     report["pairs_per_second"] = n / seconds if seconds > 0 else float("inf")
-    report.update(explanation_report(out.details[:n], domains))
-    task_of = getattr(system, "task_of_domain", None)
-    if task_of:
-        report.update(task_report(out.rewards[:n], out.rewards[n:], out.details[:n], domains, task_of))
+    # A routed system's router picks a route per input: the domain itself (RODOS, ARLISS) or a group of domains
+    # (DMoERM's tasks); its accuracy is measured against the route each pair's true domain belongs to.
+    routes = {d: system.route_of(d) for d in set(domains)} if getattr(system, "routed", False) else {}
+    report.update(explanation_report(out.details[:n], [routes.get(d, d) for d in domains]))
+    if any(r != d for d, r in routes.items()):
+        report.update(task_report(out.rewards[:n], out.rewards[n:], out.details[:n], domains,
+                                  {d: r for d, r in routes.items() if r is not None}))
     if any("capability_scores" in det for det in out.details):
         report["capability_accuracy"] = capability_accuracy(pairs, out.details[:n], out.details[n:])
     return report
@@ -67,16 +71,16 @@ def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: in
 
 def task_report(chosen: Sequence[float], rejected: Sequence[float], details: Sequence[dict[str, Any]],
                 domains: Sequence[str], task_of: dict[str, str]) -> dict[str, Any]:
-    """Task-routed systems (DMoERM): consistency per true task, task-router accuracy and confusion matrix."""
+    """Systems whose routes group domains (DMoERM's tasks): accuracy per true route, router accuracy and confusion."""
     tasks = [task_of.get(d, "?") for d in domains]
     per: dict[str, list[bool]] = defaultdict(list)
     confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for c, r, t, det in zip(chosen, rejected, tasks, details):
         per[t].append(c > r)
-        confusion[t][det.get("task_top") or "?"] += 1
+        confusion[t][det.get("router_top") or "?"] += 1
     return {
         "per_task": {t: {"accuracy": sum(v) / len(v), "pairs": len(v)} for t, v in sorted(per.items())},
-        "task_router_accuracy": sum(det.get("task_top") == t for t, det in zip(tasks, details)) / len(tasks),
+        "task_router_accuracy": sum(det.get("router_top") == t for t, det in zip(tasks, details)) / len(tasks),
         "task_router_confusion": {t: dict(row) for t, row in sorted(confusion.items())},
         "fallback_rate": sum(bool(det.get("fallback")) for det in details) / len(details),
     }

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from moerm.data.schema import PreferencePair
+from moerm.errors import UserError
 from moerm.labeling.aspects import oriented_pair
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _TRANSIENT = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.
 _MAX_CACHED_ANSWER = 2000  # characters of the raw answer kept for auditing
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(UserError):
     """The judge cannot run at all: missing base URL or model, bad options, or the endpoint refused us."""
 
 

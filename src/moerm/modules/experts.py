@@ -26,8 +26,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from moerm.backbone import Backbone, decoder_position_ids, pooled
-from moerm.modules.adapters import Rows, active_adapter, route_rows
+from moerm.encoding import Backbone, decoder_position_ids, pooled
+from moerm.encoding.adapters import Rows, active_adapter, route_rows
+from moerm.errors import UserError
 
 BLOCK_LIST_NAMES = ("layer", "layers", "h", "blocks", "block")
 
@@ -39,7 +40,7 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES:
             return name, module
-    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__} (looked for a ModuleList "
+    raise UserError(f"cannot find the {n} transformer blocks of {type(model).__name__} (looked for a ModuleList "
                      f"named one of {BLOCK_LIST_NAMES})")
 
 
@@ -49,7 +50,7 @@ def expert_layer_indices(model: nn.Module, expert_layers: int | None) -> list[in
     total = len(blocks)
     e = max(1, total // 3) if expert_layers is None else expert_layers
     if not 1 <= e <= total:
-        raise ValueError(f"options.expert_layers must be within 1..{total} for this backbone; got {e}")
+        raise UserError(f"options.expert_layers must be within 1..{total} for this backbone; got {e}")
     return list(range(total - e, total))
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions.normal import Normal
 
+from moerm.errors import UserError
+
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation: zero when all entries are equal (balanced experts)."""
@@ -46,7 +48,7 @@ class NoisyTopKGate(nn.Module):
                  noise_eps: float = 1e-2):
         super().__init__()
         if not 1 <= k <= num_experts:
-            raise ValueError(f"top-k must be between 1 and the number of experts ({num_experts}), got {k}")
+            raise UserError(f"top-k must be between 1 and the number of experts ({num_experts}), got {k}")
         self.num_experts, self.k = num_experts, k
         self.w_importance, self.w_load, self.noise_eps = w_importance, w_load, noise_eps
         # Zero init as in the paper: experts start equally likely, the noise breaks ties while training.

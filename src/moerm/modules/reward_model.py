@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moerm.backbone import Backbone
+from moerm.encoding.backbone import Backbone
 
 
 class RewardModel(nn.Module):

@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moerm.backbone import Backbone
+from moerm.encoding.backbone import Backbone
 
 
 class DomainClassifier(nn.Module):
     """A sequence classifier over the prompt alone. With `backbone=None` it reads cached features."""
 
-    def __init__(self, backbone: Backbone | None, hidden_size: int, num_domains: int, dropout: float = 0.1):
+    def __init__(self, backbone: Backbone | None, hidden_size: int, num_domains: int, dropout: float = 0.1,
+                 classifier: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_domains))
+        # features (N, H) -> logits (N, D); a given classifier is shared, not copied (ARLISS's router head)
+        self.classifier = classifier if classifier is not None else nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(hidden_size, num_domains))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,14 +5,24 @@ Endpoints (see docs/SERVING.md): `POST /v1/score`, `POST /get_reward` (OpenRLHF'
 
 The model loads in the background once the server starts: /health answers 503 `{"status": "loading"}` until it is
 ready, then 200. Every request except /health must carry `Authorization: Bearer KEY` when an API key is set.
+
+Request bodies are guarded before any handler sees them (`_BodyGuard`): a body over `max_body_bytes` is refused
+with 413 (by its Content-Length, before it is read; a chunked one as soon as the count passes the limit), and one
+that has not fully arrived `body_timeout_s` after its headers gets 408. The handlers then parse the JSON
+themselves, so every way a body can be wrong has its own answer: 415 for a non-JSON Content-Type, 422 naming the
+field for invalid UTF-8, invalid or too deeply nested JSON, wrong fields and text that cannot be encoded as UTF-8
+(a lone surrogate such as "\\ud800"), 413 past the item, per-text and per-request character limits (the item
+count is checked before the items are validated, so a huge list costs one `len`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,12 +31,13 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
 from moerm.serve.config import ServeConfig
 from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
+from moerm.errors import UserError
 from moerm.serve.openrlhf import QuerySplitter, SplitError
 from moerm.systems.base import ScoreOutput
 
@@ -37,6 +48,9 @@ OPEN_PATHS = frozenset({"/health"})  # no auth: load balancers and orchestrators
 
 # A run folder, a loaded system (anything with `score`), or a function that loads one.
 SystemSource = Any
+
+MAX_REPORTED_ERRORS = 20  # a 422 lists at most this many field errors (and says how many more there were)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # -- request bodies
@@ -132,6 +146,20 @@ def _loader(source: SystemSource, cfg: ServeConfig) -> Callable[[], Any]:
 
 
 # -- errors
+class RequestRejected(Exception):
+    """A request refused with `status`; each problem is (field, message). `reason` counts it in /metrics."""
+
+    def __init__(self, status: int, problems: Sequence[tuple[str, str]], reason: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
+        self.status, self.problems, self.reason, self.headers = status, list(problems), reason, headers
+
+
+def _problem_body(problems: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    return {"detail": "; ".join(f"{field}: {msg}" for field, msg in problems),
+            "errors": [{"field": field, "message": msg} for field, msg in problems]}
+
+
 def _field_message(err: dict[str, Any]) -> tuple[str, str]:
     """(field path, message) of one pydantic error, e.g. ('items.0.response', 'Input should be a valid string')."""
     loc = [str(x) for x in err.get("loc", ())]
@@ -144,16 +172,79 @@ def _field_message(err: dict[str, Any]) -> tuple[str, str]:
     return ".".join(loc) or "body", str(err.get("msg", "invalid"))
 
 
+def _capped(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if len(problems) <= MAX_REPORTED_ERRORS:
+        return problems
+    return problems[:MAX_REPORTED_ERRORS] + [("body", f"... and {len(problems) - MAX_REPORTED_ERRORS} more errors")]
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = [_field_message(e) for e in exc.errors()]
-    return JSONResponse(status_code=422, content={
-        "detail": "; ".join(f"{field}: {msg}" for field, msg in problems),
-        "errors": [{"field": field, "message": msg} for field, msg in problems]})
+    return JSONResponse(status_code=422, content=_problem_body(_capped([_field_message(e) for e in exc.errors()])))
 
 
-def _unprocessable(field: str, message: str) -> HTTPException:
-    return HTTPException(status_code=422, detail=f"{field}: {message}")
+def _unprocessable(field: str, message: str) -> RequestRejected:
+    return RequestRejected(422, [(field, message)])
+
+
+# -- reading a JSON body
+def _media_type(request: Request) -> str | None:
+    value = request.headers.get("content-type")
+    return None if value is None else value.split(";", 1)[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The JSON value of a request body (UTF-8, as RFC 8259 says); RequestRejected(422) saying why it is not one."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestRejected(422, [("body", f"not valid UTF-8 at byte {e.start} ({e.reason}); send JSON encoded "
+                                             "as UTF-8")], "invalid_body") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestRejected(422, [("body", f"invalid JSON at position {e.pos}: {e.msg}")], "invalid_body") from None
+    except RecursionError:  # the parser's nesting limit (Python's recursion limit, about 1000 levels)
+        raise RequestRejected(422, [("body", "JSON nested too deeply; a request is at most a few levels deep")],
+                              "invalid_body") from None
+
+
+async def _json_body(request: Request) -> Any:
+    """The parsed body of a request that must be JSON: 415 for another Content-Type (none given: read as JSON)."""
+    media_type = _media_type(request)
+    if media_type is not None and not _is_json(media_type):
+        raise RequestRejected(415, [("Content-Type", f"{request.headers['content-type']!r} is not accepted; send "
+                                                     "the body as JSON with Content-Type: application/json")],
+                              "unsupported_media_type")
+    return parse_json_body(await request.body())
+
+
+def _validate(model: type[BaseModel], data: Any, lists: dict[str, int]) -> Any:
+    """`model` validated from parsed JSON. Lists named in `lists` longer than their limit are refused with 413
+    first, so a million-item list is never turned into models."""
+    if isinstance(data, dict):
+        for name, limit in lists.items():
+            value = data.get(name)
+            if isinstance(value, list) and len(value) > limit:
+                raise RequestRejected(413, [(name, f"{len(value)} items, the limit is {limit} per request")],
+                                      "too_many_items")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = [_field_message(err) for err in e.errors(include_url=False, include_input=False)]
+        raise RequestRejected(422, _capped(problems), "invalid_body") from None
+
+
+def unencodable_at(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (a str that cannot be encoded as UTF-8), or None."""
+    if text.isascii():
+        return None
+    m = _SURROGATE.search(text)
+    return None if m is None else m.start()
 
 
 # -- state shared by the handlers
@@ -191,21 +282,113 @@ class ServerState:
         except BatcherClosedError:
             raise self.unavailable() from None
         except ScoringError as e:
+            if isinstance(e.cause, UserError):  # the system rejected this input: the client's to fix
+                raise RequestRejected(422, [("body", f"cannot be scored: {e.cause}")], "unscorable") from None
             log.error("scoring failed: %s", e)
             raise HTTPException(500, f"scoring failed: {e}") from None
 
-    def check_limits(self, n_items: int, items_field: str, texts: Sequence[tuple[str, str]]) -> None:
-        """413 past the per-request item limit or the per-text character limit."""
+    def check_limits(self, n_items: int, items_field: str, texts: Sequence[tuple[str, str | None]]) -> None:
+        """413 past the item, per-text or per-request character limits; 422 for text not encodable as UTF-8."""
         cfg = self.cfg
         if n_items > cfg.max_items_per_request:
             self.metrics.observe_rejected("too_many_items")
-            raise HTTPException(413, f"{items_field}: {n_items} items, the limit is {cfg.max_items_per_request} "
-                                     "per request")
+            raise RequestRejected(413, [(items_field, f"{n_items} items, the limit is {cfg.max_items_per_request} "
+                                                      "per request")])
+        total = 0
         for field, text in texts:
+            if text is None:
+                continue
+            at = unencodable_at(text)
+            if at is not None:
+                self.metrics.observe_rejected("unencodable_text")
+                raise RequestRejected(422, [(field, f"not encodable as UTF-8: a lone surrogate "
+                                                    f"(\\u{ord(text[at]):04x}) at character {at}")])
             if len(text) > cfg.max_chars_per_text:
                 self.metrics.observe_rejected("text_too_long")
-                raise HTTPException(413, f"{field}: {len(text)} characters, the limit is {cfg.max_chars_per_text} "
-                                         "per text")
+                raise RequestRejected(413, [(field, f"{len(text)} characters, the limit is {cfg.max_chars_per_text} "
+                                                    "per text")])
+            total += len(text)
+        if total > cfg.max_request_chars:
+            self.metrics.observe_rejected("request_too_long")
+            raise RequestRejected(413, [(items_field, f"{total} characters in all, the limit is "
+                                                      f"{cfg.max_request_chars} per request")])
+
+
+def _bearer_token(value: bytes) -> bytes | None:
+    """The token of an `Authorization: Bearer TOKEN` value (the scheme is case-insensitive), or None."""
+    scheme, _, token = value.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+
+
+def _reply(status: int, problems: Sequence[tuple[str, str]], close: bool = False) -> JSONResponse:
+    return JSONResponse(_problem_body(problems), status_code=status, headers={"Connection": "close"} if close else None)
+
+
+# -- the request body: bounded in size and in time, before anything parses it
+class _BodyGuard:
+    """Reads a request's whole body before the app runs: at most `max_body_bytes` (413 past it; a too-long
+    Content-Length is refused without reading anything), within `body_timeout_s` of the headers (408 past it).
+    The app then gets the body in one message. Refusals close the connection (the rest of the body is unread)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cfg, metrics = self.state.cfg, self.state.metrics
+        limit = cfg.max_body_bytes
+        length: bytes | None = None
+        chunked = False
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if length is None and not chunked:  # HTTP/1.1: no body at all
+            await self.app(scope, receive, send)
+            return
+        if length is not None and not chunked and int(length) > limit:  # h11 has checked it is a number
+            metrics.observe_rejected("body_too_large")
+            await _reply(413, [("body", f"Content-Length is {int(length)} bytes, the limit is {limit} bytes "
+                                        "(--max-body-bytes)")], close=True)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + cfg.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                metrics.observe_rejected("body_timeout")
+                await _reply(408, [("body", f"{size} bytes received in {cfg.body_timeout_s:g} s, not the whole body "
+                                            "(--body-timeout-s)")], close=True)(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":
+                return  # the client went away: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                metrics.observe_rejected("body_too_large")
+                await _reply(413, [("body", f"more than {limit} bytes (--max-body-bytes)")],
+                             close=True)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would say it
+
+        await self.app(scope, replay, send)
 
 
 # -- auth + request metrics, as plain ASGI middleware (runs before the body is read, so 401 comes first)
@@ -214,14 +397,15 @@ class _Gate:
         self.app = app
         self.state = state
         key = state.cfg.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
 
     def _authorized(self, scope: Scope) -> bool:
         if self.expected is None or scope["path"] in OPEN_PATHS:
             return True
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
-                return hmac.compare_digest(value.strip(), self.expected)
+                token = _bearer_token(value)
+                return token is not None and hmac.compare_digest(token, self.expected)
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -302,25 +486,42 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="moerm reward server", lifespan=lifespan)
     app.state.moerm = state
+
+    async def rejected(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestRejected)
+        if exc.reason:
+            metrics.observe_rejected(exc.reason)
+        return JSONResponse(_problem_body(exc.problems), status_code=exc.status, headers=exc.headers)
+
+    app.add_exception_handler(RequestRejected, rejected)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(_Gate, state=state)
+    app.add_middleware(_BodyGuard, state=state)
+    app.add_middleware(_Gate, state=state)  # outermost: 401 before the body is read
 
     @app.post("/v1/score")
-    async def score(req: ScoreRequest) -> dict[str, Any]:
-        """Rewards and their explanations (routing, expert weights, sub-scores) for prompt/response pairs."""
-        texts = [(f"items.{i}.{k}", getattr(it, k)) for i, it in enumerate(req.items) for k in ("prompt", "response")]
+    async def score(request: Request) -> dict[str, Any]:
+        """Rewards and their explanations (routing, expert weights, sub-scores) for prompt/response pairs.
+
+        Body: `{"items": [{"prompt": str, "response": str, "domain": str | null}, ...]}` (see docs/SERVING.md)."""
+        req = _validate(ScoreRequest, await _json_body(request), {"items": cfg.max_items_per_request})
+        texts = [(f"items.{i}.{k}", getattr(it, k)) for i, it in enumerate(req.items)
+                 for k in ("prompt", "response", "domain")]
         state.check_limits(len(req.items), "items", texts)
         rewards, details = await state.score([it.prompt for it in req.items], [it.response for it in req.items],
                                              [it.domain for it in req.items])
         return {"rewards": rewards, "details": details}
 
     @app.post("/get_reward")
-    async def get_reward(req: RewardRequest) -> dict[str, Any]:
-        """OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`)."""
+    async def get_reward(request: Request) -> dict[str, Any]:
+        """OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`).
+
+        Body: `{"query": [str], "prompts": [str] (optional), "labels": [...] (optional)}`."""
+        limit = cfg.max_items_per_request
+        req = _validate(RewardRequest, await _json_body(request), {"query": limit, "prompts": limit})
         if req.prompts is not None and len(req.prompts) != len(req.query):
             raise _unprocessable("prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries; send one "
                                             "per query or none")
-        texts = [(f"query.{i}", q) for i, q in enumerate(req.query)]
+        texts: list[tuple[str, str | None]] = [(f"query.{i}", q) for i, q in enumerate(req.query)]
         texts += [(f"prompts.{i}", p) for i, p in enumerate(req.prompts or [])]
         state.check_limits(len(req.query), "query", texts)
         try:

@@ -5,6 +5,9 @@ others to join until the batch holds `max_batch` items, then runs the scoring fu
 (torch work blocks, the event loop must not) and hands each request its own slice of the result. With batching
 off each request is scored alone, in arrival order. The queue is bounded in items: a request that would pass
 `max_queue` is refused at once (`QueueFullError`), so overload turns into fast 503s, not unbounded latency.
+
+When the scoring call of a batch of several requests raises, each of its requests is scored again on its own, so
+one bad request fails alone and its batch-mates still get their rewards.
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ class BatcherClosedError(RuntimeError):
 
 
 class ScoringError(RuntimeError):
-    """The scoring function failed on the batch this request was part of."""
+    """The scoring function failed on this request (scored on its own); `cause` is what it raised."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass
@@ -187,7 +194,8 @@ class DynamicBatcher:
             items += len(nxt)
         return batch
 
-    async def _score(self, batch: list[_Request]) -> None:
+    async def _call(self, batch: list[_Request]) -> ScoreOutput:
+        """One scoring call over the batch's items, in the executor; ScoringError if it raises or miscounts."""
         prompts = [p for r in batch for p in r.prompts]
         responses = [x for r in batch for x in r.responses]
         flat_domains = [d for r in batch for d in r.domains]
@@ -196,18 +204,28 @@ class DynamicBatcher:
         t0 = time.perf_counter()
         try:
             out = await loop.run_in_executor(self._executor, self.score_fn, prompts, responses, domains)
-            if len(out.rewards) != len(prompts) or len(out.details) != len(prompts):
-                raise ScoringError(f"the system returned {len(out.rewards)} rewards and {len(out.details)} details "
-                                   f"for {len(prompts)} inputs")
-        except Exception as e:  # every request of the batch gets the error; the worker keeps going
-            err = e if isinstance(e, ScoringError) else ScoringError(f"{type(e).__name__}: {e}")
+        except Exception as e:
+            raise ScoringError(f"{type(e).__name__}: {e}", e) from e
+        if len(out.rewards) != len(prompts) or len(out.details) != len(prompts):
+            raise ScoringError(f"the system returned {len(out.rewards)} rewards and {len(out.details)} details "
+                               f"for {len(prompts)} inputs")
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(prompts), len(batch), time.perf_counter() - t0)
+        return out
+
+    async def _score(self, batch: list[_Request]) -> None:
+        try:
+            out = await self._call(batch)
+        except ScoringError as e:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
+                return
+            # One request may have broken the call for all: score each alone, so only the one that fails fails.
             for r in batch:
                 if not r.future.done():
-                    r.future.set_exception(err)
+                    await self._score([r])
             return
-        seconds = time.perf_counter() - t0
-        if self.metrics is not None:
-            self.metrics.observe_batch(len(prompts), len(batch), seconds)
         start = 0
         for r in batch:
             end = start + len(r)

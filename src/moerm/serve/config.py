@@ -1,9 +1,13 @@
-"""Settings of the reward server: address, dynamic batching, queue bound, request limits, auth, query splitting."""
+"""Settings of the reward server: address, dynamic batching, queue bound, request and connection limits, auth,
+query splitting."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from moerm.errors import UserError
 
 API_KEY_ENV = "MOERM_API_KEY"
 
@@ -22,8 +26,19 @@ DEFAULT_STRIP_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|end_of_text|>", "<|
                                          "<s>", "</s>")
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(UserError):
     """An invalid server setting, reported as one line."""
+
+
+def read_api_key_file(path: str | os.PathLike[str]) -> str:
+    """The API key stored in a file (surrounding whitespace and the final newline removed)."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ServeConfigError(f"cannot read the API key file {path}: {e}") from None
+    if not key:
+        raise ServeConfigError(f"the API key file {path} is empty")
+    return key
 
 
 @dataclass
@@ -37,8 +52,19 @@ class ServeConfig:
         batching: False scores each request alone, in arrival order (for comparison; the benchmark's "off").
         max_queue: most items waiting (not yet being scored); a request that would pass it gets 503 + Retry-After.
         max_items_per_request, max_chars_per_text: past them a request gets 413.
-        api_key: bearer token every request except /health must carry; None falls back to $MOERM_API_KEY, and
-            an empty value means no auth.
+        max_request_chars: most characters in all the texts of one request together (413 past it): bounds the
+            work one request can hand the single scoring worker.
+        max_body_bytes: largest request body; a longer one is refused with 413 before it is read (by its
+            Content-Length, or counted as a chunked body arrives).
+        body_timeout_s: how long a request body may take to arrive once its headers have (408 past it).
+        header_timeout_s: how long a connection may take to send a complete request head (request line and
+            headers), from when it opens or its next request starts; past it the connection is closed.
+        max_connections: most open connections. When a new one would pass it, the connection that has waited
+            longest for a request (idle keep-alive, or a head still arriving) is closed to make room; if every one
+            is in the middle of a request, new requests get 503.
+        api_key: bearer token every request except /health must carry; None falls back to `api_key_file`, then
+            $MOERM_API_KEY, and an empty value means no auth.
+        api_key_file: a file holding the API key (keeps it out of `ps` and shell history).
         query_template: a name from QUERY_TEMPLATES or a string with `{prompt}` then `{response}`, used to split an
             OpenRLHF query when `prompts` does not give the prompt.
         strip_tokens: tokens removed (repeatedly) from both ends of OpenRLHF queries and prompts before splitting.
@@ -59,7 +85,13 @@ class ServeConfig:
     max_queue: int = 1024
     max_items_per_request: int = 256
     max_chars_per_text: int = 32_000
+    max_request_chars: int = 2_000_000
+    max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
     api_key: str | None = None
+    api_key_file: str | None = None
     query_template: str = DEFAULT_QUERY_TEMPLATE
     strip_tokens: tuple[str, ...] = field(default=DEFAULT_STRIP_TOKENS)
     batch_size: int = 64
@@ -69,14 +101,21 @@ class ServeConfig:
     keep_alive_s: float = 75.0
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ServeConfigError("give the API key once: api_key or api_key_file, not both")
+        if self.api_key is None and self.api_key_file is not None:
+            self.api_key = read_api_key_file(self.api_key_file)
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         elif self.api_key == "":
             self.api_key = None
-        for name in ("max_batch", "max_queue", "max_items_per_request", "max_chars_per_text", "batch_size",
-                     "retry_after_s"):
+        for name in ("max_batch", "max_queue", "max_items_per_request", "max_chars_per_text", "max_request_chars",
+                     "max_body_bytes", "max_connections", "batch_size", "retry_after_s"):
             if int(getattr(self, name)) < 1:
                 raise ServeConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("body_timeout_s", "header_timeout_s", "keep_alive_s"):
+            if not float(getattr(self, name)) > 0:
+                raise ServeConfigError(f"{name} must be > 0; got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ServeConfigError(f"torch_threads must be >= 1; got {self.torch_threads}")
         if self.max_wait_ms < 0:
@@ -104,5 +143,8 @@ class ServeConfig:
         """The settings /v1/info reports (the API key is reported only as set or not)."""
         return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms, "batching": self.batching,
                 "max_queue": self.max_queue, "max_items_per_request": self.max_items_per_request,
-                "max_chars_per_text": self.max_chars_per_text, "batch_size": self.batch_size,
+                "max_chars_per_text": self.max_chars_per_text, "max_request_chars": self.max_request_chars,
+                "max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s,
+                "header_timeout_s": self.header_timeout_s, "max_connections": self.max_connections,
+                "batch_size": self.batch_size,
                 "query_template": self.resolved_template(), "auth": self.api_key is not None}

@@ -21,8 +21,10 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from moerm.errors import UserError
 
-class SplitError(ValueError):
+
+class SplitError(UserError):
     """Query `index` could not be split into prompt and response."""
 
     def __init__(self, index: int, message: str):
@@ -41,7 +43,7 @@ class QuerySplitter:
     def __init__(self, template: str, strip_tokens: Sequence[str] = ()):
         p, r = template.find("{prompt}"), template.find("{response}")
         if p < 0 or r < p + len("{prompt}") + 1:
-            raise ValueError(f"template needs '{{prompt}}', a separator, then '{{response}}'; got {template!r}")
+            raise UserError(f"template needs '{{prompt}}', a separator, then '{{response}}'; got {template!r}")
         self.template = template
         self.strip_tokens = tuple(t for t in strip_tokens if t)
         self._pre = template[:p]

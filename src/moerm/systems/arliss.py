@@ -10,12 +10,11 @@ head. Two inference modes:
   architecture cannot mix them, e.g. DeBERTa-v3). Fallback rows are duplicated once per domain in the same pass and
   mixed with the router's probabilities (`combine_rewards`).
 
-`options.router_tuning` is ignored: the ARLISS router is always a LoRA adapter on the shared base.
+The router is always a LoRA adapter on the shared base (`options.router_tuning` must be lora).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -24,24 +23,29 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
-from moerm.backbone import Backbone, backbone_kwargs, load_backbone, make_encoder
+from moerm.encoding import Backbone, backbone_kwargs, load_backbone, make_encoder
 from moerm.config import ConfigError, RunConfig
 from moerm.data.schema import PreferencePair
-from moerm.modules.adapters import encode_through, lora_parameters
+from moerm.encoding.adapters import encode_through, lora_parameters
+from moerm.errors import UserError
+from moerm.encoding.tuning import (
+    ParamView, add_adapter, base_parameters, load_adapter, lora_config, set_trainable_adapter,
+)
+from moerm.modules.reward_model import RewardModel
+from moerm.modules.router import DomainClassifier
+from moerm.systems.components import ComponentFit, fit_component
 from moerm.modules.heads import RewardHead
-from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem, ScoreOutput, register
-from moerm.systems.baseline import lora_config
+from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.routing import (
-    ROUTER_PROMPTS, PromptTexts, Route, RouterOptions, classification_eval, classification_step, combine_rewards,
+    ROUTER_DEFAULTS, ROUTER_PROMPTS, PromptTexts, Route, RouterOptions, require_routes, combine_rewards,
     decide_routes, load_router_examples, new_domain_of, prompt_probs, router_examples, save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
-from moerm.train.pairwise import TokenPairs, make_pairwise_step, pairwise_eval
-from moerm.train.trainer import Trainer
+from moerm.train.pairwise import TokenPairs
 
 ARLISS_FILE = "arliss.json"
 ROUTER = "router"
@@ -51,16 +55,20 @@ INFERENCE_MODES = ("batched", "switch")
 
 @dataclass
 class ARLISSOptions(RouterOptions):
-    """Router options plus the inference mode; `router_tuning` is ignored (the router is always a LoRA adapter)."""
+    """Router options plus the inference mode; the router is always a LoRA adapter on the shared base."""
 
+    router_tuning: str = "lora"
     inference: str = "batched"  # batched: peft mixed-adapter batches; switch: set_adapter per input (the paper)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.router_tuning != "lora":
+            raise ConfigError(f"arliss's router is a LoRA adapter on the shared base: options.router_tuning must be "
+                              f"lora, got {self.router_tuning!r} (a frozen or fully tuned router is a rodos option)")
         if self.inference not in INFERENCE_MODES:
-            raise ValueError(f"options.inference must be batched or switch; got {self.inference!r}")
+            raise UserError(f"options.inference must be batched or switch; got {self.inference!r}")
         if self.fallback != "mixture":
-            raise ValueError("arliss supports options.fallback=mixture only (a general fallback RM is a rodos option)")
+            raise UserError("arliss supports options.fallback=mixture only (a general fallback RM is a rodos option)")
 
 
 def adapter_name(domain: str) -> str:
@@ -69,30 +77,6 @@ def adapter_name(domain: str) -> str:
     if safe == domain and domain not in RESERVED:
         return safe
     return f"{safe}_{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
-
-
-class _ParamView(nn.Module):
-    """Shares (never copies) a set of parameters, so `count_params` can count one component of a shared model."""
-
-    def __init__(self, params: Sequence[nn.Parameter]):
-        super().__init__()
-        self.params = nn.ParameterList(list(params))
-
-
-class _RewardPath(nn.Module):
-    """Tokens (N, T) -> rewards (N,) through the backbone's *active* adapter and one domain head."""
-
-    def __init__(self, backbone: Backbone, head: nn.Module):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.backbone(input_ids, attention_mask, token_type_ids))  # (N, H) -> (N,)
-
-
-class _RouterPath(_RewardPath):
-    """Prompt tokens (N, T) -> domain logits (N, D) through the active (router) adapter and the router head."""
 
 
 class ARLISSModel(nn.Module):
@@ -115,21 +99,35 @@ class ARLISSSystem(RewardSystem):
 
     name = "arliss"
     options_class = ARLISSOptions
+    tunings = ("lora",)  # one LoRA adapter per domain on a frozen base
+    default_tuning = "lora"
+    inference_modes = INFERENCE_MODES
+    routed = True
+    component_defaults = {"rm": {}, "router": ROUTER_DEFAULTS}
 
     def __init__(self, config: RunConfig, model: ARLISSModel | None = None, domains: Sequence[str] = (),
                  examples: Sequence[tuple[str, str]] = ()):
-        if config.model.tuning not in ("auto", "lora"):
-            raise ConfigError(f"arliss trains one LoRA adapter per domain on a frozen base: model.tuning must be lora "
-                              f"or auto, got {config.model.tuning!r}")
-        super().__init__(dataclasses.replace(config, model=dataclasses.replace(config.model, tuning="lora")))
+        super().__init__(config)
         config = self.config
         self.opts: ARLISSOptions = self.options
         self.model = model
-        self.domains: list[str] = list(domains)  # router label order
+        self.domains = list(domains)  # router label order
         self.router_examples: list[tuple[str, str]] = list(examples)
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
         # The router reads only the prompt's first tokens (options.router_max_length), as in RODOS.
         self.router_encoder = make_encoder(config.model.backbone, self.opts.router_max_length)
+
+    @property
+    def domains(self) -> list[str]:
+        return self._domains
+
+    @domains.setter
+    def domains(self, value: Sequence[str]) -> None:
+        self._domains = list(value)
+
+    @property
+    def default_mode(self) -> str:
+        return self.opts.inference
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -151,12 +149,9 @@ class ARLISSSystem(RewardSystem):
         return RewardHead(hidden, m.head, m.head_hidden, m.head_dropout)
 
     def _add_adapter(self, backbone: Backbone, name: str) -> None:
-        """Wrap the base once (first adapter), then add adapters to the same PeftModel; seeded for repeatability."""
+        """One more LoRA adapter on the shared base; seeded for repeatability."""
         torch.manual_seed(self.config.train.seed)
-        if isinstance(backbone.model, PeftModel):
-            backbone.model.add_adapter(name, lora_config(self.config))
-        else:
-            backbone.model = get_peft_model(backbone.model, lora_config(self.config), adapter_name=name)
+        add_adapter(backbone, name, lora_config(self.config.model))
 
     def _activate(self, name: str) -> None:
         """Make adapter `name` active and the only trainable LoRA; only its head (or the router head) trains.
@@ -165,35 +160,27 @@ class ARLISSSystem(RewardSystem):
         """
         model = self._require()
         model.peft.set_adapter(name)
-        for n, p in model.peft.named_parameters():
-            p.requires_grad_(("lora_A" in n or "lora_B" in n) and f".{name}." in n)
+        set_trainable_adapter(model.peft, name)
         for key, head in model.heads.items():
             head.requires_grad_(key == name)
         model.router_head.requires_grad_(name == ROUTER)
 
     def _train_rm(self, domain: str, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None,
-                  ctx: FitContext) -> tuple[float, dict[str, float]]:
-        model, t = self._require(), self.config.train
+                  ctx: FitContext) -> ComponentFit:
+        model, t = self._require(), self.train_config("rm")
         name = adapter_name(domain)
         self._activate(name)
         data = TokenPairs.build([p for p in train if p.domain == domain], self.encoder, progress=ctx.progress)
         ev = [p for p in eval if p.domain == domain] if eval else []
         eval_data = TokenPairs.build(ev, self.encoder) if ev else None
-        path = _RewardPath(model.backbone, model.heads[name])
-        trainer = Trainer(
-            path, make_pairwise_step(t.center_rewards_coefficient, t.use_margin), data, data.collate, t,
-            ctx.out_dir / "components" / f"rm-{name}", [(model.backbone, t.lr), (model.heads[name], t.head_lr or t.lr)],  # name == domain when safe
-            eval_fn=(lambda m: pairwise_eval(m, eval_data, t.eval_batch_size)) if eval_data is not None else None,
-            desc=f"rm:{domain}", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps,
-        )
-        result = trainer.train(resume=ctx.resume)
-        model.to(trainer.accelerator.device)
-        return result.seconds, {f"{k}:{domain}": v for k, v in result.final_metrics.items()}
+        path = RewardModel(model.backbone, model.heads[name])  # through the active adapter and this domain's head
+        return fit_component(f"rm:{domain}", path, data, t, ctx, ctx.out_dir / "components" / f"rm-{name}",
+                             [(model.backbone, t.lr), (model.heads[name], t.head_lr or t.lr)], eval_data)
 
-    def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None) -> tuple[float, dict[str, float]]:
+    def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None) -> ComponentFit:
         """(Re)build the router adapter and head from scratch for the current domains, and train them; its accuracy
         is measured on the held-out pairs' prompts (`eval`), never on its training prompts."""
-        model = self._require()
+        model, t = self._require(), self.train_config("router")
         if ROUTER in model.peft.peft_config:
             model.peft.delete_adapter(ROUTER)
         self._add_adapter(model.backbone, ROUTER)
@@ -204,67 +191,54 @@ class ARLISSSystem(RewardSystem):
         held_out = [(p, d) for p, d in router_examples(eval or [], self.opts.max_router_prompts_per_domain)
                     if d in self.domains]
         eval_data = PromptTexts.build(held_out, self.domains, self.router_encoder) if held_out else None
-        t_cfg = dataclasses.replace(self.config.train, lr=self.opts.router_lr, head_lr=self.opts.router_lr,
-                                    epochs=self.opts.router_epochs, max_steps=None)
-        path = _RouterPath(model.backbone, model.router_head)
-        trainer = Trainer(path, classification_step, data, data.collate, t_cfg, ctx.out_dir / "components" / "router",
-                          [(model.backbone, t_cfg.lr), (model.router_head, t_cfg.lr)],
-                          eval_fn=(lambda m: classification_eval(m, eval_data)) if eval_data is not None else None,
-                          desc="router", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps)
-        result = trainer.train(resume=ctx.resume)
-        model.to(trainer.accelerator.device)
-        acc = result.final_metrics.get("eval_accuracy")
-        return result.seconds, ({"router:eval_accuracy": acc} if acc is not None else {})
+        path = DomainClassifier(model.backbone, model.backbone.hidden_size, len(self.domains), classifier=model.router_head)
+        return fit_component("router", path, data, t, ctx, ctx.out_dir / "components" / "router",
+                             [(model.backbone, t.lr), (model.router_head, t.head_lr or t.lr)], eval_data,
+                             kind="classification")
 
     # -- training
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         m = self.config.model
         self.domains = sorted({p.domain for p in train})
+        require_routes(self.domains, self.name)
         backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(self.config))
         heads: dict[str, nn.Module] = {}
         for d in self.domains:
             self._add_adapter(backbone, adapter_name(d))
             heads[adapter_name(d)] = self._new_head(backbone.hidden_size)
         self.model = ARLISSModel(backbone, heads, nn.Linear(backbone.hidden_size, len(self.domains)))
-        seconds: dict[str, float] = {}
-        metrics: dict[str, float] = {}
+        result = FitResult({})
         for d in self.domains:
-            seconds[f"rm:{d}"], sub = self._train_rm(d, train, eval, ctx)
-            metrics.update(sub)
+            result.add(self._train_rm(d, train, eval, ctx), f"rm:{d}")
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
-        seconds[ROUTER], sub = self._train_router(ctx, eval)
-        metrics.update(sub)
-        return FitResult(metrics, seconds)
+        result.add(self._train_router(ctx, eval), ROUTER)  # router:eval_accuracy on held-out prompts only
+        return result
 
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
         model = self._require()
         domain = new_domain_of(pairs, self.domains)
         name = adapter_name(domain)
         if name in self.adapters.values():
-            raise ValueError(f"domain {domain!r} maps to adapter name {name!r}, which another domain uses")
+            raise UserError(f"domain {domain!r} maps to adapter name {name!r}, which another domain uses")
         self._add_adapter(model.backbone, name)
         model.heads[name] = self._new_head(model.backbone.hidden_size).to(self.device)
         self.domains = sorted([*self.domains, domain])
-        seconds: dict[str, float] = {}
-        seconds[f"rm:{domain}"], metrics = self._train_rm(domain, pairs, None, ctx)
+        result = FitResult({})
+        result.add(self._train_rm(domain, pairs, None, ctx), f"rm:{domain}")
         self.router_examples += router_examples(pairs, self.opts.max_router_prompts_per_domain)
-        seconds[ROUTER], sub = self._train_router(ctx)
-        metrics.update(sub)
+        result.add(self._train_router(ctx))
         # Write only what changed; the other adapters' folders and heads stay byte-identical.
         self._save_adapters(model_dir, [name, ROUTER])
         self._save_router_and_index(model_dir)
-        meta = {"system": self.name, "format": 1, "config": self.config.to_dict()}
-        atomic_write_text(model_dir / SYSTEM_FILE, json.dumps(meta, indent=2))
-        return FitResult(metrics, seconds)
+        self.write_system_file(model_dir)
+        return result
 
     # -- inference
     def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
               batch_size: int = 32, mode: str | None = None) -> ScoreOutput:
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        mode = mode or self.opts.inference
-        if mode not in INFERENCE_MODES:
-            raise ValueError(f"mode must be batched or switch; got {mode!r}")
+        mode = self.check_mode(mode)
         self._require().eval()  # peft refuses adapter_names in training mode; no dropout at inference
         with torch.no_grad():
             if mode == "batched":
@@ -335,12 +309,11 @@ class ARLISSSystem(RewardSystem):
     # -- persistence
     def components(self) -> dict[str, nn.Module]:
         model = self._require()
-        lora = {id(p) for n, p in model.peft.named_parameters() if "lora_A" in n or "lora_B" in n}
-        comps: dict[str, nn.Module] = {"base": _ParamView([p for p in model.peft.parameters() if id(p) not in lora])}
+        comps: dict[str, nn.Module] = {"base": ParamView(base_parameters(model.peft))}
         for d, name in self.adapters.items():
-            comps[f"adapter:{d}"] = _ParamView(lora_parameters(model.peft, name))
+            comps[f"adapter:{d}"] = ParamView(lora_parameters(model.peft, name))
             comps[f"head:{d}"] = model.heads[name]
-        comps[f"adapter:{ROUTER}"] = _ParamView(lora_parameters(model.peft, ROUTER))
+        comps[f"adapter:{ROUTER}"] = ParamView(lora_parameters(model.peft, ROUTER))
         comps[f"head:{ROUTER}"] = model.router_head
         return comps
 
@@ -378,10 +351,8 @@ class ARLISSSystem(RewardSystem):
         backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
         names = [adapters[d] for d in domains] + [ROUTER]
         # is_trainable keeps the adapters trainable so `add_domain` can run on a loaded system.
-        backbone.model = PeftModel.from_pretrained(backbone.model, str(path / "adapters" / names[0]),
-                                                   adapter_name=names[0], is_trainable=True)
-        for name in names[1:]:
-            backbone.model.load_adapter(str(path / "adapters" / name), adapter_name=name, is_trainable=True)
+        for name in names:
+            load_adapter(backbone, path / "adapters" / name, name, trainable=True)
         system = cls(config, domains=domains, examples=load_router_examples(path / ROUTER_PROMPTS))
         heads: dict[str, nn.Module] = {}
         for name in names[:-1]:

@@ -7,6 +7,7 @@ MoRE, RODOS, ARLISS and DMoERM plug in by subclassing `RewardSystem` and calling
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -17,8 +18,12 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from moerm.config import RunConfig, from_dict
+from moerm.config import ConfigError, RunConfig, TrainConfig, from_dict
 from moerm.data.schema import PreferencePair
+from moerm.encoding.cache import backbone_id
+from moerm.encoding.tuning import resolve_tuning
+from moerm.errors import UnsupportedError, UserError
+from moerm.systems.components import ComponentFit, check_component_config, component_train_config
 from moerm.train.checkpoint import atomic_write_text
 
 SYSTEM_FILE = "system.json"
@@ -39,6 +44,42 @@ class FitContext:
 class FitResult:
     metrics: dict[str, float]
     seconds_per_component: dict[str, float] = field(default_factory=dict)
+    epochs_per_component: dict[str, float | None] = field(default_factory=dict)
+
+    def add(self, fit: ComponentFit, metrics_prefix: str | None = None) -> None:
+        """Record one trained component: its time and epochs, and its eval metrics under `metrics_prefix:`."""
+        self.seconds_per_component[fit.name] = fit.seconds
+        self.epochs_per_component[fit.name] = fit.epochs
+        if metrics_prefix is not None:
+            self.metrics.update({f"{metrics_prefix}:{k}": v for k, v in fit.metrics.items() if k.startswith("eval_")})
+
+    def merge(self, other: "FitResult", metrics_prefix: str | None = None) -> None:
+        """Fold in a sub-system's result (e.g. one domain RM of RODOS), its components named `<prefix>:<name>`."""
+        for name, sec in other.seconds_per_component.items():
+            key = metrics_prefix if metrics_prefix and len(other.seconds_per_component) == 1 else (
+                f"{metrics_prefix}:{name}" if metrics_prefix else name)
+            self.seconds_per_component[key] = sec
+            self.epochs_per_component[key] = other.epochs_per_component.get(name)
+        prefix = f"{metrics_prefix}:" if metrics_prefix else ""
+        self.metrics.update({f"{prefix}{k}": v for k, v in other.metrics.items() if k.startswith("eval_")})
+
+
+@dataclass
+class BenchPlan:
+    """How `moerm bench` runs a system on other data than the shared sample (see `RewardSystem.bench_plan`).
+
+    The bench writes `train`/`test` into OUT/data/<system>/, merges `options` over the system's own options in every
+    cell, and reports `domains` (those of `train`), `left_out` (domain -> why) and `report` beside every system's
+    accuracy on those domains. `skipped`: a reason not to run the system at all (e.g. no labels it needs).
+    """
+
+    train: list[PreferencePair] | None = None  # None: the shared training pairs
+    test: list[PreferencePair] | None = None  # None: the shared held-out pairs
+    options: dict[str, Any] = field(default_factory=dict)  # over per_system.<name>.options (JSON-able)
+    left_out: dict[str, str] = field(default_factory=dict)  # domain of the data -> why the system does not cover it
+    report: list[str] = field(default_factory=list)  # markdown lines for the report (what it kept, what it dropped)
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-able details for results.json
+    skipped: str | None = None
 
 
 @dataclass
@@ -72,13 +113,29 @@ class RewardSystem(ABC):
 
     name: ClassVar[str]
     options_class: ClassVar[type | None] = None
+    tunings: ClassVar[tuple[str, ...]] = ("full", "lora", "frozen")  # the model.tuning modes it honours
+    default_tuning: ClassVar[str] = "full"  # what model.tuning=auto means for it
+    inference_modes: ClassVar[tuple[str, ...]] = ("default",)  # `score(mode=...)`; the first is the default
+    routed: ClassVar[bool] = False  # whether `score` details carry Route.details() (router choice, fallback)
+    # The components it trains, each with its train settings over the run's `train` (components.<kind>.train)
+    component_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: RunConfig):
         # Seeded before a subclass builds anything random (heads, routers, adapters), so the same config gives the
         # same initial weights in every process and every run (this torch build seeds randomly at import).
         set_seed(config.train.seed)
+        tuning = resolve_tuning(config.model.tuning, self.tunings, self.default_tuning, self.name)
+        if tuning != config.model.tuning:  # the saved config says what really trained, never `auto`
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, tuning=tuning))
         self.config = config
+        check_component_config(config, self.component_defaults, self.name)
+        if self.options_class is None and config.options:
+            raise ConfigError(f"system {self.name!r} takes no options; got options.{sorted(config.options)[0]}")
         self.options = from_dict(self.options_class, config.options, "options") if self.options_class else None
+
+    def train_config(self, kind: str) -> TrainConfig:
+        """The train settings of component `kind`: `train`, this system's defaults for it, `components.<kind>.train`."""
+        return component_train_config(self.config, kind, self.component_defaults.get(kind, {}))
 
     @abstractmethod
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
@@ -86,8 +143,35 @@ class RewardSystem(ABC):
 
     @abstractmethod
     def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
-              batch_size: int = 32) -> ScoreOutput:
-        """Rewards for (prompt, response) pairs, in input order."""
+              batch_size: int = 32, mode: str | None = None) -> ScoreOutput:
+        """Rewards for (prompt, response) pairs, in input order.
+
+        `domains`: the caller's domain per input, where known (routed systems use it as the route; others ignore
+        it). `mode`: one of `inference_modes` (None: the first). Routed systems put `Route.details()` keys in every
+        detail dict, so eval and bench read routing the same way for all of them.
+        """
+
+    @property
+    def domains(self) -> list[str]:
+        """The domains this system routes to (empty for systems without a router)."""
+        return []
+
+    def route_of(self, domain: str) -> str | None:
+        """The route (router label) a pair of `domain` should take: the domain itself by default (RODOS, ARLISS);
+        a group of domains for systems that route to tasks (DMoERM). Only meaningful when `routed`."""
+        return domain
+
+    @property
+    def default_mode(self) -> str:
+        """The inference mode `score` uses when given none (a system may take it from its options)."""
+        return self.inference_modes[0]
+
+    def check_mode(self, mode: str | None) -> str:
+        """The inference mode to use; an unknown one is an error naming the ones this system has."""
+        mode = mode or self.default_mode
+        if mode not in self.inference_modes:
+            raise UserError(f"system {self.name!r} has inference modes {', '.join(self.inference_modes)}; got {mode!r}")
+        return mode
 
     @abstractmethod
     def save_components(self, path: Path) -> None:
@@ -102,9 +186,17 @@ class RewardSystem(ABC):
     def components(self) -> dict[str, nn.Module]:
         """Named parts, for parameter counts (e.g. backbone, head, router, one per domain)."""
 
+    @classmethod
+    def bench_plan(cls, options: dict[str, Any], train: Sequence[PreferencePair], test: Sequence[PreferencePair],
+                   seeds: Sequence[int], out_dir: Path) -> BenchPlan | None:
+        """What `moerm bench` trains and evaluates this system on, given its `per_system.<name>.options`, the shared
+        sampled pairs and the bench's seeds; None (the default): the shared pairs as they are. `out_dir` is a folder
+        of its own for any other file it needs. A ConfigError here stops the bench before anything trains."""
+        return None
+
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
         """Train what a new domain needs (its RM, the router) and write only the changed files to `model_dir`."""
-        raise NotImplementedError(f"system {self.name!r} cannot add a domain; routed systems (rodos, arliss) can")
+        raise UnsupportedError(f"system {self.name!r} cannot add a domain; routed systems (rodos, arliss) can")
 
     def component_files(self) -> dict[str, list[str]]:
         """Files (relative to the saved folder) that belong to each component, for size on disk."""
@@ -115,9 +207,15 @@ class RewardSystem(ABC):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.save_components(path)
-        meta = {"system": self.name, "format": FORMAT_VERSION, "config": self.config.to_dict()}
-        atomic_write_text(path / SYSTEM_FILE, json.dumps(meta, indent=2))  # last: marks the save complete
+        self.write_system_file(path)
         return path
+
+    def write_system_file(self, path: Path) -> None:
+        """`system.json`: which class loads the folder and the resolved config; written last, it marks a complete save."""
+        m = self.config.model
+        meta = {"system": self.name, "format": FORMAT_VERSION, "config": self.config.to_dict(),
+                "backbone_id": backbone_id(m.backbone, m.dtype)}  # what the base was: a swapped base is refused
+        atomic_write_text(Path(path) / SYSTEM_FILE, json.dumps(meta, indent=2))
 
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:
         """Parameters total/trainable per component and, given a saved folder, bytes on disk per component."""
@@ -151,7 +249,7 @@ def get_system_class(name: str) -> type[RewardSystem]:
     import moerm.systems  # noqa: F401 - importing the package registers the built-in systems
 
     if name not in REGISTRY:
-        raise ValueError(f"unknown system {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        raise UserError(f"unknown system {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
 
@@ -173,4 +271,11 @@ def load_system(run_or_model_dir: str | Path, device: str | torch.device | None 
     path = find_model_dir(run_or_model_dir)
     meta = json.loads((path / SYSTEM_FILE).read_text())
     config = from_dict(RunConfig, meta["config"])
+    saved_id = meta.get("backbone_id")
+    if saved_id is not None:
+        now = backbone_id(config.model.backbone, config.model.dtype)
+        if now != saved_id:
+            raise UserError(f"{path}: the base backbone {config.model.backbone!r} is not the one this system was "
+                            f"trained on (saved {saved_id}, now {now}): its weights, config or tokenizer changed. "
+                            "Restore the original backbone folder, or retrain")
     return get_system_class(meta["system"]).load_components(path, config, device)

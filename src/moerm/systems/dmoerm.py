@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
-from moerm.backbone import Backbone, backbone_kwargs, load_backbone, make_encoder
+from moerm.encoding import Backbone, backbone_kwargs, load_backbone, make_encoder
 from moerm.config import ConfigError, RunConfig
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
@@ -43,19 +43,20 @@ from moerm.labeling.aspects import capability_pairs
 from moerm.modules.aggregator import CapabilityAggregator
 from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_blocks
 from moerm.modules.reward_model import RewardModel
-from moerm.modules.adapters import lora_parameters
-from moerm.systems.arliss import _ParamView, _RewardPath
-from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
+from moerm.encoding.adapters import lora_parameters
+from moerm.errors import UserError
+from moerm.encoding.tuning import ParamView, add_adapter, base_parameters, lora_config, set_trainable_adapter
+from moerm.systems.base import BenchPlan, FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.baseline import BaselineSystem
-from moerm.systems.rodos import Router
+from moerm.systems.components import ComponentFit, fit_component
 from moerm.systems.routing import (
-    ROUTER_PROMPTS, RouterOptions, combine_rewards, decide_routes, load_router_examples, router_examples,
+    ROUTER_DEFAULTS, ROUTER_PROMPTS, Router, RouterOptions, combine_rewards, decide_routes, load_router_examples, router_examples,
     save_router_examples,
 )
 from moerm.systems.tasks import TaskSpec, load_tasks_file, parse_tasks, task_of_domain, tasks_to_dict
+from moerm.train import distributed
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
-from moerm.train.pairwise import FeaturePairs, TokenPairs, make_pairwise_step, pairwise_eval
-from moerm.train.trainer import Trainer
+from moerm.train.pairwise import FeaturePairs, TokenPairs
 
 DMOERM_FILE = "dmoerm.json"
 INFERENCE_MODES = ("batched", "sequential")
@@ -72,24 +73,19 @@ class DMoERMOptions(RouterOptions):
     capability_labels: list[str] = field(default_factory=list)  # files from `moerm label judge/aspects`
     min_capability_pairs: int = 16  # fewer labelled pairs for a capability in split A is an error
     expert_layers: int | None = None  # top blocks carrying expert LoRA; None: a third of them (at least 1)
-    expert_epochs: float | None = None  # phase 2; default train.epochs
-    expert_lr: float | None = None  # phase 2; default 1e-3 (LoRA)
-    aggregator_epochs: float = 10.0
     aggregator_init: str = "random"  # random: from scratch (the paper); experts: start as the mean of their sub-scores
-    aggregator_lr: float = 1e-3
-    aggregator_batch_size: int = 32
     inference: str = "batched"  # batched: one pass for all experts; sequential: one set_adapter pass per expert
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.split_a < 1.0:
-            raise ValueError("options.split_a must be strictly between 0 and 1")
+            raise UserError("options.split_a must be strictly between 0 and 1")
         if self.inference not in INFERENCE_MODES:
-            raise ValueError(f"options.inference must be batched or sequential; got {self.inference!r}")
+            raise UserError(f"options.inference must be batched or sequential; got {self.inference!r}")
         if self.fallback != "mixture":
-            raise ValueError("dmoerm supports options.fallback=mixture only")
+            raise UserError("dmoerm supports options.fallback=mixture only")
         if self.aggregator_init not in ("experts", "random"):
-            raise ValueError(f"options.aggregator_init must be experts or random; got {self.aggregator_init!r}")
+            raise UserError(f"options.aggregator_init must be experts or random; got {self.aggregator_init!r}")
 
     def resolve_tasks(self) -> list[TaskSpec]:
         if self.tasks and self.tasks_file:
@@ -148,12 +144,21 @@ class DMoERMSystem(RewardSystem):
 
     name = "dmoerm"
     options_class = DMoERMOptions
+    tunings = ("full",)  # phase 1 fine-tunes each task's base RM fully; phase 2 adds LoRA experts on it
+    inference_modes = INFERENCE_MODES
+    routed = True
+    # router; phase 1 (base); phase 2 (expert: LoRA at a LoRA rate, capability labels carry no margin);
+    # phase 3 (aggregator: a small MLP on cached expert states, many cheap epochs)
+    component_defaults = {
+        "router": ROUTER_DEFAULTS, "base": {},
+        "expert": {"lr": 1e-3, "head_lr": None, "use_margin": False, "max_steps": None},
+        "aggregator": {"lr": 1e-3, "head_lr": None, "epochs": 10.0, "batch_size": 32, "grad_accum": 1,
+                       "max_steps": None},
+    }
 
     def __init__(self, config: RunConfig):
-        if config.model.tuning not in ("auto", "full"):
-            raise ConfigError(f"dmoerm fine-tunes each task's base RM fully (phase 1): model.tuning must be full or "
-                              f"auto, got {config.model.tuning!r}")
-        super().__init__(dataclasses.replace(config, model=dataclasses.replace(config.model, tuning="full")))
+        super().__init__(config)
+        make_encoder(self.config.model.backbone, self.options.router_max_length)  # a too-long router length fails now
         self.opts: DMoERMOptions = self.options
         self.tasks: list[TaskSpec] = []
         self.models: dict[str, TaskModel] = {}
@@ -162,6 +167,18 @@ class DMoERMSystem(RewardSystem):
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
         if self.opts.tasks or self.opts.tasks_file:
             self._set_tasks(self.opts.resolve_tasks())
+
+    @property
+    def default_mode(self) -> str:
+        return self.opts.inference
+
+    @property
+    def domains(self) -> list[str]:
+        """The tasks it routes to (a caller's domain names its task)."""
+        return self.task_names
+
+    def route_of(self, domain: str) -> str | None:
+        return self.task_of_domain.get(domain)
 
     @property
     def task_names(self) -> list[str]:
@@ -220,21 +237,13 @@ class DMoERMSystem(RewardSystem):
         return out
 
     # -- building blocks
-    def _lora(self, layers: list[int], pattern: str) -> LoraConfig:
-        m = self.config.model
-        return LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                          target_modules=m.lora_target_modules, layers_to_transform=layers, layers_pattern=pattern)
-
     def _add_experts(self, backbone: Backbone, capabilities: Sequence[str]) -> int:
         """Wrap the (frozen) phase-1 model in a PeftModel with one adapter per capability; returns the first layer."""
         layers = expert_layer_indices(backbone.model, self.opts.expert_layers)
         pattern = transformer_blocks(backbone.model)[0].rsplit(".", 1)[-1]
         for i, cap in enumerate(capabilities):
             torch.manual_seed(self.config.train.seed + i)
-            if i == 0:
-                backbone.model = get_peft_model(backbone.model, self._lora(layers, pattern), adapter_name=adapter_of(cap))
-            else:
-                backbone.model.add_adapter(adapter_of(cap), self._lora(layers, pattern))
+            add_adapter(backbone, adapter_of(cap), lora_config(self.config.model, layers, pattern))
         return layers[0]
 
     @staticmethod
@@ -242,9 +251,7 @@ class DMoERMSystem(RewardSystem):
         """Only this capability's adapter and head train (None: nothing does, phase 3 trains the aggregator)."""
         if capability is not None:
             model.bank.peft.set_adapter(adapter_of(capability))
-        name = adapter_of(capability) if capability is not None else None
-        for n, p in model.bank.peft.named_parameters():
-            p.requires_grad_(name is not None and ("lora_A" in n or "lora_B" in n) and f".{name}." in n)
+        set_trainable_adapter(model.bank.peft, adapter_of(capability) if capability is not None else None)
         model.base_head.requires_grad_(False)
         for cap, head in model.expert_heads.items():
             head.requires_grad_(cap == capability)
@@ -257,25 +264,19 @@ class DMoERMSystem(RewardSystem):
         by_task = self._task_pairs(train)
         eval_by_task = self._task_pairs_lenient(eval or [])
         judged = self._judge_labels()
-        seconds: dict[str, float] = {}
-        metrics: dict[str, float] = {}
+        result = FitResult({})
         # Outer layer first: the task router, then frozen.
         relabelled = [dataclasses.replace(p, domain=self.task_of_domain[p.domain]) for p in train]
         self.router_examples = router_examples(relabelled, self.opts.max_router_prompts_per_domain)
-        t0 = time.perf_counter()
         self.router = Router(self.config, self.opts, self.task_names)
         held_out = router_examples([dataclasses.replace(p, domain=self.task_of_domain[p.domain]) for p in eval or []
                                     if p.domain in self.task_of_domain], self.opts.max_router_prompts_per_domain)
-        self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx, held_out)
+        result.add(self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx,
+                                   self.train_config("router"), held_out), "router")
         self.router.model.requires_grad_(False)
-        seconds["router"] = time.perf_counter() - t0
-        if self.router.eval_accuracy is not None:
-            metrics["router:eval_accuracy"] = self.router.eval_accuracy
         for task in self.tasks:
-            sec, met = self._fit_task(task, by_task[task.name], eval_by_task.get(task.name, []), judged, ctx)
-            seconds.update(sec)
-            metrics.update(met)
-        return FitResult(metrics, seconds)
+            self._fit_task(task, by_task[task.name], eval_by_task.get(task.name, []), judged, ctx, result)
+        return result
 
     def _task_pairs_lenient(self, pairs: Sequence[PreferencePair]) -> dict[str, list[PreferencePair]]:
         owner = self.task_of_domain
@@ -286,10 +287,10 @@ class DMoERMSystem(RewardSystem):
         return out
 
     def _fit_task(self, task: TaskSpec, pairs: list[PreferencePair], eval: list[PreferencePair],
-                  judged: Sequence[PreferencePair], ctx: FitContext) -> tuple[dict[str, float], dict[str, float]]:
-        t = self.config.train
+                  judged: Sequence[PreferencePair], ctx: FitContext, result: FitResult) -> None:
+        seed = self.config.train.seed
         root = ctx.out_dir / "components" / f"task-{task.name}"
-        split_a, split_b = split_ab(pairs, self.opts.split_a, t.seed)
+        split_a, split_b = split_ab(pairs, self.opts.split_a, seed)
         if not split_a or not split_b:
             raise ConfigError(f"task {task.name!r}: {len(pairs)} pairs cannot be split {self.opts.split_a:.0%}/"
                               f"{1 - self.opts.split_a:.0%} into non-empty splits A and B")
@@ -302,17 +303,14 @@ class DMoERMSystem(RewardSystem):
                 f"(aspects_chosen/aspects_rejected) or judge labels (moerm label judge; options.capability_labels), "
                 f"or drop the capability from the task")
         cap_eval = self.capability_data(task, eval, [], set()) if eval else {}
-        seconds: dict[str, float] = {}
-        metrics: dict[str, float] = {f"{task.name}:split_a_pairs": float(len(split_a)),
-                                     f"{task.name}:split_b_pairs": float(len(split_b))}
+        result.metrics.update({f"{task.name}:split_a_pairs": float(len(split_a)),
+                               f"{task.name}:split_b_pairs": float(len(split_b))})
 
         # Phase 1: the task's base RM on its overall preference pairs of split A (full fine-tuning).
-        base_cfg = dataclasses.replace(self.config, system="baseline", options={})
-        base = BaselineSystem(base_cfg)
-        t0 = time.perf_counter()
-        r1 = base.fit(split_a, eval or None, FitContext(root / "phase1", ctx.resume, ctx.progress, ctx.stop_after_steps))
-        seconds[f"{task.name}:phase1"] = time.perf_counter() - t0
-        metrics.update({f"{task.name}:phase1:{k}": v for k, v in r1.metrics.items() if k.startswith("eval_")})
+        base = BaselineSystem(dataclasses.replace(self.config, system="baseline", options={}, components={},
+                                                  train=self.train_config("base")))
+        result.merge(base.fit(split_a, eval or None, FitContext(root / "phase1", ctx.resume, ctx.progress,
+                                                                  ctx.stop_after_steps)), f"{task.name}:phase1")
 
         # Phase 2: one LoRA expert per capability on the frozen phase-1 model, each head a copy of the phase-1 head.
         backbone = base.backbone
@@ -323,52 +321,34 @@ class DMoERMSystem(RewardSystem):
         model = TaskModel(ExpertBank(backbone, [adapter_of(c) for c in task.capabilities], first), base.head, heads,
                           aggregator).to(base.device)
         self.models[task.name] = model
-        lr = self.opts.expert_lr or 1e-3
-        e_cfg = dataclasses.replace(t, lr=lr, head_lr=lr, epochs=self.opts.expert_epochs or t.epochs, max_steps=None)
+        e_cfg = self.train_config("expert")
         for cap in task.capabilities:
             self._activate(model, cap)
             data = TokenPairs.build(cap_train[cap], self.encoder, progress=ctx.progress)
             ev = TokenPairs.build(cap_eval[cap], self.encoder) if cap_eval.get(cap) else None
-            path = _RewardPath(backbone, heads[cap])
-            trainer = Trainer(path, make_pairwise_step(t.center_rewards_coefficient, use_margin=False), data,
-                              data.collate, e_cfg, root / f"expert-{cap}", [(backbone, lr), (heads[cap], lr)],
-                              eval_fn=(lambda m, ev=ev: pairwise_eval(m, ev, t.eval_batch_size)) if ev else None,
-                              desc=f"{task.name}:{cap}", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps)
-            result = trainer.train(resume=ctx.resume)
-            model.to(trainer.accelerator.device)
-            seconds[f"{task.name}:expert:{cap}"] = result.seconds
-            metrics[f"{task.name}:expert:{cap}:train_pairs"] = float(len(data))
-            metrics.update({f"{task.name}:expert:{cap}:{k}": v for k, v in result.final_metrics.items()
-                            if k.startswith("eval_")})
-
-        sec, met = self._phase3(task.name, model, split_b, eval, root / "aggregator", ctx)
-        seconds.update(sec)
-        metrics.update(met)
-        return seconds, metrics
+            name = f"{task.name}:expert:{cap}"
+            fit = fit_component(name, RewardModel(backbone, heads[cap]), data, e_cfg, ctx, root / f"expert-{cap}",
+                                [(backbone, e_cfg.lr), (heads[cap], e_cfg.head_lr or e_cfg.lr)], ev)
+            result.add(fit, name)
+            result.metrics[f"{name}:train_pairs"] = float(len(data))
+        model.to(distributed.device())
+        result.add(self._phase3(task.name, model, split_b, eval, root / "aggregator", ctx), f"{task.name}:aggregator")
 
     def _phase3(self, task: str, model: TaskModel, split_b: Sequence[PreferencePair], eval: Sequence[PreferencePair],
-                out_dir: Path, ctx: FitContext) -> tuple[dict[str, float], dict[str, float]]:
+                out_dir: Path, ctx: FitContext) -> ComponentFit:
         """Everything frozen; the aggregator learns overall preference on split B from the experts' states."""
-        t = self.config.train
         self._activate(model, None)
         if self.opts.aggregator_init == "experts":
             self._start_aggregator_from_experts(model)
         t0 = time.perf_counter()
         feats = self._expert_features(model, split_b, ctx.progress, f"{task}: expert states (split B)")
         eval_feats = self._expert_features(model, eval, False, "") if eval else None
-        a_cfg = dataclasses.replace(t, lr=self.opts.aggregator_lr, head_lr=self.opts.aggregator_lr,
-                                    epochs=self.opts.aggregator_epochs, batch_size=self.opts.aggregator_batch_size,
-                                    max_steps=None, grad_accum=1)
-        trainer = Trainer(RewardModel(None, model.aggregator),
-                          make_pairwise_step(t.center_rewards_coefficient, t.use_margin), feats, feats.collate, a_cfg,
-                          out_dir, [(model.aggregator, self.opts.aggregator_lr)],
-                          eval_fn=(lambda m: pairwise_eval(m, eval_feats, t.eval_batch_size)) if eval_feats else None,
-                          desc=f"{task}:aggregator", progress=ctx.progress, stop_after_steps=ctx.stop_after_steps)
-        result = trainer.train(resume=ctx.resume)
-        model.to(trainer.accelerator.device)
+        a_cfg = self.train_config("aggregator")
+        fit = fit_component(f"{task}:phase3", RewardModel(None, model.aggregator), feats, a_cfg, ctx, out_dir,
+                            [(model.aggregator, a_cfg.head_lr or a_cfg.lr)], eval_feats)
+        model.to(distributed.device())
         model.eval()
-        metrics = {f"{task}:aggregator:{k}": v for k, v in result.final_metrics.items() if k.startswith("eval_")}
-        return {f"{task}:phase3": time.perf_counter() - t0}, metrics
+        return dataclasses.replace(fit, seconds=time.perf_counter() - t0)  # feature extraction included
 
     @staticmethod
     def _start_aggregator_from_experts(model: TaskModel) -> None:
@@ -437,6 +417,7 @@ class DMoERMSystem(RewardSystem):
             raise RuntimeError("DMoERM has no model yet: fit or load it first")
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        mode = self.check_mode(mode)
         probs = self.router.probs(prompts, batch_size)  # (N, T)
         routes = decide_routes(probs, self.task_names, self._route_hints(domains), self.opts.min_confidence)
         subs: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
@@ -450,12 +431,8 @@ class DMoERMSystem(RewardSystem):
 
         rewards = combine_rewards(routes, per_task, len(prompts))
         details = []
-        for i, r in enumerate(routes):
-            top = max(r.probs, key=r.probs.get)
-            det: dict[str, Any] = {"system": self.name, "routed_task": r.domain, "task_top": top,
-                                   "task_confidence": r.probs[top], "task_probs": r.probs, "task_route_source": r.source,
-                                   "fallback": r.domain is None, "fallback_reason": r.reason,
-                                   "inference": mode or self.opts.inference}
+        for i, r in enumerate(routes):  # the routes are tasks: routed_domain / router_top name a task
+            det: dict[str, Any] = {"system": self.name, **r.details(), "inference": mode}
             if r.domain is not None:
                 det["capability_scores"] = subs[r.domain][i]
             else:  # the probability-weighted mixture of every task's model
@@ -463,18 +440,85 @@ class DMoERMSystem(RewardSystem):
             details.append(det)
         return ScoreOutput(rewards.tolist(), details)
 
+    # -- moerm bench
+    @classmethod
+    def bench_plan(cls, options: dict[str, Any], train: Sequence[PreferencePair], test: Sequence[PreferencePair],
+                   seeds: Sequence[int], out_dir: Path) -> BenchPlan | None:
+        """The tasks of `options.tasks`/`options.tasks_file` restricted to what the data has labels for.
+
+        A task keeps the domains present in the data, and the capabilities with at least `min_capability_pairs`
+        aspect-labelled pairs (ties dropped) in split A for every seed; a task with no domain or capability left is
+        dropped. DMoERM then trains and is evaluated on the kept tasks' domains only; with none left it is skipped.
+        """
+        from moerm.bench.presets import resolve_path  # lazily: the bench imports the systems
+        from moerm.config import from_dict
+
+        opts = from_dict(DMoERMOptions, dict(options), "options")
+        if opts.tasks and opts.tasks_file:
+            raise ConfigError("give options.tasks or options.tasks_file, not both")
+        if opts.tasks:
+            tasks, source = parse_tasks(opts.tasks, "options.tasks"), "options.tasks (inline)"
+        elif opts.tasks_file:
+            tasks, source = load_tasks_file(resolve_path(opts.tasks_file)), str(opts.tasks_file)
+        else:
+            raise ConfigError("options.tasks_file: dmoerm needs tasks (a tasks file such as "
+                              "configs/tasks/aspect-domains.yaml, or options.tasks inline)")
+        if not opts.use_aspects or opts.capability_labels:
+            raise ConfigError("options: the bench takes capability labels from aspect scores only "
+                              "(use_aspects true, no capability_labels)")
+        data_domains = sorted({p.domain for p in train})
+        kept: dict[str, Any] = {}
+        dropped: list[str] = []
+        for t in tasks:
+            present = [d for d in t.domains if d in data_domains]
+            if not present:
+                dropped.append(f"task {t.name}: none of its domains ({', '.join(t.domains)}) is in the data")
+                continue
+            pairs = [p for p in train if p.domain in present]
+            caps = []
+            for c in t.capabilities:
+                fewest = min(len(capability_pairs(split_ab(pairs, opts.split_a, seed)[0], c)[0]) for seed in seeds)
+                if fewest >= opts.min_capability_pairs:
+                    caps.append(c)
+                else:
+                    dropped.append(f"task {t.name}: capability {c} has {fewest} aspect-labelled pairs in split A "
+                                   f"(< min_capability_pairs {opts.min_capability_pairs})")
+            if not caps:
+                dropped.append(f"task {t.name}: no capability with enough aspect labels in {', '.join(present)}")
+                continue
+            kept[t.name] = {"domains": present, "capabilities": caps}
+        info: dict[str, Any] = {"tasks_source": source, "tasks": kept, "dropped": dropped}
+        report = [f"Tasks from {source}, restricted to the data's aspect-labelled domains:", ""]
+        report += [f"- **{t}**: domains {', '.join(v['domains'])}; capability experts {', '.join(v['capabilities'])}"
+                   for t, v in kept.items()]
+        if dropped:
+            report += ["", "Left out of the plan:", ""] + [f"- {d}" for d in dropped]
+        if not kept:
+            covered = ", ".join(sorted({d for t in tasks for d in t.domains}))
+            return BenchPlan(info=info, report=report, skipped=(
+                f"the data has no aspect labels for the domains of {source} (its tasks cover {covered}; the data "
+                f"has {', '.join(data_domains)})"))
+        keep = {d for v in kept.values() for d in v["domains"]}
+        owner = task_of_domain(tasks)
+        left_out = {d: (f"task {owner[d]} has no capability with enough aspect labels" if d in owner
+                        else f"in none of the tasks of {source}") for d in data_domains if d not in keep}
+        d_test = [p for p in test if p.domain in keep]
+        if not d_test:
+            return BenchPlan(info=info, report=report, left_out=left_out,
+                             skipped="no held-out pairs in the domains its tasks cover")
+        return BenchPlan(train=[p for p in train if p.domain in keep], test=d_test,
+                         options={"tasks": kept, "tasks_file": None}, left_out=left_out, report=report, info=info)
+
     # -- persistence
     def components(self) -> dict[str, nn.Module]:
         comps: dict[str, nn.Module] = {}
         if self.router is not None:
             comps["router"] = self.router.model
         for name, model in self.models.items():
-            lora = {id(p) for n, p in model.bank.peft.named_parameters() if "lora_A" in n or "lora_B" in n}
-            comps[f"{name}:base"] = _ParamView([p for p in model.bank.peft.parameters() if id(p) not in lora]
-                                               + list(model.base_head.parameters()))
+            comps[f"{name}:base"] = ParamView(base_parameters(model.bank.peft) + list(model.base_head.parameters()))
             for cap in model.capabilities:
-                comps[f"{name}:expert:{cap}"] = _ParamView(lora_parameters(model.bank.peft, adapter_of(cap))
-                                                           + list(model.expert_heads[cap].parameters()))
+                comps[f"{name}:expert:{cap}"] = ParamView(lora_parameters(model.bank.peft, adapter_of(cap))
+                                                          + list(model.expert_heads[cap].parameters()))
             comps[f"{name}:aggregator"] = model.aggregator
         return comps
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ from torch import nn
 
 from moerm.config import RunConfig
 from moerm.data.schema import PreferencePair
+from moerm.errors import UserError
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, load_system, register
 from moerm.systems.baseline import BaselineSystem
 from moerm.train.checkpoint import atomic_write_text
@@ -38,9 +38,9 @@ class EnsembleOptions:
 
     def __post_init__(self) -> None:
         if self.members < 1:
-            raise ValueError("options.members must be at least 1")
+            raise UserError("options.members must be at least 1")
         if self.combine not in COMBINE:
-            raise ValueError(f"options.combine must be one of {', '.join(COMBINE)}; got {self.combine!r}")
+            raise UserError(f"options.combine must be one of {', '.join(COMBINE)}; got {self.combine!r}")
 
 
 def combine(rewards: torch.Tensor, how: str, uwo_lambda: float = 1.0, norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,6 +63,7 @@ class EnsembleSystem(RewardSystem):
 
     name = "ensemble"
     options_class = EnsembleOptions
+    component_defaults = {"member": {}}
 
     def __init__(self, config: RunConfig, members: Sequence[BaselineSystem] = ()):
         super().__init__(config)
@@ -71,25 +72,20 @@ class EnsembleSystem(RewardSystem):
         self.norm: torch.Tensor | None = None  # (K, 2) per member (mean, std) of its rewards on training replies
 
     def _member_config(self, i: int) -> RunConfig:
-        m = self.config.model
-        return dataclasses.replace(self.config, system="baseline", options={},
-                                   model=dataclasses.replace(m, tuning="full" if m.tuning == "auto" else m.tuning),
-                                   train=dataclasses.replace(self.config.train, seed=self.config.train.seed + i))
+        t = self.train_config("member")
+        return dataclasses.replace(self.config, system="baseline", options={}, components={},
+                                   train=dataclasses.replace(t, seed=t.seed + i))
 
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
-        seconds: dict[str, float] = {}
-        metrics: dict[str, float] = {}
+        result = FitResult({})
         self.members = []
         for i in range(self.opts.members):
             rm = BaselineSystem(self._member_config(i))
-            t0 = time.perf_counter()
-            result = rm.fit(train, eval, FitContext(ctx.out_dir / "components" / f"member-{i}", ctx.resume,
-                                                   ctx.progress, ctx.stop_after_steps))
-            seconds[f"member:{i}"] = time.perf_counter() - t0
-            metrics.update({f"member:{i}:{k}": v for k, v in result.metrics.items() if k.startswith("eval_")})
+            result.merge(rm.fit(train, eval, FitContext(ctx.out_dir / "components" / f"member-{i}", ctx.resume,
+                                                        ctx.progress, ctx.stop_after_steps)), f"member:{i}")
             self.members.append(rm)
         self.norm = self._reward_stats(train)
-        return FitResult(metrics, seconds)
+        return result
 
     def _reward_stats(self, train: Sequence[PreferencePair]) -> torch.Tensor:
         """(K, 2): each member's reward mean and std over the replies of a fixed sample of training pairs."""
@@ -104,7 +100,8 @@ class EnsembleSystem(RewardSystem):
         return torch.tensor(stats)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
-              batch_size: int = 32) -> ScoreOutput:
+              batch_size: int = 32, mode: str | None = None) -> ScoreOutput:
+        self.check_mode(mode)
         if not self.members:
             raise RuntimeError("the ensemble has no members yet: fit or load it first")
         per = torch.tensor([m.score(prompts, responses, batch_size=batch_size).rewards for m in self.members])  # (K, N)

@@ -62,7 +62,8 @@ class MoRESystem(BaselineSystem):
         return MoREHead(hidden_size, from_dict(MoREOptions, config.options, "options"))
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
-              batch_size: int = 32) -> ScoreOutput:
+              batch_size: int = 32, mode: str | None = None) -> ScoreOutput:
+        self.check_mode(mode)
         self.model.eval()
         head: MoREHead = self.head  # type: ignore[assignment]
 

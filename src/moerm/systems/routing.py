@@ -12,22 +12,31 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from moerm.backbone import PairEncoder
+from moerm.config import RunConfig, TrainConfig
 from moerm.data.schema import PreferencePair
+from moerm.encoding import Backbone, PairEncoder, backbone_kwargs, load_backbone, make_encoder
+from moerm.encoding.cache import frozen_features
+from moerm.errors import UserError
+from moerm.encoding.tuning import apply_tuning, restore_adapters, save_backbone, saved_backbone_path
+from moerm.modules.router import DomainClassifier
+from moerm.systems.components import ComponentFit, fit_component
+from moerm.train.checkpoint import atomic_save_safetensors
 from moerm.inference import sorted_batches
 from moerm.train import distributed
 
 ROUTER_PROMPTS = "router_prompts.jsonl.gz"
+# A router's train settings over the run's `train` (components.router.train overrides them): a linear classifier on
+# (cached or tuned) prompt features learns in a few epochs at a head's learning rate.
+ROUTER_DEFAULTS = {"lr": 1e-3, "head_lr": None, "epochs": 3.0, "max_steps": None}  # head_lr None: = lr
 
 
 @dataclass
 class RouterOptions:
     """Options shared by routed systems (set with --set options.KEY=VALUE)."""
 
-    router_epochs: float = 3.0
-    router_lr: float = 1e-3
     router_tuning: str = "frozen"  # frozen: cached prompt features + linear classifier; full: fine-tune a backbone; lora: LoRA + classifier
     min_confidence: float = 0.0  # below it the router's choice is not trusted: fall back
     fallback: str = "mixture"  # mixture: probability-weighted sum of the domain RMs; general: an RM on all domains
@@ -36,11 +45,11 @@ class RouterOptions:
 
     def __post_init__(self) -> None:
         if self.router_tuning not in ("frozen", "full", "lora"):
-            raise ValueError(f"options.router_tuning must be frozen, full or lora; got {self.router_tuning!r}")
+            raise UserError(f"options.router_tuning must be frozen, full or lora; got {self.router_tuning!r}")
         if self.fallback not in ("mixture", "general"):
-            raise ValueError(f"options.fallback must be 'mixture' or 'general'; got {self.fallback!r}")
+            raise UserError(f"options.fallback must be 'mixture' or 'general'; got {self.fallback!r}")
         if not 0.0 <= self.min_confidence <= 1.0:
-            raise ValueError("options.min_confidence must be within [0, 1]")
+            raise UserError("options.min_confidence must be within [0, 1]")
 
 
 def router_examples(pairs: Sequence[PreferencePair], cap_per_domain: int) -> list[tuple[str, str]]:
@@ -58,14 +67,22 @@ def router_examples(pairs: Sequence[PreferencePair], cap_per_domain: int) -> lis
     return out
 
 
+def require_routes(routes: Sequence[str], system: str, what: str = "domains") -> None:
+    """A router needs at least two classes to choose between: one domain is an error, not a 1-class router."""
+    if len(set(routes)) < 2:
+        raise UserError(f"{system} routes between {what} and needs at least two; the training data has "
+                        f"{len(set(routes))} ({', '.join(sorted(set(routes))) or 'none'}). Add another domain's data, "
+                        "or train a baseline")
+
+
 def new_domain_of(pairs: Sequence[PreferencePair], existing: Sequence[str]) -> str:
     """The one domain `add-domain` was given; an error when the pairs hold several, or a domain already served."""
     domains = {p.domain for p in pairs}
     if len(domains) != 1:
-        raise ValueError(f"add-domain takes the pairs of one new domain; got {sorted(domains)}")
+        raise UserError(f"add-domain takes the pairs of one new domain; got {sorted(domains)}")
     (domain,) = domains
     if domain in existing:
-        raise ValueError(f"domain {domain!r} already has a reward model; choose a new domain name")
+        raise UserError(f"domain {domain!r} already has a reward model; choose a new domain name")
     return domain
 
 
@@ -229,3 +246,70 @@ def combine_rewards(routes: Sequence[Route], per_domain: Callable[[str, list[int
             r = routes[i]
             rewards[i] += s if r.domain is not None else r.probs[d] * s
     return rewards
+
+
+class Router:
+    """A DomainClassifier over prompts: on a frozen backbone (cached features), fine-tuned fully, or with LoRA."""
+
+    def __init__(self, config: RunConfig, opts: RouterOptions, domains: list[str], backbone: Backbone | None = None):
+        self.config, self.opts, self.domains = config, opts, list(domains)
+        m = config.model
+        if backbone is None:
+            backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
+            apply_tuning(backbone, opts.router_tuning, m)  # lora: only the adapter and the classifier train
+        elif opts.router_tuning == "frozen":
+            backbone.requires_grad_(False)
+        self.backbone = backbone
+        self.model = DomainClassifier(self.backbone, self.backbone.hidden_size, len(self.domains))
+        self.encoder = make_encoder(m.backbone, opts.router_max_length)
+        self.eval_accuracy: float | None = None  # on held-out prompts, set by `fit` when it had some
+
+    def _features(self, examples: Sequence[tuple[str, str]], ctx: Any, desc: str) -> FeatureTexts:
+        feats = frozen_features(self.backbone, self.encoder, self.config.model, [p for p, _ in examples], None,
+                                self.config.train.eval_batch_size, desc, ctx.progress)  # (N, H)
+        index = {d: i for i, d in enumerate(self.domains)}
+        return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
+
+    def fit(self, examples: Sequence[tuple[str, str]], out_dir: Path, ctx: Any, train_cfg: TrainConfig,
+            eval_examples: Sequence[tuple[str, str]] = ()) -> ComponentFit:
+        """Train on `examples`; `eval_examples` (held-out prompts, unknown domains dropped) give its eval accuracy."""
+        held_out = [(p, d) for p, d in eval_examples if d in self.domains]
+        if self.opts.router_tuning == "frozen":
+            data: PromptTexts | FeatureTexts = self._features(examples, ctx, "features (router)")
+            eval_data = self._features(held_out, ctx, "features (router eval)") if held_out else None
+            module: nn.Module = DomainClassifier(None, self.backbone.hidden_size, len(self.domains))
+            module.classifier = self.model.classifier
+            groups = [(self.model.classifier, train_cfg.head_lr or train_cfg.lr)]
+        else:
+            data = PromptTexts.build(examples, self.domains, self.encoder)
+            eval_data = PromptTexts.build(held_out, self.domains, self.encoder) if held_out else None
+            module = self.model
+            groups = [(self.backbone, train_cfg.lr), (self.model.classifier, train_cfg.head_lr or train_cfg.lr)]
+        fit = fit_component("router", module, data, train_cfg, ctx, out_dir, groups, eval_data, kind="classification")
+        self.model.to(distributed.device())
+        self.eval_accuracy = fit.metrics.get("eval_accuracy")
+        return fit
+
+    def probs(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """(N, D) routing probabilities; each distinct prompt is classified once."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+
+        def logits(rows: list[dict[str, list[int]]]) -> torch.Tensor:
+            return self.model(**{k: v.to(device) for k, v in self.encoder.pad(rows).items()})  # (b, D)
+
+        return prompt_probs(prompts, self.encoder, logits, len(self.domains), batch_size)
+
+    def save(self, path: Path) -> None:
+        atomic_save_safetensors(self.model.classifier.state_dict(), path / "classifier.safetensors")
+        save_backbone(self.backbone, self.opts.router_tuning, path, self.encoder.tokenizer)
+
+    @classmethod
+    def load(cls, path: Path, config: RunConfig, opts: RouterOptions, domains: list[str]) -> "Router":
+        m = config.model
+        backbone = load_backbone(saved_backbone_path(opts.router_tuning, path, m.backbone), m.pooling,
+                                 **backbone_kwargs(config))
+        restore_adapters(backbone, opts.router_tuning, path, trainable=False)
+        router = cls(config, opts, domains, backbone=backbone)
+        router.model.classifier.load_state_dict(load_file(str(path / "classifier.safetensors")))
+        return router

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moerm.backbone import PairEncoder
+from moerm.encoding import PairEncoder
 from moerm.data.schema import PreferencePair
 from moerm.train import distributed
 from moerm.train.loss import bradley_terry_loss

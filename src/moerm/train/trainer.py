@@ -23,11 +23,16 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from moerm.config import TrainConfig
+from moerm.errors import UserError
 from moerm.train import distributed
 from moerm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: nothing is saved; the message says at which step and what to change."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -89,10 +94,10 @@ class Trainer:
         stop_after_steps: int | None = None,
     ):
         if len(dataset) == 0:
-            raise ValueError(f"{desc}: the training set is empty")
+            raise UserError(f"{desc}: the training set is empty")
         world = distributed.world_size()
         if len(dataset) < world:
-            raise ValueError(f"{desc}: {len(dataset)} training examples cannot be shared by {world} processes (each "
+            raise UserError(f"{desc}: {len(dataset)} training examples cannot be shared by {world} processes (each "
                              f"needs at least one per epoch): use fewer processes or more data")
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -106,7 +111,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Saving gathers nothing from shards yet: refuse up front rather than fail at the first checkpoint.
-            raise ValueError(f"{desc}: {self.accelerator.distributed_type.value} sharding is not supported yet; "
+            raise UserError(f"{desc}: {self.accelerator.distributed_type.value} sharding is not supported yet; "
                              "launch without an FSDP/DeepSpeed accelerate config (DDP: every process holds the model)")
         set_seed(cfg.seed)
         groups = groups or [(model, cfg.lr)]
@@ -228,7 +233,13 @@ class Trainer:
                     loss, metrics = self.step_fn(self.model, batch)
                     acc.backward(loss / n_micro)
                 micro_in_step += 1
-                window.append((float(loss.detach()), float(metrics.get("accuracy", float("nan")))))
+                value = float(loss.detach())
+                if not math.isfinite(value):  # a diverged run is an error, never a saved model
+                    raise TrainingDiverged(
+                        f"{self.desc}: the training loss is {value} at step {step + 1} (epoch {epoch}); training "
+                        f"diverged. Lower the learning rate (train.lr={cfg.lr:g}), keep train.max_grad_norm on "
+                        f"(now {cfg.max_grad_norm:g}), or check the data for extreme margins")
+                window.append((value, float(metrics.get("accuracy", float("nan")))))
                 if not will_step:
                     continue
                 if cfg.max_grad_norm:

@@ -124,8 +124,8 @@ def test_routed_and_moe_systems_end_to_end(tmp_path, tiny_bert, system):
     res = runner.invoke(app, ["train", "--system", system, "--backbone", tiny_bert, "--data", str(data), "--out", str(run),
                               "--no-progress", "--set", "train.lr=5e-4", "--set", "train.epochs=3",
                               "--set", "train.batch_size=8", "--set", "model.max_length=48",
-                              "--set", "options.num_experts=4" if system == "more" else "options.router_epochs=15",
-                              "--set", "options.top_k=2" if system == "more" else "options.router_lr=0.02"])
+                              "--set", "options.num_experts=4" if system == "more" else "components.router.train.epochs=15",
+                              "--set", "options.top_k=2" if system == "more" else "components.router.train.lr=0.02"])
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "train_summary.json").read_text())
     res = runner.invoke(app, ["eval", str(run), "--data", str(data)])

@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PretrainedConfig
 
-from moerm.backbone import Backbone
+from moerm.encoding.backbone import Backbone
 
 Rows = slice | list[int]  # which rows of the batch a pass computes: all of them, or these, in this order
 

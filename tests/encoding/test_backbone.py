@@ -9,8 +9,9 @@ from torch import nn
 from torch.testing import assert_close
 from transformers import BertConfig, BertModel
 
-from moerm import backbone as bb
-from moerm.backbone import (
+from moerm.encoding import cache as cache_mod
+from moerm.encoding import pairs as pairs_mod
+from moerm.encoding import (
     Backbone, PairEncoder, backbone_id, backbone_kwargs, is_decoder, load_backbone, load_config, load_tokenizer,
     make_encoder, pooled, resolve_model_path,
 )
@@ -64,7 +65,7 @@ def test_decoder_last_token_pooling_is_right_when_pad_equals_eos(tiny_gpt2):
 def test_backbone_error_is_clear_for_unreachable_hub_names(monkeypatch):
     import pytest
 
-    from moerm.backbone import BackboneError
+    from moerm.encoding import BackboneError
 
     with pytest.raises(BackboneError, match="Hub may be unreachable"):
         load_backbone("no-such-org/no-such-model-xyz")
@@ -118,7 +119,7 @@ def test_huge_texts_are_clipped_before_tokenising_without_changing_the_result():
     spy = _SpyTokenizer(tok)
     enc = PairEncoder(spy, max_length=64)  # type: ignore[arg-type]
     out = enc.encode(words, words)
-    assert spy.longest <= 64 * bb.CHARS_PER_TOKEN < len(words)
+    assert spy.longest <= 64 * pairs_mod.CHARS_PER_TOKEN < len(words)
     r_ids = tok(words, add_special_tokens=False, verbose=False)["input_ids"]
     assert out["input_ids"] == [tok.cls_token_id, tok.sep_token_id, *r_ids[:61], tok.sep_token_id]
     p_only = enc.encode(words, "")
@@ -246,8 +247,8 @@ def test_backbone_id_changes_with_the_weights_not_just_their_size(tmp_path, monk
 
 
 def test_backbone_id_of_big_files_samples_their_content(tmp_path, monkeypatch):
-    monkeypatch.setattr(bb, "FULL_HASH_MAX_BYTES", 0)  # every file counts as big
-    monkeypatch.setattr(bb, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(cache_mod, "FULL_HASH_MAX_BYTES", 0)  # every file counts as big
+    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 64)
     folder = tmp_path / "big"
     _save_bert(folder, seed=1)
     first = backbone_id(str(folder))

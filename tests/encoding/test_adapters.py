@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_model
-from moerm.backbone import Backbone
-from moerm.modules.adapters import can_mix_adapters, encode_through, lora_parameters
+from moerm.encoding import Backbone
+from moerm.encoding.adapters import can_mix_adapters, encode_through, lora_parameters
 
 NAMES = ("a", "b", "c")
 

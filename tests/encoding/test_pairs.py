@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moerm.backbone import BackboneError, PairEncoder, hh_messages, make_encoder
+from moerm.encoding import BackboneError, PairEncoder, hh_messages, make_encoder
 
 CORPUS = [
     "system user assistant You are a helpful assistant.",

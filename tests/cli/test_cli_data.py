@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from moerm.cli_data import data_app
+from moerm.cli.data import data_app
 
 runner = CliRunner()
 
@@ -66,7 +66,7 @@ def test_data_error_is_one_line(tmp_path: Path) -> None:
         assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
 
 
-@pytest.mark.skipif(importlib.util.find_spec("moerm.backbone") is None, reason="moerm.backbone not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("moerm.encoding") is None, reason="moerm.encoding not written yet")
 def test_stats_json_with_embedded_tokenizer(tmp_path: Path) -> None:
     path = write(tmp_path / "x.jsonl", [rec(1, "alpha"), rec(2, "beta", chosen="a much longer good answer")])
     res = runner.invoke(data_app, ["stats", str(path), "--json"])

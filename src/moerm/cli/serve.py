@@ -1,0 +1,74 @@
+"""`moerm serve`: a reward system over HTTP with dynamic batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.text import Text
+
+from moerm.cli.common import err, quiet_hf, run_guarded
+
+API_KEY_IN_PS = ("--api-key is visible to every user of this machine (ps, /proc) and stays in shell history; "
+                 "prefer $MOERM_API_KEY or --api-key-file PATH")
+
+
+def serve(
+    run: Path = typer.Argument(..., help="run folder or saved model folder"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_batch: int = typer.Option(64, "--max-batch", help="most items scored together"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a request may wait for others to join"),
+    no_batching: bool = typer.Option(False, "--no-batching", help="score each request alone"),
+    max_queue: int = typer.Option(1024, "--max-queue", help="most items waiting; past it: 503 + Retry-After"),
+    max_items: int = typer.Option(256, "--max-items", help="most items per request (413 past it)"),
+    max_chars: int = typer.Option(32000, "--max-chars", help="most characters per text (413 past it)"),
+    max_request_chars: int = typer.Option(2_000_000, "--max-request-chars",
+                                          help="most characters in all texts of one request (413 past it)"),
+    max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes",
+                                       help="largest request body, refused (413) before it is read"),
+    body_timeout_s: float = typer.Option(30.0, "--body-timeout-s",
+                                         help="seconds a request body may take to arrive (408 past it)"),
+    header_timeout_s: float = typer.Option(10.0, "--header-timeout-s",
+                                           help="seconds a request head may take to arrive (then disconnected)"),
+    max_connections: int = typer.Option(1000, "--max-connections",
+                                        help="most open connections; past it the longest-waiting one is closed"),
+    keep_alive_s: float = typer.Option(75.0, "--keep-alive-s", help="seconds an idle keep-alive connection stays open"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="bearer token required on every request but "
+                                          "/health; visible in ps: prefer $MOERM_API_KEY or --api-key-file"),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="file holding the bearer token "
+                                                "(default: $MOERM_API_KEY; none: no auth)"),
+    query_template: str = typer.Option("chatml", "--query-template", help="OpenRLHF query split: chatml | llama3 | "
+                                       "hh, or a string with {prompt} then {response}"),
+    batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
+    torch_threads: Optional[int] = typer.Option(None, "--torch-threads", help="torch CPU threads (default: torch's)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve a reward system over HTTP (POST /v1/score, OpenRLHF's /get_reward) with dynamic batching."""
+    from moerm.serve.config import ServeConfig
+    from moerm.serve.server import run_server
+    from moerm.systems.base import find_model_dir
+
+    quiet_hf()
+
+    def go() -> None:
+        find_model_dir(run)  # a wrong folder fails here, not after the server is up
+        cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
+                          max_queue=max_queue, max_items_per_request=max_items, max_chars_per_text=max_chars,
+                          max_request_chars=max_request_chars, max_body_bytes=max_body_bytes,
+                          body_timeout_s=body_timeout_s, header_timeout_s=header_timeout_s,
+                          max_connections=max_connections, keep_alive_s=keep_alive_s, api_key=api_key,
+                          api_key_file=str(api_key_file) if api_key_file is not None else None,
+                          query_template=query_template, batch_size=batch_size, device=device,
+                          torch_threads=torch_threads)
+        if api_key:
+            err.print(Text.assemble(("warning:", "bold yellow"), " ", API_KEY_IN_PS))
+        run_server(str(run), cfg, log_level=log_level)
+
+    run_guarded(go)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
