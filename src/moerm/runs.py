@@ -6,6 +6,7 @@ A run folder holds `config.yaml` (resolved), `command.txt`, `data.json` (what wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -47,6 +48,16 @@ def _domain_counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def data_fingerprint(train: Sequence[PreferencePair], evals: Sequence[PreferencePair]) -> str:
+    """A hash of exactly the pairs a run trains and evaluates on (texts, domains, margins, order)."""
+    h = hashlib.sha256()
+    for split, pairs in (("train", train), ("eval", evals)):
+        h.update(f"{split}:{len(pairs)}".encode())
+        for p in pairs:
+            h.update(json.dumps([p.id, p.domain, p.prompt, p.chosen, p.rejected, p.margin], ensure_ascii=False).encode())
+    return h.hexdigest()[:24]
+
+
 def default_eval_paths(train_paths: Sequence[str]) -> list[str]:
     """When every --data path is a folder, its test* files are the held-out set."""
     if not train_paths or not all(Path(p).is_dir() for p in train_paths):
@@ -72,6 +83,7 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
     train = cap_per_domain(train, d.max_train_pairs_per_domain, cfg.train.seed)
     evals = cap_per_domain(evals, d.max_eval_pairs_per_domain, cfg.train.seed)
     info = {
+        "fingerprint": data_fingerprint(train, evals),
         "train_files": [str(p) for p in resolve_data_paths(d.train, split="train")],
         "eval_files": eval_paths,
         "train_pairs": _domain_counts(train),
@@ -83,7 +95,8 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
 
 
 def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = False, progress: bool = True,
-              console: Console | None = None, stop_after_steps: int | None = None) -> dict[str, Any]:
+              console: Console | None = None, stop_after_steps: int | None = None,
+              allow_data_change: bool = False) -> dict[str, Any]:
     """Train `cfg` into `run_dir` (or resume it) and save the system to run_dir/model."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -94,10 +107,17 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
         if not resume:
             raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         saved = from_dict(RunConfig, yaml.safe_load(cfg_path.read_text()))
-        if saved != cfg and console is not None:
+        if _differs(saved, cfg) and console is not None:
             console.print("[yellow]resuming with the run's saved config.yaml (command-line changes ignored)[/]")
         cfg = saved
     train, evals, data_info = load_run_data(cfg, console)
+    saved_data = run_dir / "data.json"
+    if existed and saved_data.exists() and not allow_data_change:
+        before = json.loads(saved_data.read_text()).get("fingerprint")
+        if before is not None and before != data_info["fingerprint"]:
+            raise ConfigError(f"{run_dir}: the training or held-out data changed since this run started (data "
+                              f"fingerprint {before} -> {data_info['fingerprint']}); resuming would mix two datasets. "
+                              "Restore the data, train into a new --out, or pass --allow-data-change")
     if console is not None:
         world = distributed.world_size()
         console.print(f"[bold]{cfg.system}[/] ({cfg.model.tuning}, {cfg.model.backbone}): "
@@ -127,6 +147,17 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
         atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
     distributed.barrier()
     return summary
+
+
+def _differs(saved: RunConfig, given: RunConfig) -> bool:
+    """Whether the command line asked for something else than the saved run: `auto` fields the system resolved at
+    build time (model.tuning), and DMoERM's tasks file written inline, are not differences."""
+    a, b = saved.to_dict(), given.to_dict()
+    if b["model"].get("tuning") == "auto":
+        b["model"]["tuning"] = a["model"].get("tuning")
+    if b["options"].get("tasks_file") and a["options"].get("tasks") and not a["options"].get("tasks_file"):
+        b["options"] = {**b["options"], "tasks": a["options"]["tasks"], "tasks_file": None}
+    return a != b
 
 
 def _expand_runs(runs: Sequence[Path]) -> list[tuple[str, list[Path]]]:
@@ -174,14 +205,25 @@ def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = 
 def read_score_requests(path: Path) -> list[dict[str, Any]]:
     """JSON Lines of {prompt, response[, domain, id]}; a bad line is reported with its number and field."""
     items = []
-    with Path(path).open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a JSON Lines file of {{prompt, response[, domain, id]}}")
+    with path.open("rb") as f:  # bytes, decoded line by line, so a bad byte is reported on its own line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line cannot be decoded)") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object {{prompt, response, ...}} per line, got "
+                                f"{type(rec).__name__}" + (" (a JSON array: write one object per line)"
+                                                           if isinstance(rec, list) else ""))
             for key in ("prompt", "response"):
                 if not isinstance(rec.get(key), str):
                     raise DataError(f"{path}:{n}: field '{key}': missing or not a string")

@@ -156,3 +156,145 @@ def test_a_routed_system_on_one_domain_is_an_error_not_a_one_class_router(tmp_pa
     with pytest.raises(UserError, match="needs at least two"):
         built.fit(toy_pairs(8, seed=1, domain="only"), None, FitContext(tmp_path / "run", progress=False))
     assert not (tmp_path / "run" / "components").exists()  # refused before anything trained
+
+
+def _trainer(tiny_bert, out, stop=None):
+    from moerm.config import TrainConfig
+    from moerm.encoding import load_backbone, make_encoder
+    from moerm.modules.heads import RewardHead
+    from moerm.modules.reward_model import RewardModel
+    from moerm.train.pairwise import TokenPairs, make_pairwise_step
+    from moerm.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    backbone = load_backbone(tiny_bert)
+    model = RewardModel(backbone, RewardHead(backbone.hidden_size))
+    data = TokenPairs.build(toy_pairs(24, seed=3), make_encoder(tiny_bert, 32))
+    cfg = TrainConfig(lr=5e-4, batch_size=8, epochs=2, save_every=2, log_every=1, seed=5)
+    return model, Trainer(model, make_pairwise_step(), data, data.collate, cfg, out, progress=False,
+                          stop_after_steps=stop)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_bert):
+    from moerm.train.trainer import TrainingInterrupted
+
+    ref_model, ref = _trainer(tiny_bert, tmp_path / "ref")
+    ref.train()
+    _, killed = _trainer(tiny_bert, tmp_path / "run", stop=4)
+    with pytest.raises(TrainingInterrupted):
+        killed.train()
+    latest = tmp_path / "run" / "checkpoints" / "step-0000004" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, as a kill during a copy would leave it
+    model, resumed = _trainer(tiny_bert, tmp_path / "run")
+    result = resumed.train(resume=True)
+    assert result.resumed_from == 2
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_folder(tmp_path, tiny_bert, monkeypatch):
+    from moerm.train import checkpoint
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    _, trainer = _trainer(tiny_bert, tmp_path / "run")
+    with pytest.raises(UserError, match="No space left on device"):
+        trainer.train()
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()]  # no .tmp-step-* left
+
+
+@pytest.mark.parametrize("damage", ["empty system.json", "garbage system.json", "truncated head", "edited size"])
+def test_a_damaged_saved_system_is_a_clear_error_naming_the_folder(tmp_path, tiny_bert, damage):
+    system = build_system(load_config(None, [f"model.backbone={tiny_bert}", "model.tuning=frozen", "model.max_length=32"]))
+    model = tmp_path / "model"
+    system.save(model)
+    meta = model / "system.json"
+    if damage == "empty system.json":
+        meta.write_text("")
+    elif damage == "garbage system.json":
+        meta.write_text("[1, 2")
+    elif damage == "truncated head":
+        head = model / "head.safetensors"
+        head.write_bytes(head.read_bytes()[:40])
+    else:  # the config says another head width than the saved weights have
+        d = json.loads(meta.read_text())
+        d["config"]["model"]["head"] = "mlp"
+        meta.write_text(json.dumps(d))
+    with pytest.raises(UserError, match=str(model)):
+        load_system(model)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"prompt": "p", "response": "r"}\n\xff\xfe bad bytes\n', r"in\.jsonl:2: not UTF-8"),
+    (b'[{"prompt": "p", "response": "r"}]\n', r"in\.jsonl:1: .*JSON array"),
+    (b'{"prompt": "p"}\n', r"in\.jsonl:1: field 'response'"),
+    (None, "is a folder"),
+])
+def test_score_input_errors_name_the_file_and_line(tmp_path, tiny_bert, content, needle):
+    system = build_system(load_config(None, [f"model.backbone={tiny_bert}", "model.tuning=frozen", "model.max_length=32"]))
+    system.save(tmp_path / "model")
+    inp = tmp_path / "in.jsonl"
+    if content is None:
+        inp.mkdir()
+    else:
+        inp.write_bytes(content)
+    res = runner.invoke(app, ["score", str(tmp_path / "model"), "-i", str(inp)])
+    assert res.exit_code == 1, res.output
+    import re
+    assert re.search(needle, res.output), res.output
+    assert "Traceback" not in res.output
+
+
+def test_resume_refuses_changed_data_and_warns_only_about_real_changes(tmp_path, tiny_bert):
+    data = _data(tmp_path)
+    run = tmp_path / "run"
+    base = ["train", "--backbone", tiny_bert, "--data", str(data), "--out", str(run), "--no-progress",
+            "--set", "model.max_length=32", "--set", "train.batch_size=8", "--set", "train.epochs=1"]
+    assert runner.invoke(app, base).exit_code == 0
+    res = runner.invoke(app, base + ["--resume"])  # the same command: no "command-line changes ignored"
+    assert res.exit_code == 0 and "changes ignored" not in res.output, res.output
+    write_jsonl(toy_pairs(16, seed=7, domain="alpha"), data / "alpha" / "train.jsonl")  # other pairs, same count
+    res = runner.invoke(app, base + ["--resume"])
+    assert res.exit_code == 1 and "data changed" in res.output and "--allow-data-change" in res.output
+    assert runner.invoke(app, base + ["--resume", "--allow-data-change"]).exit_code == 0
+
+
+@pytest.mark.parametrize("system,index", [("rodos", "rodos.json"), ("arliss", "arliss.json")])
+def test_add_domain_killed_before_its_index_leaves_a_loadable_run_and_can_run_again(tmp_path, tiny_bert, monkeypatch,
+                                                                                   system, index):
+    import dataclasses
+
+    from moerm.systems.base import FitContext
+
+    prefix = {"alpha": "tell me about the topic", "beta": "please explain why", "gamma": "what is this and that"}
+
+    def pairs(domain, n, seed):
+        return [dataclasses.replace(p, prompt=f"{prefix[domain]} {p.prompt}") for p in toy_pairs(n, seed, domain)]
+
+    cfg = load_config(None, [f"model.backbone={tiny_bert}", f"system={system}", "model.max_length=32",
+                             "train.epochs=1", "train.batch_size=8", "components.router.train.epochs=2"])
+    built = build_system(cfg)
+    built.fit(pairs("alpha", 16, 1) + pairs("beta", 16, 2), None, FitContext(tmp_path / "run", progress=False))
+    model = tmp_path / "model"
+    built.save(model)
+    module = __import__(f"moerm.systems.{system}", fromlist=["atomic_write_text"])
+    real = module.atomic_write_text
+
+    def killed(path, text):
+        if path.name == index:
+            raise KeyboardInterrupt("killed before the index was written")
+        real(path, text)
+
+    monkeypatch.setattr(module, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_system(model).add_domain(pairs("gamma", 16, 3), FitContext(tmp_path / "add1", progress=False), model)
+    monkeypatch.setattr(module, "atomic_write_text", real)
+    survivor = load_system(model)  # the old system, whole: its index still names the old router
+    assert survivor.domains == ["alpha", "beta"]
+    assert len(survivor.score(["tell me about the topic a"], ["good"]).rewards) == 1
+    survivor.add_domain(pairs("gamma", 16, 3), FitContext(tmp_path / "add2", progress=False), model)
+    again = load_system(model)
+    assert again.domains == ["alpha", "beta", "gamma"]
+    assert json.loads((model / index).read_text())["router_version"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import dataclasses
 from pathlib import Path
 
@@ -175,7 +176,9 @@ def test_add_domain_leaves_existing_files_and_routes_the_new_domain(trained, tmp
 
     reloaded = load_system(model_dir)
     assert reloaded.domains == ["alpha", "beta", "gamma x"]
-    assert load_file(str(model_dir / "heads" / f"{ROUTER}.safetensors"))["weight"].shape[0] == 3
+    version = json.loads((model_dir / "arliss.json").read_text())["router_version"]
+    assert version == 1 and not (model_dir / "heads" / f"{ROUTER}.safetensors").exists()  # the old router is gone
+    assert load_file(str(model_dir / "heads" / f"{ROUTER}-v1.safetensors"))["weight"].shape[0] == 3
     test = _pairs("alpha", 8, 21) + _pairs("beta", 8, 22) + _pairs("gamma x", 8, 23)
     for s in (system, reloaded):
         out = s.score([p.prompt for p in test], [p.chosen for p in test])

@@ -57,6 +57,8 @@ def train(
     set_: Optional[list[str]] = set_option(),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated integer seeds: one run per seed in OUT/seed-N"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its last checkpoint"),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change", help="with --resume: continue even though "
+                                           "the data differs from what the run started on"),
     no_eval: bool = typer.Option(False, "--no-eval", help="no held-out evaluation during training (run `moerm eval` after)"),
     on_invalid: Optional[OnInvalid] = on_invalid_option(None, "stop at the first invalid record (error) or skip it "
                                                         "(default: the config's data.on_invalid, error)"),
@@ -89,6 +91,7 @@ def train(
             run_dir = out if seed is None else out / f"seed-{seed}"
             run_cfg = cfg if seed is None else load_config(config, overrides + [f"train.seed={seed}"])
             summary = train_run(run_cfg, run_dir, command=command, resume=resume, progress=progress and main,
+                                allow_data_change=allow_data_change,
                                 console=console if main else None)
             if not main:
                 continue
@@ -208,7 +211,7 @@ def add_domain(
     """Train the new domain's RM and retrain the router only; the other RMs' files are left untouched."""
     from moerm.data.readers import load_pairs
     from moerm.systems.base import FitContext, find_model_dir, load_system
-    from moerm.systems.rodos import domain_dir
+    from moerm.systems.routing import domain_dir
 
     quiet_hf()
 

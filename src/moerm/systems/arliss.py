@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +43,15 @@ from moerm.systems.components import ComponentFit, fit_component
 from moerm.modules.heads import RewardHead
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, ROUTER_PROMPTS, PromptTexts, Route, RouterOptions, require_routes, combine_rewards,
+    ROUTER_DEFAULTS, PromptTexts, Route, RouterOptions, remove_router_files, require_routes,
+    router_files, combine_rewards,
     decide_routes, load_router_examples, new_domain_of, prompt_probs, router_examples, save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.pairwise import TokenPairs
 
 ARLISS_FILE = "arliss.json"
+ROUTER_WHERE = {"dir": "adapters", "head": "heads", "prompts": ""}  # where a router version's files live
 ROUTER = "router"
 RESERVED = {ROUTER, "default", "__base__"}  # peft's default folder name / its "no adapter" marker
 INFERENCE_MODES = ("batched", "switch")
@@ -113,6 +117,7 @@ class ARLISSSystem(RewardSystem):
         self.model = model
         self.domains = list(domains)  # router label order
         self.router_examples: list[tuple[str, str]] = list(examples)
+        self.router_version = 0  # which router_files() version the saved folder uses (add-domain moves it on)
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
         # The router reads only the prompt's first tokens (options.router_max_length), as in RODOS.
         self.router_encoder = make_encoder(config.model.backbone, self.opts.router_max_length)
@@ -227,10 +232,13 @@ class ARLISSSystem(RewardSystem):
         result.add(self._train_rm(domain, pairs, None, ctx), f"rm:{domain}")
         self.router_examples += router_examples(pairs, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx))
-        # Write only what changed; the other adapters' folders and heads stay byte-identical.
-        self._save_adapters(model_dir, [name, ROUTER])
+        # Write only what changed: the new adapter and head, a new router version, then the index (the switch), last.
+        # The other adapters' folders and heads stay byte-identical; a kill before the index leaves the old system.
+        self._save_adapters(model_dir, [name])
+        old, self.router_version = self.router_version, self.router_version + 1
         self._save_router_and_index(model_dir)
         self.write_system_file(model_dir)
+        remove_router_files(model_dir, old, ROUTER_WHERE)
         return result
 
     # -- inference
@@ -319,27 +327,40 @@ class ARLISSSystem(RewardSystem):
 
     def component_files(self) -> dict[str, list[str]]:
         files: dict[str, list[str]] = {"base": []}  # the base is referenced by config.model.backbone, not copied
-        for d, name in [*self.adapters.items(), (ROUTER, ROUTER)]:
+        for d, name in self.adapters.items():
             files[f"adapter:{d}"] = [f"adapters/{name}"]
             files[f"head:{d}"] = [f"heads/{name}.safetensors"]
-        files[f"head:{ROUTER}"].append(ROUTER_PROMPTS)
+        r = router_files(self.router_version)
+        files[f"adapter:{ROUTER}"] = [f"adapters/{r['dir']}"]
+        files[f"head:{ROUTER}"] = [f"heads/{r['head']}", r["prompts"]]
         return files
 
     def _save_adapters(self, path: Path, names: list[str]) -> None:
-        """One subfolder per adapter (safetensors) and its head beside it in heads/<name>.safetensors."""
+        """One subfolder per domain adapter (safetensors) and its head beside it in heads/<name>.safetensors."""
         model = self._require()
         model.peft.save_pretrained(str(path / "adapters"), selected_adapters=names, safe_serialization=True)
         for name in names:
-            head = model.router_head if name == ROUTER else model.heads[name]
-            atomic_save_safetensors(head.state_dict(), path / "heads" / f"{name}.safetensors")
+            atomic_save_safetensors(model.heads[name].state_dict(), path / "heads" / f"{name}.safetensors")
 
     def _save_router_and_index(self, path: Path) -> None:
-        save_router_examples(self.router_examples, path / ROUTER_PROMPTS)
-        index = {"domains": self.domains, "adapters": self.adapters, "router_adapter": ROUTER}
+        """The router adapter, head and prompts at this router version's names, then the index, last."""
+        model = self._require()
+        files = router_files(self.router_version)
+        remove_router_files(path, self.router_version, ROUTER_WHERE)  # leftovers of a killed add-domain
+        staging = path / f".router-staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.peft.save_pretrained(str(staging), selected_adapters=[ROUTER], safe_serialization=True)
+        (path / "adapters").mkdir(parents=True, exist_ok=True)
+        os.replace(staging / ROUTER, path / "adapters" / files["dir"])
+        shutil.rmtree(staging, ignore_errors=True)
+        atomic_save_safetensors(model.router_head.state_dict(), path / "heads" / files["head"])
+        save_router_examples(self.router_examples, path / files["prompts"])
+        index = {"domains": self.domains, "adapters": self.adapters, "router_adapter": ROUTER,
+                 "router_version": self.router_version}
         atomic_write_text(path / ARLISS_FILE, json.dumps(index, indent=2))
 
     def save_components(self, path: Path) -> None:
-        self._save_adapters(path, [*self.adapters.values(), ROUTER])
+        self._save_adapters(path, list(self.adapters.values()))
         self._save_router_and_index(path)
 
     @classmethod
@@ -349,17 +370,19 @@ class ARLISSSystem(RewardSystem):
         adapters: dict[str, str] = index["adapters"]
         m = config.model
         backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
-        names = [adapters[d] for d in domains] + [ROUTER]
+        names = [adapters[d] for d in domains]
+        files = router_files(int(index.get("router_version", 0)))
         # is_trainable keeps the adapters trainable so `add_domain` can run on a loaded system.
-        for name in names:
-            load_adapter(backbone, path / "adapters" / name, name, trainable=True)
-        system = cls(config, domains=domains, examples=load_router_examples(path / ROUTER_PROMPTS))
+        for name, folder in [*((n, n) for n in names), (ROUTER, files["dir"])]:
+            load_adapter(backbone, path / "adapters" / folder, name, trainable=True)
+        system = cls(config, domains=domains, examples=load_router_examples(path / files["prompts"]))
+        system.router_version = int(index.get("router_version", 0))
         heads: dict[str, nn.Module] = {}
-        for name in names[:-1]:
+        for name in names:
             heads[name] = system._new_head(backbone.hidden_size)
             heads[name].load_state_dict(load_file(str(path / "heads" / f"{name}.safetensors")))
         router_head = nn.Linear(backbone.hidden_size, len(domains))
-        router_head.load_state_dict(load_file(str(path / "heads" / f"{ROUTER}.safetensors")))
+        router_head.load_state_dict(load_file(str(path / "heads" / files["head"])))
         system.model = ARLISSModel(backbone, heads, router_head)
         if device is not None:
             system.model.to(device)

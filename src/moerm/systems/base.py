@@ -269,7 +269,13 @@ def find_model_dir(run_or_model_dir: str | Path) -> Path:
 def load_system(run_or_model_dir: str | Path, device: str | torch.device | None = None) -> RewardSystem:
     """Load any saved system; the folder's system.json says which class to use."""
     path = find_model_dir(run_or_model_dir)
-    meta = json.loads((path / SYSTEM_FILE).read_text())
+    try:
+        meta = json.loads((path / SYSTEM_FILE).read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "system" not in meta:
+            raise ValueError("expected an object with 'system' and 'config'")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / SYSTEM_FILE}: not a readable system file ({e}); the save may be incomplete or "
+                        "the file edited") from None
     config = from_dict(RunConfig, meta["config"])
     saved_id = meta.get("backbone_id")
     if saved_id is not None:
@@ -278,4 +284,12 @@ def load_system(run_or_model_dir: str | Path, device: str | torch.device | None 
             raise UserError(f"{path}: the base backbone {config.model.backbone!r} is not the one this system was "
                             f"trained on (saved {saved_id}, now {now}): its weights, config or tokenizer changed. "
                             "Restore the original backbone folder, or retrain")
-    return get_system_class(meta["system"]).load_components(path, config, device)
+    try:
+        return get_system_class(meta["system"]).load_components(path, config, device)
+    except (UserError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or edited weight/index file: say which folder, not a traceback
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path}: the saved {meta['system']} system cannot be read ({type(e).__name__}: {first[:300]});"
+                        " a file in it is truncated, missing or was edited (e.g. a size mismatch). Retrain, or "
+                        "restore the folder from a copy") from None

@@ -595,5 +595,6 @@ class DMoERMSystem(RewardSystem):
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:
         info = super().describe(path)
         info["tasks"] = tasks_to_dict(self.tasks)
+        info["router_tuning"] = self.opts.router_tuning
         info["domains"] = sorted(self.task_of_domain)
         return info

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, ROUTER_PROMPTS, Router, RouterOptions, require_routes, combine_rewards, decide_routes, load_router_examples, new_domain_of, router_examples,
+    ROUTER_DEFAULTS, Router, RouterOptions, domain_dir, remove_router_files, require_routes, router_files, combine_rewards, decide_routes, load_router_examples, new_domain_of, router_examples,
     save_router_examples,
 )
 from moerm.train.checkpoint import atomic_write_text
@@ -35,14 +34,6 @@ GENERAL_DIR = "general_rm"  # the general fallback RM (options.fallback=general)
 @dataclass
 class RODOSOptions(RouterOptions):
     """Router options; the domain RMs use the run's model config (tuning auto = full) and `components.rm.train`."""
-
-
-def domain_dir(domain: str) -> str:
-    """A folder name for a domain: readable when safe, with a short hash so names never collide."""
-    import hashlib
-
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", domain)[:60]
-    return safe if safe == domain else f"{safe}-{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
 
 
 @register
@@ -62,6 +53,7 @@ class RODOSSystem(RewardSystem):
         self.general: BaselineSystem | None = None  # options.fallback=general: one RM trained on every domain
         self.router = router
         self.router_examples: list[tuple[str, str]] = []
+        self.router_version = 0  # which router_files() version the saved folder uses (add-domain moves it on)
 
     @property
     def domains(self) -> list[str]:
@@ -109,10 +101,13 @@ class RODOSSystem(RewardSystem):
         result.merge(sub, f"rm:{domain}")
         self.router_examples += router_examples(pairs, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx))
-        # Write only what changed: the new RM, the router, the index files. Other RMs' files stay byte-identical.
+        # Write only what changed: the new RM, a new router version, then the index (the switch), last. Other RMs'
+        # files stay byte-identical; a kill before the index leaves the old system loadable.
         self.rms[domain].save(model_dir / "rms" / domain_dir(domain))
+        old, self.router_version = self.router_version, self.router_version + 1
         self._save_router_and_index(model_dir)
         self.write_system_file(model_dir)
+        remove_router_files(model_dir, old)
         return result
 
     # -- inference
@@ -156,14 +151,17 @@ class RODOSSystem(RewardSystem):
         files = {f"rm:{d}": [f"rms/{domain_dir(d)}"] for d in self.rms}
         if self.general is not None:
             files["rm:general"] = [GENERAL_DIR]
-        files["router"] = ["router"]
+        files["router"] = [router_files(self.router_version)["dir"], router_files(self.router_version)["prompts"]]
         return files
 
     def _save_router_and_index(self, path: Path) -> None:
         assert self.router is not None
-        self.router.save(path / "router")
-        save_router_examples(self.router_examples, path / ROUTER_PROMPTS)
-        index = {"domains": self.router.domains, "dirs": {d: domain_dir(d) for d in self.rms}}
+        files = router_files(self.router_version)
+        remove_router_files(path, self.router_version)  # leftovers of a killed add-domain
+        self.router.save(path / files["dir"])
+        save_router_examples(self.router_examples, path / files["prompts"])
+        index = {"domains": self.router.domains, "dirs": {d: domain_dir(d) for d in self.rms},
+                 "router_version": self.router_version}
         atomic_write_text(path / RODOS_FILE, json.dumps(index, indent=2))
 
     def save_components(self, path: Path) -> None:
@@ -178,10 +176,12 @@ class RODOSSystem(RewardSystem):
         index = json.loads((path / RODOS_FILE).read_text())
         rms = {d: load_system(path / "rms" / sub, device) for d, sub in index["dirs"].items()}
         system = cls(config, rms=rms)  # type: ignore[arg-type]
-        system.router = Router.load(path / "router", config, system.opts, index["domains"])
+        system.router_version = int(index.get("router_version", 0))
+        files = router_files(system.router_version)
+        system.router = Router.load(path / files["dir"], config, system.opts, index["domains"])
         if device is not None:
             system.router.model.to(device)
-        system.router_examples = load_router_examples(path / ROUTER_PROMPTS)
+        system.router_examples = load_router_examples(path / files["prompts"])
         if (path / GENERAL_DIR / SYSTEM_FILE).exists():
             system.general = load_system(path / GENERAL_DIR, device)  # type: ignore[assignment]
         return system
@@ -189,4 +189,5 @@ class RODOSSystem(RewardSystem):
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:
         info = super().describe(path)
         info["domains"] = self.domains
+        info["router_tuning"] = self.opts.router_tuning  # the router's own tuning, beside the RMs' model.tuning
         return info

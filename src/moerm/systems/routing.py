@@ -5,6 +5,7 @@ with a confidence fallback, and the prompts a router was trained on (kept so `ad
 from __future__ import annotations
 
 import gzip
+import re
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,14 @@ class RouterOptions:
             raise UserError("options.min_confidence must be within [0, 1]")
 
 
+def domain_dir(domain: str) -> str:
+    """A folder name for a domain: readable when safe, with a short hash so names never collide."""
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", domain)[:60]
+    return safe if safe == domain else f"{safe}-{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
+
+
 def router_examples(pairs: Sequence[PreferencePair], cap_per_domain: int) -> list[tuple[str, str]]:
     """Distinct (prompt, domain) examples, at most `cap_per_domain` per domain, in first-seen order."""
     seen: set[tuple[str, str]] = set()
@@ -65,6 +74,29 @@ def router_examples(pairs: Sequence[PreferencePair], cap_per_domain: int) -> lis
         counts[p.domain] = counts.get(p.domain, 0) + 1
         out.append(key)
     return out
+
+
+def router_files(version: int) -> dict[str, str]:
+    """Where router version `version` is saved, relative to the model folder: version 0 at the original names,
+    each `add-domain` at new ones. The index file names the version in use and is written last, so a killed
+    add-domain leaves the old router (and the old index) whole, and a second add-domain simply runs again."""
+    sfx = "" if version == 0 else f"-v{version}"
+    return {"dir": f"router{sfx}", "prompts": ROUTER_PROMPTS if version == 0 else f"router_prompts{sfx}.jsonl.gz",
+            "head": f"router{sfx}.safetensors"}
+
+
+def remove_router_files(path: Path, version: int, where: dict[str, str] | None = None) -> None:
+    """Delete one router version's files. `where` maps a key of `router_files` to the sub-folder it lives in
+    (RODOS: the router folder and prompts at the top; ARLISS: {"dir": "adapters", "head": "heads", "prompts": ""})."""
+    import shutil
+
+    files = router_files(version)
+    for key, sub in (where or {"dir": "", "prompts": ""}).items():
+        target = path / sub / files[key] if sub else path / files[key]
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            target.unlink()
 
 
 def require_routes(routes: Sequence[str], system: str, what: str = "domains") -> None:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from moerm.errors import UserError
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -67,7 +69,25 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write_checkpoint(tmp, step, model_state, optimizer, scheduler, trainer_state)
+    except BaseException as e:  # a failed save leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write checkpoint {final}: {e.strerror or e} (is {root} writable, "
+                            "with free space?)") from None
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, model_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                      scheduler: Any, trainer_state: dict[str, Any]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
@@ -80,12 +100,6 @@ def save_checkpoint(
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     # trainer_state.json is written last: a folder without it is incomplete and ignored.
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -99,6 +113,27 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+def load_latest_checkpoint(root: Path, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+                           warn: Any = None) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that reads back whole; a corrupt one (truncated file, garbage JSON) is skipped with a
+    warning and the one before it is used. None when there is none; an error naming them when none reads."""
+    ckpts = list_checkpoints(root)
+    errors = []
+    for ckpt in reversed(ckpts):
+        try:
+            state, tstate = load_checkpoint(ckpt, optimizer, scheduler, device)
+        except Exception as e:  # noqa: BLE001 - safetensors, json and torch raise many types for a broken file
+            errors.append(f"{ckpt}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if warn is not None:
+                warn(f"checkpoint {ckpt} is unreadable ({errors[-1]}); trying the one before it")
+            continue
+        return ckpt, state, tstate
+    if errors:
+        raise UserError("no checkpoint under " + str(root) + " reads back whole: " + "; ".join(errors)
+                        + ". Start the run again without --resume (into a new --out)")
+    return None
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

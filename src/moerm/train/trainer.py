@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from moerm.config import TrainConfig
 from moerm.errors import UserError
 from moerm.train import distributed
-from moerm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moerm.train.checkpoint import load_latest_checkpoint, save_checkpoint
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -198,8 +198,10 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
         resumed_from = None
-        if resume and (ckpt := latest_checkpoint(self.ckpt_dir)) is not None:
-            state, tstate = load_checkpoint(ckpt, self._raw_optimizer(), self.scheduler, acc.device)
+        found = load_latest_checkpoint(self.ckpt_dir, self._raw_optimizer(), self.scheduler, acc.device,
+                                       warn=lambda msg: tqdm.write(f"warning: {msg}")) if resume else None
+        if found is not None:
+            ckpt, state, tstate = found
             missing = acc.unwrap_model(self.model).load_state_dict(state, strict=False)
             if missing.unexpected_keys:
                 raise RuntimeError(f"checkpoint {ckpt} does not match the model: {missing.unexpected_keys[:3]}")
