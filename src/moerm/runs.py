@@ -48,6 +48,13 @@ def _domain_counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def held_out_overlap(train: Sequence[PreferencePair], evals: Sequence[PreferencePair]) -> int:
+    """How many held-out pairs the training data holds too (the same id, or the same prompt, chosen and rejected)."""
+    ids = {p.id for p in train}
+    texts = {(p.prompt, p.chosen, p.rejected) for p in train}
+    return sum(p.id in ids or (p.prompt, p.chosen, p.rejected) in texts for p in evals)
+
+
 def data_fingerprint(train: Sequence[PreferencePair], evals: Sequence[PreferencePair]) -> str:
     """A hash of exactly the pairs a run trains and evaluates on (texts, domains, margins, order)."""
     h = hashlib.sha256()
@@ -82,6 +89,10 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
             console.print(f"[yellow]{name} data:[/] {rep.summary()}", highlight=False)
     train = cap_per_domain(train, d.max_train_pairs_per_domain, cfg.train.seed)
     evals = cap_per_domain(evals, d.max_eval_pairs_per_domain, cfg.train.seed)
+    overlap = held_out_overlap(train, evals)
+    if overlap and console is not None:
+        console.print(f"[yellow]warning:[/] {overlap} of {len(evals)} held-out pairs also appear in the training data "
+                      "(same id, or same prompt and replies): held-out accuracy will be optimistic", highlight=False)
     info = {
         "fingerprint": data_fingerprint(train, evals),
         "train_files": [str(p) for p in resolve_data_paths(d.train, split="train")],

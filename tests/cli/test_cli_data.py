@@ -38,10 +38,18 @@ def test_validate_ok_prints_domains_and_counts(tmp_path: Path) -> None:
 
 def test_validate_error_mode_exits_1_with_location(tmp_path: Path) -> None:
     path = write(tmp_path / "x.jsonl", [rec(1), rec(2, chosen="bad")])
-    res = runner.invoke(data_app, ["validate", str(path)])
+    res = runner.invoke(data_app, ["validate", str(path), "--on-invalid", "error"])
     assert res.exit_code == 1
     assert f"{path}:2: field 'rejected': chosen and rejected are identical" in res.stderr
     assert "Traceback" not in res.output
+
+
+def test_validate_lists_every_invalid_record_by_default_and_exits_1(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.jsonl", [rec(1), rec(2, chosen="bad"), rec(3), rec(4, chosen="")])
+    res = runner.invoke(data_app, ["validate", str(path)])
+    assert res.exit_code == 1
+    assert f"{path}:2: field 'rejected'" in res.stdout and f"{path}:4: field 'chosen': empty text" in res.stdout
+    assert "2 valid, 2 invalid" in res.stdout and "2 invalid record(s)" in res.stderr
 
 
 def test_validate_skip_mode_reports_and_exits_0(tmp_path: Path) -> None:

@@ -158,7 +158,7 @@ def test_a_routed_system_on_one_domain_is_an_error_not_a_one_class_router(tmp_pa
     assert not (tmp_path / "run" / "components").exists()  # refused before anything trained
 
 
-def _trainer(tiny_bert, out, stop=None):
+def _trainer(tiny_bert, out, stop=None, **train):
     from moerm.config import TrainConfig
     from moerm.encoding import load_backbone, make_encoder
     from moerm.modules.heads import RewardHead
@@ -170,7 +170,7 @@ def _trainer(tiny_bert, out, stop=None):
     backbone = load_backbone(tiny_bert)
     model = RewardModel(backbone, RewardHead(backbone.hidden_size))
     data = TokenPairs.build(toy_pairs(24, seed=3), make_encoder(tiny_bert, 32))
-    cfg = TrainConfig(lr=5e-4, batch_size=8, epochs=2, save_every=2, log_every=1, seed=5)
+    cfg = TrainConfig(**{"lr": 5e-4, "batch_size": 8, "epochs": 2, "save_every": 2, "log_every": 1, "seed": 5, **train})
     return model, Trainer(model, make_pairwise_step(), data, data.collate, cfg, out, progress=False,
                           stop_after_steps=stop)
 
@@ -298,3 +298,63 @@ def test_add_domain_killed_before_its_index_leaves_a_loadable_run_and_can_run_ag
     again = load_system(model)
     assert again.domains == ["alpha", "beta", "gamma"]
     assert json.loads((model / index).read_text())["router_version"] == 1
+
+
+def test_resume_between_log_lines_logs_the_same_losses(tmp_path, tiny_bert):
+    from moerm.train.trainer import TrainingInterrupted
+
+    _, ref = _trainer(tiny_bert, tmp_path / "ref", save_every=3, log_every=2, epochs=3)
+    ref.train()
+    _, killed = _trainer(tiny_bert, tmp_path / "run", stop=3, save_every=3, log_every=2, epochs=3)
+    with pytest.raises(TrainingInterrupted):
+        killed.train()  # killed at step 3: the loss of step 3 belongs to the line logged at step 4
+    _, resumed = _trainer(tiny_bert, tmp_path / "run", save_every=3, log_every=2, epochs=3)
+    resumed.train(resume=True)
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(lines(tmp_path / "ref"), lines(tmp_path / "run"), strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a if k != "component")
+
+
+def test_a_json_array_in_a_jsonl_file_gets_a_hint(tmp_path):
+    from moerm.data.readers import DataError
+
+    recs = [{"id": str(i), "domain": "d", "prompt": "p", "chosen": "good", "rejected": "bad"} for i in range(2)]
+    one_line = tmp_path / "a.jsonl"
+    one_line.write_text(json.dumps(recs) + "\n")
+    with pytest.raises(InvalidRecord, match="should be named .json"):
+        load_pairs([str(one_line)])
+    pretty = tmp_path / "b.jsonl"
+    pretty.write_text(json.dumps(recs, indent=1) + "\n")
+    with pytest.raises(InvalidRecord, match="looks like a JSON array"):
+        load_pairs([str(pretty)])
+    lines = tmp_path / "c.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DataError, match="name the file .jsonl"):
+        load_pairs([str(lines)])
+
+
+def test_a_held_out_set_that_repeats_the_training_set_is_warned_about(tmp_path, tiny_bert):
+    d = tmp_path / "data"
+    pairs = toy_pairs(16, seed=1, domain="alpha")
+    write_jsonl(pairs, d / "alpha" / "train.jsonl")
+    write_jsonl(pairs[:6], d / "alpha" / "test.jsonl")
+    res = runner.invoke(app, ["train", "--backbone", tiny_bert, "--data", str(d), "--out", str(tmp_path / "run"),
+                              "--no-progress", "--set", "model.max_length=32", "--set", "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    assert "6 of 6 held-out pairs also appear in the training data" in res.output
+
+
+def test_a_finished_component_resumed_logs_no_second_eval_line(tmp_path, tiny_bert):
+    from moerm.train.pairwise import TokenPairs, pairwise_eval
+    from moerm.encoding import make_encoder
+
+    ev = TokenPairs.build(toy_pairs(8, seed=9), make_encoder(tiny_bert, 32))
+    _, done = _trainer(tiny_bert, tmp_path / "run")
+    done.eval_fn = lambda m: pairwise_eval(m, ev)
+    done.train()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    _, again = _trainer(tiny_bert, tmp_path / "run")
+    again.eval_fn = lambda m: pairwise_eval(m, ev)
+    result = again.train(resume=True)
+    assert "eval_accuracy" in result.final_metrics  # still reported
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # but not logged twice

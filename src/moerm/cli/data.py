@@ -30,18 +30,24 @@ class Format(str, Enum):
 @data_app.command()
 def validate(
     paths: list[str] = paths_argument(),
-    on_invalid: OnInvalid = on_invalid_option(),
+    on_invalid: OnInvalid | None = on_invalid_option(None, help="default: list every invalid record and exit 1 if "
+                                                     "any; skip: list them and exit 0; error: stop at the first"),
     split: Split | None = split_option(),
 ) -> None:
-    """Check every record against the schema; print pairs per domain and the valid/invalid counts."""
+    """Check every record against the schema; print pairs per domain, the valid/invalid counts and every invalid
+    record (file, line, field); exit 1 when any record is invalid."""
 
     def go() -> None:
-        pairs, report = load_pairs(paths, split=split.value if split else None, on_invalid=on_invalid.value)
+        mode = on_invalid.value if on_invalid is not None else "skip"  # by default read on, to list them all
+        pairs, report = load_pairs(paths, split=split.value if split else None, on_invalid=mode)
         for domain, n in sorted(Counter(p.domain for p in pairs).items()):
             typer.echo(f"{domain}: {n}")
         typer.echo(f"{report.n_valid} valid, {report.n_invalid} invalid")
         if report.n_invalid:
-            typer.echo(report.summary())
+            for err in report.invalid:
+                typer.echo(f"  {err}")
+            if on_invalid is None:
+                fail(f"{report.n_invalid} invalid record(s), listed above")
         if report.n_valid == 0:
             fail("no valid pairs")
 

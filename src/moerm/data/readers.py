@@ -163,11 +163,18 @@ def _iter_jsonl(path: Path) -> Iterator[_Item]:
                     continue  # blank lines are layout, not records
                 try:
                     text = _decode(raw, source, line_no)
-                    yield line_no, json.loads(text)
+                    value = json.loads(text)
+                    if isinstance(value, list):
+                        raise InvalidRecord(source, line_no, None, "a JSON array on one line: a .jsonl file holds one "
+                                            "object per line (a file that is one JSON list should be named .json)")
+                    yield line_no, value
                 except InvalidRecord as e:
                     yield line_no, e
                 except json.JSONDecodeError as e:
-                    yield line_no, InvalidRecord(source, line_no, None, f"invalid JSON ({e.msg}, column {e.colno})")
+                    hint = (" (this looks like a JSON array: a file that is one JSON list should be named .json)"
+                            if line_no == 1 and text.lstrip().startswith("[") else "")
+                    yield line_no, InvalidRecord(source, line_no, None,
+                                                 f"invalid JSON ({e.msg}, column {e.colno}){hint}")
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise _gzip_error(path, e) from None
     except OSError as e:
@@ -181,7 +188,9 @@ def _iter_json(path: Path) -> Iterator[_Item]:
     except InvalidRecord as e:
         raise DataError(str(e)) from None  # the whole file is unusable, so this is not a per-record error
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        hint = (" (this looks like JSON Lines, one object per line: name the file .jsonl)"
+                if e.msg == "Extra data" else "")
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}){hint}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):

@@ -45,7 +45,9 @@ from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_
 from moerm.modules.reward_model import RewardModel
 from moerm.encoding.adapters import lora_parameters
 from moerm.errors import UserError
-from moerm.encoding.tuning import ParamView, add_adapter, base_parameters, lora_config, set_trainable_adapter
+from moerm.encoding.tuning import (
+    ParamView, add_adapter, base_parameters, load_adapter, lora_config, set_trainable_adapter,
+)
 from moerm.systems.base import BenchPlan, FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit, fit_component
@@ -565,10 +567,8 @@ class DMoERMSystem(RewardSystem):
             folder = path / "tasks" / task.name
             backbone = load_backbone(str(folder / "backbone"), m.pooling, **backbone_kwargs(config))
             names = [adapter_of(c) for c in task.capabilities]
-            backbone.model = PeftModel.from_pretrained(backbone.model, str(folder / "adapters" / names[0]),
-                                                       adapter_name=names[0])
-            for name in names[1:]:
-                backbone.model.load_adapter(str(folder / "adapters" / name), adapter_name=name)
+            for name in names:  # safetensors only, checked before peft reads the folder
+                load_adapter(backbone, folder / "adapters" / name, name, trainable=False)
             backbone.requires_grad_(False)
             state = load_file(str(folder / "heads.safetensors"))
             base_head = BaselineSystem.make_head(config, backbone.hidden_size)

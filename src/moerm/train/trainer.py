@@ -158,7 +158,7 @@ class Trainer:
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.metrics_path)
 
-    def _evaluate(self, step: int) -> dict[str, float]:
+    def _evaluate(self, step: int, log: bool = True) -> dict[str, float]:
         if self.eval_fn is None:
             return {}
         model = self.accelerator.unwrap_model(self.model)
@@ -166,18 +166,21 @@ class Trainer:
         with torch.no_grad():
             metrics = self.eval_fn(model)
         model.train()
-        self._log({"step": step, "component": self.desc, **{f"eval_{k}": v for k, v in metrics.items()}})
+        if log:
+            self._log({"step": step, "component": self.desc, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
     def _raw_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer under accelerate's wrapper, whose state dict the checkpoint stores."""
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
-    def _save(self, step: int, epoch: int, next_batch: int, seconds: float) -> None:
+    def _save(self, step: int, epoch: int, next_batch: int, seconds: float,
+              window: list[tuple[float, float]] | None = None) -> None:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
-        state = {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps}
+        state = {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps,
+                 "window": [list(w) for w in window or []]}  # losses since the last log line, so it resumes the same
         scaler = self.accelerator.scaler  # fp16 on a GPU: its loss scale must survive a resume for an exact restart
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
@@ -214,14 +217,14 @@ class Trainer:
         elif acc.is_main_process and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run starts a fresh log
 
+        window: list[tuple[float, float]] = [tuple(w) for w in tstate.get("window", [])] if found is not None else []
         self.model.train()
         t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=step, desc=self.desc, disable=not self.progress or None,
                    dynamic_ncols=True, leave=False)
-        window: list[tuple[float, float]] = []
         last_loss: float | None = None  # the last logged (global) training loss
         last_eval: dict[str, float] = {}
-        done = step >= self.total_steps
+        done = finished_before = step >= self.total_steps  # resumed after its end: nothing to train or log again
         while not done:
             batches = self._epoch_batches(epoch)
             micro_in_step = 0
@@ -265,7 +268,7 @@ class Trainer:
                 at_end = step >= self.total_steps
                 next_epoch, next_batch = (epoch + 1, 0) if last_of_epoch else (epoch, b_idx + 1)
                 if cfg.save_every and step % cfg.save_every == 0 and not at_end:
-                    self._save(step, next_epoch, next_batch, seconds_before + time.perf_counter() - t0)
+                    self._save(step, next_epoch, next_batch, seconds_before + time.perf_counter() - t0, window)
                     if self.stop_after_steps is not None and step >= self.stop_after_steps:
                         bar.close()
                         raise TrainingInterrupted(f"stopped after step {step} (test hook)")
@@ -275,7 +278,7 @@ class Trainer:
             epoch += 1
             start_batch = 0
         bar.close()
-        last_eval = self._evaluate(step) if self.eval_fn is not None else last_eval
+        last_eval = self._evaluate(step, log=not finished_before) if self.eval_fn is not None else last_eval
         seconds = seconds_before + time.perf_counter() - t0
         final = {f"eval_{k}": v for k, v in last_eval.items()}
         if window:
