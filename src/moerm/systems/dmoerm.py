@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
