@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import threading
 import time
@@ -232,6 +233,25 @@ def test_limits_413_and_malformed_requests_422_name_the_field() -> None:
     assert empty.status_code == 200 and empty.json() == {"rewards": [], "details": []}
     assert fine.status_code == 200
     assert fake.calls == [3]  # nothing refused ever reached the model
+
+
+def test_a_lone_surrogate_is_422_and_the_requests_batched_with_it_still_score(baseline_dir: Path) -> None:
+    """The real tokenizer raises on a lone surrogate; it must never see one, nor fail the other requests."""
+    pairs = toy_pairs(6, seed=9)
+    offline = load_system(baseline_dir).score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    bad = json.dumps({"items": [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d \ud800 e"}]})
+    with serving(str(baseline_dir), max_wait_ms=300) as srv:  # a wide window: they all share one batch
+        with ThreadPoolExecutor(8) as ex:
+            goods = [ex.submit(post_score, srv.url, [{"prompt": p.prompt, "response": p.chosen}]) for p in pairs[:3]]
+            refused = ex.submit(httpx.post, srv.url + "/v1/score", content=bad.encode(),
+                                headers={"Content-Type": "application/json"}, timeout=60)
+            goods += [ex.submit(post_score, srv.url, [{"prompt": p.prompt, "response": p.chosen}]) for p in pairs[3:]]
+            answers, refused_answer = [g.result() for g in goods], refused.result()
+    assert refused_answer.status_code == 422
+    assert refused_answer.json()["detail"].startswith("items.1.response: not encodable as UTF-8: a lone surrogate")
+    assert [a.status_code for a in answers] == [200] * 6
+    torch.testing.assert_close(torch.tensor([a.json()["rewards"][0] for a in answers]), torch.tensor(offline.rewards),
+                               atol=1e-5, rtol=0)
 
 
 def test_scoring_failure_is_500_and_the_server_keeps_serving() -> None:

@@ -150,6 +150,26 @@ def test_a_failing_batch_fails_its_requests_only() -> None:
     run(main())
 
 
+def test_when_a_batch_fails_each_request_is_scored_alone_so_only_the_bad_one_fails() -> None:
+    rec = Recorder(fail_on="bad")
+    metrics = ServerMetrics()
+
+    async def main() -> list[Any]:
+        b = DynamicBatcher(rec, max_batch=16, max_wait_ms=200, metrics=metrics)
+        b.start()
+        out = await asyncio.gather(b.submit(["a", "b"], ["r", "rr"]), b.submit(["bad"], ["r"]),
+                                   b.submit(["c"], ["rrr"]), return_exceptions=True)
+        await b.close()
+        return out
+
+    good1, bad, good2 = run(main())
+    assert [c[0] for c in rec.calls] == [["a", "b", "bad", "c"], ["a", "b"], ["bad"], ["c"]]
+    assert good1 == ([101.0, 201.0], [{"prompt": "a", "domain": None}, {"prompt": "b", "domain": None}])
+    assert good2[0] == [301.0]
+    assert isinstance(bad, ScoringError) and "RuntimeError: boom" in str(bad) and isinstance(bad.cause, RuntimeError)
+    assert metrics.batches == 2 and metrics.pairs_scored == 3  # the two good re-scores; the failed calls do not count
+
+
 def test_close_finishes_queued_requests_then_refuses_new_ones() -> None:
     rec = Recorder(delay=0.05)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.text import Text
@@ -35,15 +34,15 @@ def serve(
     max_connections: int = typer.Option(1000, "--max-connections",
                                         help="most open connections; past it the longest-waiting one is closed"),
     keep_alive_s: float = typer.Option(75.0, "--keep-alive-s", help="seconds an idle keep-alive connection stays open"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="bearer token required on every request but "
-                                          "/health; visible in ps: prefer $MOERM_API_KEY or --api-key-file"),
-    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="file holding the bearer token "
-                                                "(default: $MOERM_API_KEY; none: no auth)"),
+    api_key: str | None = typer.Option(None, "--api-key", help="bearer token required on every request but "
+                                       "/health; visible in ps: prefer $MOERM_API_KEY or --api-key-file"),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="file holding the bearer token "
+                                             "(default: $MOERM_API_KEY; none: no auth)"),
     query_template: str = typer.Option("chatml", "--query-template", help="OpenRLHF query split: chatml | llama3 | "
                                        "hh, or a string with {prompt} then {response}"),
     batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
-    torch_threads: Optional[int] = typer.Option(None, "--torch-threads", help="torch CPU threads (default: torch's)"),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
+    torch_threads: int | None = typer.Option(None, "--torch-threads", help="torch CPU threads (default: torch's)"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a reward system over HTTP (POST /v1/score, OpenRLHF's /get_reward) with dynamic batching."""

@@ -11,5 +11,5 @@ from moerm.serve.config import QUERY_TEMPLATES, ServeConfig, ServeConfigError
 from moerm.serve.openrlhf import QuerySplitter, SplitError
 from moerm.serve.server import BackgroundServer, run_server
 
-__all__ = ["create_app", "DynamicBatcher", "QueueFullError", "QUERY_TEMPLATES", "ServeConfig", "ServeConfigError",
-           "QuerySplitter", "SplitError", "BackgroundServer", "run_server"]
+__all__ = ["QUERY_TEMPLATES", "BackgroundServer", "DynamicBatcher", "QuerySplitter", "QueueFullError", "ServeConfig",
+           "ServeConfigError", "SplitError", "create_app", "run_server"]

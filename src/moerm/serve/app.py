@@ -18,15 +18,17 @@ count is checked before the items are validated, so a huge list costs one `len`)
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
 import math
 import re
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,10 +36,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
-from moerm.serve.config import ServeConfig
-from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from moerm.errors import UserError
+from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
+from moerm.serve.config import MAX_DRAIN_BYTES, ServeConfig
+from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from moerm.serve.openrlhf import QuerySplitter, SplitError
 from moerm.systems.base import ScoreOutput
 
@@ -127,9 +129,9 @@ def _loader(source: SystemSource, cfg: ServeConfig) -> Callable[[], Any]:
     if isinstance(source, (str, Path)):
         from moerm.systems.base import load_system
 
-        get = lambda: load_system(source, cfg.device)  # noqa: E731
+        get = lambda: load_system(source, cfg.device)
     elif hasattr(source, "score"):
-        get = lambda: source  # noqa: E731
+        get = lambda: source
     elif callable(source):
         get = source
     else:
@@ -183,8 +185,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=422, content=_problem_body(_capped([_field_message(e) for e in exc.errors()])))
 
 
+def _reject(status: int, field: str, message: str, reason: str | None = None) -> RequestRejected:
+    return RequestRejected(status, [(field, message)], reason)
+
+
 def _unprocessable(field: str, message: str) -> RequestRejected:
-    return RequestRejected(422, [(field, message)])
+    return _reject(422, field, message)
 
 
 # -- reading a JSON body
@@ -202,24 +208,23 @@ def parse_json_body(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RequestRejected(422, [("body", f"not valid UTF-8 at byte {e.start} ({e.reason}); send JSON encoded "
-                                             "as UTF-8")], "invalid_body") from None
+        raise _reject(422, "body", f"not valid UTF-8 at byte {e.start} ({e.reason}); send JSON encoded as UTF-8",
+                      "invalid_body") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise RequestRejected(422, [("body", f"invalid JSON at position {e.pos}: {e.msg}")], "invalid_body") from None
+        raise _reject(422, "body", f"invalid JSON at position {e.pos}: {e.msg}", "invalid_body") from None
     except RecursionError:  # the parser's nesting limit (Python's recursion limit, about 1000 levels)
-        raise RequestRejected(422, [("body", "JSON nested too deeply; a request is at most a few levels deep")],
-                              "invalid_body") from None
+        raise _reject(422, "body", "JSON nested too deeply; a request is at most a few levels deep",
+                      "invalid_body") from None
 
 
 async def _json_body(request: Request) -> Any:
     """The parsed body of a request that must be JSON: 415 for another Content-Type (none given: read as JSON)."""
     media_type = _media_type(request)
     if media_type is not None and not _is_json(media_type):
-        raise RequestRejected(415, [("Content-Type", f"{request.headers['content-type']!r} is not accepted; send "
-                                                     "the body as JSON with Content-Type: application/json")],
-                              "unsupported_media_type")
+        raise _reject(415, "Content-Type", f"{request.headers['content-type']!r} is not accepted; send the body "
+                      "as JSON with Content-Type: application/json", "unsupported_media_type")
     return parse_json_body(await request.body())
 
 
@@ -230,8 +235,7 @@ def _validate(model: type[BaseModel], data: Any, lists: dict[str, int]) -> Any:
         for name, limit in lists.items():
             value = data.get(name)
             if isinstance(value, list) and len(value) > limit:
-                raise RequestRejected(413, [(name, f"{len(value)} items, the limit is {limit} per request")],
-                                      "too_many_items")
+                raise _reject(413, name, f"{len(value)} items, the limit is {limit} per request", "too_many_items")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -270,8 +274,10 @@ class ServerState:
             return HTTPException(503, f"the model failed to load: {self.error}")
         return HTTPException(503, "the server is shutting down", headers=retry)
 
-    async def score(self, prompts: Sequence[str], responses: Sequence[str],
-                    domains: Sequence[str | None] | None) -> tuple[list[float], list[dict[str, Any]]]:
+    async def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None,
+                    field: str = "items") -> tuple[list[float], list[dict[str, Any]]]:
+        """Rewards and details from the batcher. A scoring failure (this request scored on its own, see
+        DynamicBatcher) names `field`, the request's list: 422 if the system rejected the input, else 500."""
         if self.status != "ready" or self.batcher is None:
             raise self.unavailable()
         try:
@@ -283,17 +289,16 @@ class ServerState:
             raise self.unavailable() from None
         except ScoringError as e:
             if isinstance(e.cause, UserError):  # the system rejected this input: the client's to fix
-                raise RequestRejected(422, [("body", f"cannot be scored: {e.cause}")], "unscorable") from None
+                raise _reject(422, field, f"cannot be scored: {e.cause}", "unscorable") from None
             log.error("scoring failed: %s", e)
-            raise HTTPException(500, f"scoring failed: {e}") from None
+            raise _reject(500, field, f"scoring failed: {e}") from None
 
     def check_limits(self, n_items: int, items_field: str, texts: Sequence[tuple[str, str | None]]) -> None:
         """413 past the item, per-text or per-request character limits; 422 for text not encodable as UTF-8."""
         cfg = self.cfg
         if n_items > cfg.max_items_per_request:
             self.metrics.observe_rejected("too_many_items")
-            raise RequestRejected(413, [(items_field, f"{n_items} items, the limit is {cfg.max_items_per_request} "
-                                                      "per request")])
+            raise _reject(413, items_field, f"{n_items} items, the limit is {cfg.max_items_per_request} per request")
         total = 0
         for field, text in texts:
             if text is None:
@@ -301,17 +306,16 @@ class ServerState:
             at = unencodable_at(text)
             if at is not None:
                 self.metrics.observe_rejected("unencodable_text")
-                raise RequestRejected(422, [(field, f"not encodable as UTF-8: a lone surrogate "
-                                                    f"(\\u{ord(text[at]):04x}) at character {at}")])
+                raise _reject(422, field, f"not encodable as UTF-8: a lone surrogate (\\u{ord(text[at]):04x}) at "
+                                          f"character {at}")
             if len(text) > cfg.max_chars_per_text:
                 self.metrics.observe_rejected("text_too_long")
-                raise RequestRejected(413, [(field, f"{len(text)} characters, the limit is {cfg.max_chars_per_text} "
-                                                    "per text")])
+                raise _reject(413, field, f"{len(text)} characters, the limit is {cfg.max_chars_per_text} per text")
             total += len(text)
         if total > cfg.max_request_chars:
             self.metrics.observe_rejected("request_too_long")
-            raise RequestRejected(413, [(items_field, f"{total} characters in all, the limit is "
-                                                      f"{cfg.max_request_chars} per request")])
+            raise _reject(413, items_field, f"{total} characters in all, the limit is {cfg.max_request_chars} per "
+                                            "request")
 
 
 def _bearer_token(value: bytes) -> bytes | None:
@@ -328,7 +332,13 @@ def _reply(status: int, problems: Sequence[tuple[str, str]], close: bool = False
 class _BodyGuard:
     """Reads a request's whole body before the app runs: at most `max_body_bytes` (413 past it; a too-long
     Content-Length is refused without reading anything), within `body_timeout_s` of the headers (408 past it).
-    The app then gets the body in one message. Refusals close the connection (the rest of the body is unread)."""
+    The app then gets the body in one message.
+
+    A 413 leaves the connection open so the client can finish sending and read the answer (closing with unread
+    data would reset the connection and lose the 413): the server discards the rest unparsed, and the protocol
+    (`moerm.serve.server.GuardedH11Protocol`) closes the connection if that takes more than MAX_DRAIN_BYTES
+    (64 MiB) or `header_timeout_s`; a Content-Length past MAX_DRAIN_BYTES is closed at once. A 408 closes the
+    connection at once."""
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
@@ -352,8 +362,10 @@ class _BodyGuard:
             return
         if length is not None and not chunked and int(length) > limit:  # h11 has checked it is a number
             metrics.observe_rejected("body_too_large")
-            await _reply(413, [("body", f"Content-Length is {int(length)} bytes, the limit is {limit} bytes "
-                                        "(--max-body-bytes)")], close=True)(scope, receive, send)
+            # A body longer than the server will discard: close at once rather than take some of it.
+            refusal = _reply(413, [("body", (f"Content-Length is {int(length)} bytes, the limit is {limit} bytes "
+                                             "(--max-body-bytes)"))], close=int(length) > MAX_DRAIN_BYTES)
+            await refusal(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -363,8 +375,8 @@ class _BodyGuard:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
             except TimeoutError:
                 metrics.observe_rejected("body_timeout")
-                await _reply(408, [("body", f"{size} bytes received in {cfg.body_timeout_s:g} s, not the whole body "
-                                            "(--body-timeout-s)")], close=True)(scope, receive, send)
+                await _reply(408, [("body", (f"{size} bytes received in {cfg.body_timeout_s:g} s, not the whole "
+                                             "body (--body-timeout-s)"))], close=True)(scope, receive, send)
                 return
             if message["type"] == "http.disconnect":
                 return  # the client went away: nobody to answer
@@ -372,8 +384,7 @@ class _BodyGuard:
             size += len(chunk)
             if size > limit:
                 metrics.observe_rejected("body_too_large")
-                await _reply(413, [("body", f"more than {limit} bytes (--max-body-bytes)")],
-                             close=True)(scope, receive, send)
+                await _reply(413, [("body", f"more than {limit} bytes (--max-body-bytes)")])(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -455,10 +466,15 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
         try:
             system = await asyncio.to_thread(load)
             info = await asyncio.to_thread(system_info, system)
-        except Exception as e:  # reported by /health; the server stays up to say why
+        except Exception as e:  # noqa: BLE001  # reported by /health; the server stays up to say why
             state.status, state.error = "error", f"{type(e).__name__}: {e}"
             log.error("loading the reward system failed: %s", state.error)
             return
+        if cfg.freeze_gc:
+            # The model and its libraries are ~10^5-10^6 objects that live as long as the process: out of the cyclic
+            # GC's reach, a full collection no longer walks them (~0.1 s, the event loop stalled meanwhile).
+            gc.collect()
+            gc.freeze()
         batcher = DynamicBatcher(system_score_fn(system, cfg.batch_size), max_batch=cfg.max_batch,
                                  max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue, batching=cfg.batching,
                                  metrics=metrics)
@@ -528,7 +544,7 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
             prompts, responses = state.splitter.split_all(req.query, req.prompts)
         except SplitError as e:
             raise _unprocessable(f"query.{e.index}", f"cannot split into prompt and response: {e}") from None
-        rewards, _ = await state.score(prompts, responses, None)
+        rewards, _ = await state.score(prompts, responses, None, field="query")
         return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
 
     @app.get("/health")

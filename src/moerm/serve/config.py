@@ -10,6 +10,9 @@ from pathlib import Path
 from moerm.errors import UserError
 
 API_KEY_ENV = "MOERM_API_KEY"
+# Most bytes of a refused (413) body the server reads and discards so the client can finish sending and read its 413;
+# past it (or past header_timeout_s) the connection is closed.
+MAX_DRAIN_BYTES = 64 * 1024 * 1024
 
 # Named query templates for the OpenRLHF endpoint; `{prompt}` and `{response}` mark the two parts.
 QUERY_TEMPLATES: dict[str, str] = {
@@ -73,6 +76,10 @@ class ServeConfig:
         torch_threads: torch's intra-op CPU threads (None: torch's default, one per core). On a CPU shared with
             other work, 1 avoids threads waiting on each other at every operator.
         retry_after_s: the Retry-After value (seconds) sent with 503.
+        freeze_gc: once the model is loaded, move every object then alive out of the cyclic garbage collector's
+            reach (`gc.freeze()`), so a full collection does not walk the model's objects and stall every request
+            for ~0.1 s. Process-wide: turn off when embedding the app in a process whose long-lived objects must
+            stay collectable.
         keep_alive_s: how long an idle keep-alive connection stays open. Longer than clients' own pool expiry
             (httpx: 5 s), so a client never sends on a connection the server is closing at that moment.
     """
@@ -99,6 +106,7 @@ class ServeConfig:
     torch_threads: int | None = None
     retry_after_s: int = 1
     keep_alive_s: float = 75.0
+    freeze_gc: bool = True
 
     def __post_init__(self) -> None:
         if self.api_key is not None and self.api_key_file is not None:

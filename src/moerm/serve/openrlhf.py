@@ -19,7 +19,7 @@ A query that neither starts with its prompt nor matches the template raises `Spl
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from moerm.errors import UserError
 

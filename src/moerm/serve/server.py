@@ -3,7 +3,8 @@
 Both run uvicorn with `GuardedH11Protocol`, uvicorn's h11 protocol plus two connection guards uvicorn lacks:
 a deadline for each request head (`header_timeout_s`: a slow-header client is disconnected) and a cap on open
 connections (`max_connections`: when a new connection would pass it, the one that has waited longest for a request
-is closed). uvicorn's own `limit_concurrency` backs the cap (503 when every connection is busy with a request) and
+is closed); it also bounds how much of a body answered early (413) is discarded before the connection closes.
+uvicorn's own `limit_concurrency` backs the cap (503 when every connection is busy with a request) and
 `timeout_keep_alive` closes idle keep-alive connections. The request body's size and deadline are the app's
 (`moerm.serve.app._BodyGuard`).
 """
@@ -16,14 +17,15 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
+import h11
 import httpx
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from moerm.serve.app import SystemSource, create_app
-from moerm.serve.config import ServeConfig
+from moerm.serve.config import MAX_DRAIN_BYTES, ServeConfig
 
 log = logging.getLogger("moerm.serve")
 
@@ -39,12 +41,14 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     max_connections: int = 1000
+    max_drain_bytes: int = MAX_DRAIN_BYTES  # most bytes of a refused body discarded before the connection closes
     on_event: Callable[[str], None] | None = None  # called with "header_timeout" / "connection_evicted"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self.waiting_since = 0.0
+        self._drained = 0
 
     def _busy(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -91,14 +95,21 @@ class GuardedH11Protocol(H11Protocol):
             self._make_room()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and not self._busy():
-            self._arm()  # the next request's head starts arriving
+        if not self._busy():
+            if self._head_timer is None:
+                self._arm()  # the next request's head starts arriving
+            if self.conn.their_state is h11.SEND_BODY:  # the rest of a body answered early (413): discarded
+                self._drained += len(data)
+                if self._drained > self.max_drain_bytes:
+                    self.transport.close()
+                    return
         super().data_received(data)
         if self._busy():
             self._disarm()
 
     def on_response_complete(self) -> None:
         self.waiting_since = self.loop.time()
+        self._drained = 0
         super().on_response_complete()
         if self._busy():  # a pipelined request started at once
             self._disarm()
@@ -178,7 +189,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> BackgroundServer:
+    def start(self, timeout: float = 30.0) -> Self:
         """Start listening (the model may still be loading: see `wait_ready`)."""
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -211,7 +222,7 @@ class BackgroundServer:
         if self.thread.is_alive():
             raise TimeoutError(f"uvicorn did not stop within {timeout} s")
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
