@@ -34,12 +34,14 @@ class ModelConfig:
     lora_target_modules: list[str] | None = None
     feature_cache: str | None = field(default=None, metadata={"help": "frozen-feature cache dir (default ~/.cache/moerm/features)"})
     dtype: str = field(default="auto", metadata={"help": "backbone weights: auto | float32 | bfloat16 | float16 (auto: float32, safe on CPUs)"})
+    quantize: str = field(default="none", metadata={"help": "none | int8: at load time, int8 dynamic quantization of the backbone's Linear layers (CPU inference only; training ignores it)"})
 
     def __post_init__(self) -> None:
         _choice("model.pooling", self.pooling, ("auto", "cls", "mean", "last"))
         _choice("model.head", self.head, ("linear", "mlp"))
         _choice("model.tuning", self.tuning, ("auto", "full", "lora", "frozen"))
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("model.quantize", self.quantize, ("none", "int8"))
         if self.max_length < 8:
             raise ConfigError(f"model.max_length must be >= 8, got {self.max_length}")
         _at_least("model.head_hidden", self.head_hidden, 1)
@@ -70,6 +72,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     mixed_precision: str = "no"
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations in the backward pass (less memory, ~30% slower)"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch pairs of similar token length (less padding; as Hugging Face's group_by_length); no effect on cached features"})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -91,6 +94,8 @@ class TrainConfig:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError(f"train.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if not isinstance(self.group_by_length, bool):
+            raise ConfigError(f"train.group_by_length must be true or false, got {self.group_by_length!r}")
 
 
 @dataclass

@@ -185,8 +185,11 @@ def _expand_runs(runs: Sequence[Path]) -> list[tuple[str, list[Path]]]:
 
 
 def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = None, batch_size: int = 32,
-                  on_invalid: str = "error", oracle_domains: bool = False) -> dict[str, Any]:
-    """Evaluate every run on the same held-out pairs; write eval.json and eval.md."""
+                  on_invalid: str = "error", oracle_domains: bool = False,
+                  quantize: str | None = None) -> dict[str, Any]:
+    """Evaluate every run on the same held-out pairs; write eval.json and eval.md.
+
+    `quantize`: passed to `load_system` ("int8": CPU int8 backbones; None: each run's saved model.quantize)."""
     all_paths = [str(p) for p in data]
     split = "test" if all(Path(p).is_dir() for p in all_paths) else None
     pairs, _ = load_pairs(all_paths, split=split, on_invalid=on_invalid)
@@ -195,9 +198,11 @@ def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = 
     for name, members in _expand_runs(runs):
         reports = []
         for run in members:
-            system = load_system(run)
+            system = load_system(run, quantize=quantize)
             rep = evaluate_system(system, pairs, batch_size=batch_size, oracle_domains=oracle_domains)
             rep["system"] = system.name
+            if getattr(system, "quantized", None):
+                rep["quantized"] = system.quantized["mode"]
             reports.append(rep)
         if len(reports) == 1:
             results[name] = reports[0]

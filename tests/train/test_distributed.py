@@ -138,6 +138,26 @@ def test_two_processes_equal_one_process_with_the_global_batch(setup, name, extr
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
 
 
+def test_two_processes_equal_one_process_with_the_global_batch_grouped_by_length(setup):
+    """train.group_by_length groups the global order, then splits each global batch: the same pairs per step."""
+    one, two = setup / "eq1-grouped", setup / "eq2-grouped"
+    grouped = ["--system", "baseline", "--set", "train.group_by_length=true", "--set", "train.log_every=2"]
+    _train(setup, one, [*grouped, "--set", "train.batch_size=8"], nproc=1)
+    _train(setup, two, [*grouped, "--set", "train.batch_size=4"], nproc=2)
+    w1, w2 = _weights(one / "model"), _weights(two / "model")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        if not k.endswith(OFFSET_ONLY):
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    m1, m2 = _metric_lines(one), _metric_lines(two)
+    assert [ln["step"] for ln in m1] == [ln["step"] for ln in m2]
+    train1, train2 = [ln for ln in m1 if "loss" in ln], [ln for ln in m2 if "loss" in ln]
+    assert train1 and all("tokens_real" in ln for ln in train1)
+    for a, b in zip(train1, train2):  # the same pairs per step: the same real tokens; each process pads its own half
+        assert b["tokens_real"] == a["tokens_real"] and b["tokens_padded"] <= a["tokens_padded"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
 @pytest.mark.parametrize("name", ["baseline", "arliss"])
 def test_same_command_twice_in_fresh_processes_gives_identical_weights(setup, name):
     runs = [setup / f"repro-{name}-{i}" for i in range(2)]

@@ -43,6 +43,8 @@ def serve(
     batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call"),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", help="torch CPU threads (default: torch's)"),
+    quantize: str | None = typer.Option(None, "--quantize", help="none | int8: int8 dynamic quantization of the "
+                                        "backbone after loading (CPU only; default: the saved model.quantize)"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a reward system over HTTP (POST /v1/score, OpenRLHF's /get_reward) with dynamic batching."""
@@ -61,7 +63,7 @@ def serve(
                           max_connections=max_connections, keep_alive_s=keep_alive_s, api_key=api_key,
                           api_key_file=str(api_key_file) if api_key_file is not None else None,
                           query_template=query_template, batch_size=batch_size, device=device,
-                          torch_threads=torch_threads)
+                          torch_threads=torch_threads, quantize=quantize)
         if api_key:
             err.print(Text.assemble(("warning:", "bold yellow"), " ", API_KEY_IN_PS))
         run_server(str(run), cfg, log_level=log_level)

@@ -113,6 +113,8 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
     oracle_domains: bool = typer.Option(False, "--oracle-domains", help="hand routed systems each pair's true domain "
                                         "instead of routing (an upper bound; default: their own router)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8: int8 dynamic quantization of the "
+                                           "backbone after loading (CPU only; default: the saved model.quantize)"),
 ) -> None:
     """Pairwise accuracy per domain and overall, reward statistics and latency; mean +- std over seeds."""
     from moerm.runs import evaluate_runs
@@ -121,7 +123,7 @@ def eval_(
 
     def go() -> None:
         result = evaluate_runs(runs, data, out, batch_size=batch_size, on_invalid=on_invalid.value,
-                               oracle_domains=oracle_domains)
+                               oracle_domains=oracle_domains, quantize=quantize)
         if as_json:
             console.print_json(json.dumps(result["json"]))
         else:
@@ -170,6 +172,8 @@ def score(
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSON Lines with prompt, response[, domain]"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON Lines out (default: stdout)"),
     batch_size: int = typer.Option(32, "--batch-size"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8: int8 dynamic quantization of the "
+                                           "backbone after loading (CPU only; default: the saved model.quantize)"),
 ) -> None:
     """Score one prompt/response pair, or a JSON Lines file of them; each result explains itself."""
     from moerm.runs import read_score_requests
@@ -185,7 +189,7 @@ def score(
             items = [{"prompt": prompt, "response": response, "domain": domain}]
         else:
             fail("give --prompt and --response, or --input FILE")
-        system = load_system(run)
+        system = load_system(run, quantize=quantize)
         res = system.score([i["prompt"] for i in items], [i["response"] for i in items],
                            [i.get("domain") for i in items], batch_size=batch_size)
         # JSON has no NaN: a non-finite reward (a broken model) is written as null, never as a bare NaN
@@ -220,7 +224,7 @@ def add_domain(
         if report.n_invalid:
             console.print(f"[yellow]{report.summary()}[/]", highlight=False)
         model_dir = find_model_dir(run)
-        system = load_system(model_dir)
+        system = load_system(model_dir, quantize="none")  # it trains and saves: always the fp32 weights
         domain = pairs[0].domain if pairs else "?"
         # the folder comes from the same safe name the systems use, never from the raw domain string
         ctx = FitContext(Path(run) / "add-domain" / domain_dir(domain), progress=progress)

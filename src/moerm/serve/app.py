@@ -121,6 +121,8 @@ def system_info(system: Any) -> dict[str, Any]:
         d = describe()
         info.update({"backbone": d.get("backbone"), "tuning": d.get("tuning"), "parameters": d.get("total"),
                      "components": d.get("components")})
+        if d.get("quantized"):
+            info["quantized"] = d["quantized"]
     return _jsonable(info)
 
 
@@ -129,7 +131,7 @@ def _loader(source: SystemSource, cfg: ServeConfig) -> Callable[[], Any]:
     if isinstance(source, (str, Path)):
         from moerm.systems.base import load_system
 
-        get = lambda: load_system(source, cfg.device)
+        get = lambda: load_system(source, cfg.device, quantize=cfg.quantize)
     elif hasattr(source, "score"):
         get = lambda: source
     elif callable(source):

@@ -73,6 +73,8 @@ class ServeConfig:
         strip_tokens: tokens removed (repeatedly) from both ends of OpenRLHF queries and prompts before splitting.
         batch_size: the forward batch size passed to `system.score`.
         device: where the model is loaded (None: the system's default).
+        quantize: "none" | "int8" (int8 dynamic quantization of the backbone after loading, CPU only; None: the
+            saved config's model.quantize). Applies when the source is a run folder.
         torch_threads: torch's intra-op CPU threads (None: torch's default, one per core). On a CPU shared with
             other work, 1 avoids threads waiting on each other at every operator.
         retry_after_s: the Retry-After value (seconds) sent with 503.
@@ -104,6 +106,7 @@ class ServeConfig:
     batch_size: int = 64
     device: str | None = None
     torch_threads: int | None = None
+    quantize: str | None = None
     retry_after_s: int = 1
     keep_alive_s: float = 75.0
     freeze_gc: bool = True
@@ -126,6 +129,8 @@ class ServeConfig:
                 raise ServeConfigError(f"{name} must be > 0; got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ServeConfigError(f"torch_threads must be >= 1; got {self.torch_threads}")
+        if self.quantize is not None and self.quantize not in ("none", "int8"):
+            raise ServeConfigError(f"quantize must be none or int8; got {self.quantize!r}")
         if self.max_wait_ms < 0:
             raise ServeConfigError(f"max_wait_ms must be >= 0; got {self.max_wait_ms}")
         if self.max_items_per_request > self.max_queue:

@@ -204,6 +204,9 @@ class RewardSystem(ABC):
 
     # -- shared behaviour
     def save(self, path: str | Path) -> Path:
+        if getattr(self, "quantized", None):
+            raise UserError(f"system {self.name!r} was quantized at load ({self.quantized['mode']}) for inference; "
+                            "save the fp32 system (load it without --quantize)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.save_components(path)
@@ -233,8 +236,12 @@ class RewardSystem(ABC):
         }
         if path is not None:
             totals["bytes_on_disk"] = folder_bytes(Path(path))
-        return {"system": self.name, "backbone": self.config.model.backbone, "tuning": self.config.model.tuning,
-                "components": comps, "total": totals}
+        out = {"system": self.name, "backbone": self.config.model.backbone, "tuning": self.config.model.tuning,
+               "components": comps, "total": totals}
+        if getattr(self, "quantized", None):  # int8 packed weights are no parameters: the backbone's counts omit them
+            out["quantized"] = self.quantized["mode"]
+            out["quantized_layers"] = self.quantized["layers"]
+        return out
 
 
 REGISTRY: dict[str, type[RewardSystem]] = {}
@@ -266,8 +273,18 @@ def find_model_dir(run_or_model_dir: str | Path) -> Path:
     raise FileNotFoundError(f"no saved reward system in {p} (expected {SYSTEM_FILE} in it or in {p / 'model'})")
 
 
-def load_system(run_or_model_dir: str | Path, device: str | torch.device | None = None) -> RewardSystem:
-    """Load any saved system; the folder's system.json says which class to use."""
+def load_system(run_or_model_dir: str | Path, device: str | torch.device | None = None,
+                quantize: str | None = None) -> RewardSystem:
+    """Load any saved system; the folder's system.json says which class to use.
+
+    `quantize`: "int8" quantizes every backbone's Linear layers after loading (CPU only, `encoding/quantize.py`),
+    "none" does not; None: the saved config's `model.quantize`.
+    """
+    from moerm.encoding.quantize import check_quantize_device, check_quantize_mode, quantize_system
+
+    if quantize is not None:
+        check_quantize_mode(quantize)
+        check_quantize_device(quantize, device)
     path = find_model_dir(run_or_model_dir)
     try:
         meta = json.loads((path / SYSTEM_FILE).read_text())
@@ -284,8 +301,10 @@ def load_system(run_or_model_dir: str | Path, device: str | torch.device | None 
             raise UserError(f"{path}: the base backbone {config.model.backbone!r} is not the one this system was "
                             f"trained on (saved {saved_id}, now {now}): its weights, config or tokenizer changed. "
                             "Restore the original backbone folder, or retrain")
+    quantize = config.model.quantize if quantize is None else quantize
+    check_quantize_device(quantize, device)
     try:
-        return get_system_class(meta["system"]).load_components(path, config, device)
+        system = get_system_class(meta["system"]).load_components(path, config, device)
     except (UserError, FileNotFoundError):
         raise
     except Exception as e:  # noqa: BLE001 - a truncated or edited weight/index file: say which folder, not a traceback
@@ -293,3 +312,5 @@ def load_system(run_or_model_dir: str | Path, device: str | torch.device | None 
         raise UserError(f"{path}: the saved {meta['system']} system cannot be read ({type(e).__name__}: {first[:300]});"
                         " a file in it is truncated, missing or was edited (e.g. a size mismatch). Retrain, or "
                         "restore the folder from a copy") from None
+    quantize_system(system, quantize)  # after loading, before any scoring
+    return system

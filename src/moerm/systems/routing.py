@@ -150,6 +150,10 @@ class PromptTexts:
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
 
+    def lengths(self) -> list[int]:
+        """Per item, its prompt's token count (for `train.group_by_length`)."""
+        return [len(it["enc"]["input_ids"]) for it in self.items]
+
     def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         enc = self.encoder.pad([b["enc"] for b in batch])  # (B, T)
         enc["labels"] = torch.tensor([b["label"] for b in batch])  # (B,)

@@ -83,3 +83,12 @@ def mean_across(values: Sequence[float]) -> list[float]:
     t = torch.tensor(list(values), dtype=torch.float64, device=device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return (t / world_size()).tolist()
+
+
+def sum_across(values: Sequence[float]) -> list[float]:
+    """Each value summed over the processes (every process must call this at the same point)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.tolist()

@@ -37,6 +37,10 @@ class TokenPairs:
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
 
+    def lengths(self) -> list[int]:
+        """Per item, the longer of its chosen and rejected token counts: the width it pads its batch to."""
+        return [max(len(it["chosen"]["input_ids"]), len(it["rejected"]["input_ids"])) for it in self.items]
+
     def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Chosen and rejected go through the model in one forward pass: rows [0, B) chosen, [B, 2B) rejected."""
         enc = self.encoder.pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch])  # (2B, T)

@@ -76,6 +76,48 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
+MEGA_BATCH_FACTOR = 50  # grouping by length sorts windows of 50 global batches (Hugging Face's factor)
+
+
+def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, world: int = 1, rank: int = 0,
+                  lengths: Sequence[int] | None = None, mega_factor: int = MEGA_BATCH_FACTOR) -> list[list[int]]:
+    """This process's batches of epoch `epoch`: a pure function of its arguments, so a resumed run sees the same.
+
+    The epoch's permutation (from `seed` and `epoch`) is cut into global batches of `world * batch_size` (the tail
+    that does not divide by `world` is dropped), and process `rank` takes every world-th index of each, so `world`
+    processes with batch b see, step by step, the pairs one process sees with batch `world * b`.
+
+    With `lengths` (one per example) the global batches are grouped by length first, as Hugging Face's
+    `group_by_length`: the permutation is split into mega-batches of `mega_factor` global batches, each sorted by
+    length (longest first; ties keep the permutation's order), cut into global batches, and the full global batches
+    are shuffled (with the same generator); a short last one stays last, as without grouping.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    order = order[: n // world * world]
+    gbs = world * batch_size
+    if lengths is not None:
+        if len(lengths) != n:
+            raise ValueError(f"lengths() gave {len(lengths)} lengths for {n} examples")
+        mega = mega_factor * gbs
+        order = [i for s in range(0, len(order), mega)
+                 for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])]
+    global_batches = [order[i : i + gbs] for i in range(0, len(order), gbs)]
+    if lengths is not None:
+        full = [b for b in global_batches if len(b) == gbs]
+        tail = global_batches[len(full):]  # at most one short batch, the last
+        global_batches = [full[j] for j in torch.randperm(len(full), generator=g).tolist()] + tail
+    return [b[rank::world] for b in global_batches]
+
+
+def _token_counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real, padded) tokens of a collated batch: its attention mask's ones, and its size; (0, 0) without a mask."""
+    mask = batch.get("attention_mask")
+    if not torch.is_tensor(mask):
+        return 0, 0
+    return int(mask.sum()), mask.numel()
+
+
 class Trainer:
     """Trains `model` with AdamW, warmup + linear decay, grad accumulation, eval, atomic checkpoints, resume."""
 
@@ -130,17 +172,14 @@ class Trainer:
         self.scheduler = scheduler
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        # cached features have no padding, so datasets without lengths() train ungrouped
+        lengths = getattr(dataset, "lengths", None) if cfg.group_by_length else None
+        self.lengths: list[int] | None = list(lengths()) if callable(lengths) else None
 
     # -- data order: a pure function of (seed, epoch), so a resumed run sees the same batches
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        if world > 1:
-            usable = len(order) // world * world
-            order = order[rank:usable:world]
-        bs = self.cfg.batch_size
-        return [order[i : i + bs] for i in range(0, len(order), bs)]
+        return epoch_batches(len(self.dataset), self.cfg.seed, epoch, self.cfg.batch_size,
+                             self.accelerator.num_processes, self.accelerator.process_index, self.lengths)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -175,12 +214,16 @@ class Trainer:
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def _save(self, step: int, epoch: int, next_batch: int, seconds: float,
-              window: list[tuple[float, float]] | None = None) -> None:
+              window: list[tuple[float, float]] | None = None, tokens: list[list[int]] | None = None) -> None:
+        """Every process calls this (the token counts are summed over them); the main one writes."""
+        # [[real, padded] since the last log line, [real, padded] of the run], over all processes
+        tokens = [[round(v) for v in distributed.sum_across(t)] for t in tokens or [[0, 0], [0, 0]]]
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
         state = {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps,
-                 "window": [list(w) for w in window or []]}  # losses since the last log line, so it resumes the same
+                 "window": [list(w) for w in window or []],  # losses since the last log line, so it resumes the same
+                 "tokens": tokens}
         scaler = self.accelerator.scaler  # fp16 on a GPU: its loss scale must survive a resume for an exact restart
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
@@ -218,6 +261,10 @@ class Trainer:
             self.metrics_path.unlink()  # a fresh run starts a fresh log
 
         window: list[tuple[float, float]] = [tuple(w) for w in tstate.get("window", [])] if found is not None else []
+        # real and padded tokens since the last log line and in the whole run; a checkpoint holds the sums over all
+        # processes, so after a resume the main process carries them and the others start from zero
+        tok_window, tok_run = ([list(t) for t in tstate.get("tokens", [[0, 0], [0, 0]])]
+                               if found is not None and acc.is_main_process else [[0, 0], [0, 0]])
         self.model.train()
         t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=step, desc=self.desc, disable=not self.progress or None,
@@ -229,7 +276,12 @@ class Trainer:
             batches = self._epoch_batches(epoch)
             micro_in_step = 0
             for b_idx in range(start_batch, len(batches)):
-                batch = _to_device(self.collate([self.dataset[i] for i in batches[b_idx]]), acc.device)
+                batch = self.collate([self.dataset[i] for i in batches[b_idx]])
+                real, padded = _token_counts(batch)
+                for t in (tok_window, tok_run):
+                    t[0] += real
+                    t[1] += padded
+                batch = _to_device(batch, acc.device)
                 last_of_epoch = b_idx == len(batches) - 1
                 n_micro = self._group_size(b_idx, len(batches))
                 will_step = micro_in_step + 1 == n_micro
@@ -260,15 +312,18 @@ class Trainer:
                     mean_loss, mean_acc = distributed.mean_across([sum(w[0] for w in window) / len(window),
                                                                    sum(w[1] for w in window) / len(window)])
                     bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{mean_acc:.3f}")
+                    real, padded = (round(v) for v in distributed.sum_across(tok_window))
+                    tokens = {"tokens_real": real, "tokens_padded": padded} if padded else {}  # since the last line
                     self._log({"step": step, "component": self.desc, "epoch": epoch, "loss": mean_loss,
-                               "accuracy": mean_acc, "lr": self.scheduler.get_last_lr()[0]})
-                    window, last_loss = [], mean_loss
+                               "accuracy": mean_acc, "lr": self.scheduler.get_last_lr()[0], **tokens})
+                    window, last_loss, tok_window = [], mean_loss, [0, 0]
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
                     last_eval = self._evaluate(step)
                 at_end = step >= self.total_steps
                 next_epoch, next_batch = (epoch + 1, 0) if last_of_epoch else (epoch, b_idx + 1)
                 if cfg.save_every and step % cfg.save_every == 0 and not at_end:
-                    self._save(step, next_epoch, next_batch, seconds_before + time.perf_counter() - t0, window)
+                    self._save(step, next_epoch, next_batch, seconds_before + time.perf_counter() - t0, window,
+                               [tok_window, tok_run])
                     if self.stop_after_steps is not None and step >= self.stop_after_steps:
                         bar.close()
                         raise TrainingInterrupted(f"stopped after step {step} (test hook)")
@@ -285,6 +340,10 @@ class Trainer:
             last_loss = distributed.mean_across([sum(w[0] for w in window) / len(window)])[0]
         if last_loss is not None:
             final["train_loss"] = last_loss
-        self._save(step, epoch, 0, seconds)
+        run_real, run_padded = (round(v) for v in distributed.sum_across(tok_run))
+        if run_padded:  # over every process and the whole run (a resumed run included)
+            final.update({"tokens_real": float(run_real), "tokens_padded": float(run_padded),
+                          "padding_fraction": 1.0 - run_real / run_padded})
+        self._save(step, epoch, 0, seconds, tokens=[tok_window, tok_run])
         distributed.barrier()  # no process moves on (to the next component, or to saving) before the checkpoint is written
         return TrainResult(steps=step, seconds=seconds, final_metrics=final, resumed_from=resumed_from)
