@@ -34,6 +34,7 @@ from moerm.bench.measure import timed_round_robin
 from moerm.cli.common import quiet_hf
 from moerm.config import load_config
 from moerm.data.readers import load_pairs
+from moerm.encoding.quantize import quantize_system
 from moerm.eval.metrics import evaluate_system
 from moerm.runs import cap_per_domain
 from moerm.systems import build_system
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    ap.add_argument("--keep-fp32", default=None, help="also time a third copy, int8 but with the Linear layers whose "
+                    "name matches this regular expression kept fp32 (e.g. 'layer\\.\\d+\\.output\\.dense')")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     quiet_hf()
@@ -93,6 +96,10 @@ def main() -> None:
         run = args.run or str(train_small(args.data, args.train_pairs, args.backbone, Path(tmp)))
         systems = {"fp32": load_system(run, device="cpu", quantize="none"),
                    "int8": load_system(run, device="cpu", quantize="int8")}
+        if args.keep_fp32:
+            partial = load_system(run, device="cpu", quantize="none")
+            quantize_system(partial, "int8", keep_fp32=args.keep_fp32)
+            systems["int8 partial"] = partial
         # quality first (one pass each), then the interleaved timing
         rewards = {k: s.score(prompts, responses, batch_size=args.batch_size).rewards for k, s in systems.items()}
         reports = {k: evaluate_system(s, test, batch_size=args.batch_size) for k, s in systems.items()}
@@ -104,6 +111,7 @@ def main() -> None:
         quantized_layers = systems["int8"].describe()["quantized_layers"]
 
     rho = float(spearmanr(rewards["fp32"], rewards["int8"]).statistic)
+    rhos = {k: float(spearmanr(rewards["fp32"], rewards[k]).statistic) for k in systems if k != "fp32"}
     rows: dict[str, Any] = {}
     for k in systems:
         sec = statistics.median(times[k])
@@ -114,7 +122,8 @@ def main() -> None:
               "pairs": n, "inputs": 2 * n, "batch_size": args.batch_size, "repeats": args.repeats,
               "threads": torch.get_num_threads(), "quantized_layers": quantized_layers,
               "load_average_before": load_before, "load_average_after": load_after, "rows": rows,
-              "int8_speedup": speedup, "spearman_rewards": rho}
+              "int8_speedup": speedup, "spearman_rewards": rho, "spearman_by_copy": rhos,
+              "keep_fp32": args.keep_fp32}
 
     print(f"command: {command}")
     print(f"system {name}, {n} held-out pairs ({2 * n} inputs), batch {args.batch_size}, torch threads "
@@ -130,6 +139,11 @@ def main() -> None:
     diff = rows["int8"]["macro_accuracy"] - rows["fp32"]["macro_accuracy"]
     print(f"int8 / fp32 throughput: {speedup:.2f}x; Spearman rank correlation of rewards: {rho:.4f}; "
           f"macro accuracy difference (int8 - fp32): {diff:+.4f}")
+    if "int8 partial" in rows:
+        p = rows["int8 partial"]
+        print(f"int8 with {args.keep_fp32!r} kept fp32: {p['pairs_per_second'] / rows['fp32']['pairs_per_second']:.2f}x; "
+              f"Spearman {rhos['int8 partial']:.4f}; macro accuracy difference "
+              f"{p['macro_accuracy'] - rows['fp32']['macro_accuracy']:+.4f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

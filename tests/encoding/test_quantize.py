@@ -190,3 +190,19 @@ def test_serve_loads_the_system_quantized(baseline_dir):
     from moerm.cli import app
 
     assert "--quantize" in CliRunner().invoke(app, ["serve", "--help"]).output
+
+
+def test_layers_matching_keep_fp32_stay_float(tiny_bert):
+    from torch import nn
+
+    from moerm.config import load_config
+    from moerm.encoding.quantize import is_quantized_linear, quantize_system
+    from moerm.systems import build_system
+
+    system = build_system(load_config(None, [f"model.backbone={tiny_bert}", "model.max_length=32"]))
+    quantize_system(system, "int8", keep_fp32=r"layer\.\d+\.output\.dense")
+    mods = dict(system.backbone.model.named_modules())
+    kept = [n for n in mods if n.endswith("output.dense") and "attention" not in n]
+    assert kept and all(type(mods[n]) is nn.Linear for n in kept)  # the FFN down-projections: fp32
+    assert is_quantized_linear(mods["encoder.layer.0.intermediate.dense"])
+    assert is_quantized_linear(mods["encoder.layer.0.attention.output.dense"])

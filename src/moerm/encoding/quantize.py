@@ -14,6 +14,7 @@ training, no saving, no `add_domain`); transformers' `Conv1D` (GPT-2) is not an 
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, Iterator
 
@@ -75,11 +76,15 @@ def _int8(linear: nn.Linear) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear.float()), {nn.Linear}, dtype=torch.qint8)[0]
 
 
-def _quantize_children(module: nn.Module) -> Iterator[str]:
-    """Replace plain nn.Linear children (recursively) with int8 ones; inside a LoRA layer only its base_layer."""
+def _quantize_children(module: nn.Module, keep: re.Pattern[str] | None = None, prefix: str = "") -> Iterator[str]:
+    """Replace plain nn.Linear children (recursively) with int8 ones; inside a LoRA layer only its base_layer.
+    Layers whose dotted name (from the backbone) matches `keep` stay fp32."""
     from peft.tuners.lora import LoraLayer
 
     for name, child in list(module.named_children()):
+        full = f"{prefix}{name}"
+        if keep is not None and keep.search(full):
+            continue
         if isinstance(child, LoraLayer):
             base = child.base_layer
             if type(base) is nn.Linear:
@@ -90,21 +95,22 @@ def _quantize_children(module: nn.Module) -> Iterator[str]:
             setattr(module, name, _int8(child))
             yield name
         else:
-            yield from (f"{name}.{n}" for n in _quantize_children(child))
+            yield from (f"{name}.{n}" for n in _quantize_children(child, keep, f"{full}."))
 
 
-def quantize_backbone(backbone: Backbone) -> list[str]:
-    """Quantize one backbone in place; the names of the layers replaced."""
+def quantize_backbone(backbone: Backbone, keep_fp32: str | None = None) -> list[str]:
+    """Quantize one backbone in place; the names of the layers replaced. `keep_fp32`: a regular expression over
+    layer names (e.g. `layer\\.\\d+\\.output\\.dense`, BERT's FFN down-projections) that stay fp32."""
     for p in backbone.parameters():
         if p.device.type != "cpu":
             raise UserError(f"int8 dynamic quantization is CPU-only; this backbone is on {p.device} (load with "
                             "--device cpu, or drop --quantize)")
         break
     backbone.eval()
-    return list(_quantize_children(backbone))
+    return list(_quantize_children(backbone, re.compile(keep_fp32) if keep_fp32 else None))
 
 
-def quantize_system(system: Any, mode: str | None) -> dict[str, Any] | None:
+def quantize_system(system: Any, mode: str | None, keep_fp32: str | None = None) -> dict[str, Any] | None:
     """Quantize every backbone of a loaded system in place (mode "int8"); "none"/None leaves it as it is.
 
     Records `system.quantized = {"mode", "layers", "backbones"}` (reported by `describe()` as "quantized": "int8")
@@ -119,7 +125,7 @@ def quantize_system(system: Any, mode: str | None) -> dict[str, Any] | None:
     if not backbones:
         name = getattr(system, "name", type(system).__name__)
         raise UserError(f"--quantize {mode}: no backbone found in system {name!r}")
-    layers = [n for b in backbones for n in quantize_backbone(b)]
+    layers = [n for b in backbones for n in quantize_backbone(b, keep_fp32)]
     if not layers:
         raise UserError(f"--quantize {mode}: the backbone has no nn.Linear layers to quantize (e.g. GPT-2's Conv1D)")
     system.quantized = {"mode": mode, "layers": len(layers), "backbones": len(backbones)}
