@@ -163,3 +163,24 @@ def toy_train() -> list[PreferencePair]:
 @pytest.fixture
 def toy_test() -> list[PreferencePair]:
     return toy_pairs(48, seed=2)
+
+
+def reward_trainer(backbone_path: str, out: Path, cfg, train_pairs: list[PreferencePair], max_length: int,
+                   eval_pairs: list[PreferencePair] | None = None, stop: int | None = None):
+    """A seeded tiny reward model (backbone + linear head) and its Trainer on `train_pairs`: what the trainer,
+    grouping and reliability tests train. Returns (model, trainer)."""
+    from moerm.encoding import load_backbone, make_encoder
+    from moerm.modules.heads import RewardHead
+    from moerm.modules.reward_model import RewardModel
+    from moerm.train.pairwise import TokenPairs, make_pairwise_step, pairwise_eval
+    from moerm.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    backbone = load_backbone(backbone_path)
+    model = RewardModel(backbone, RewardHead(backbone.hidden_size))
+    enc = make_encoder(backbone_path, max_length)
+    data = TokenPairs.build(train_pairs, enc)
+    ev = TokenPairs.build(eval_pairs, enc) if eval_pairs else None
+    return model, Trainer(model, make_pairwise_step(), data, data.collate, cfg, out,
+                          eval_fn=(lambda m: pairwise_eval(m, ev)) if ev is not None else None, progress=False,
+                          stop_after_steps=stop)

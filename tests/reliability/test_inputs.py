@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 from typer.testing import CliRunner
 
@@ -22,7 +22,7 @@ from moerm.encoding import load_tokenizer
 from moerm.errors import UserError
 from moerm.systems import build_system, load_system
 
-from conftest import toy_pairs
+from conftest import toy_pairs, reward_trainer
 
 runner = CliRunner()
 
@@ -127,7 +127,6 @@ def test_a_pickled_adapter_is_refused_before_peft_reads_it(tmp_path, tiny_bert):
     assert state
     with pytest.raises(FileNotFoundError, match="safetensors only"):
         load_system(tmp_path / "model")
-    save_file(state, str(adapter / "adapter_model.safetensors"))
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -160,19 +159,9 @@ def test_a_routed_system_on_one_domain_is_an_error_not_a_one_class_router(tmp_pa
 
 def _trainer(tiny_bert, out, stop=None, **train):
     from moerm.config import TrainConfig
-    from moerm.encoding import load_backbone, make_encoder
-    from moerm.modules.heads import RewardHead
-    from moerm.modules.reward_model import RewardModel
-    from moerm.train.pairwise import TokenPairs, make_pairwise_step
-    from moerm.train.trainer import Trainer
 
-    torch.manual_seed(0)
-    backbone = load_backbone(tiny_bert)
-    model = RewardModel(backbone, RewardHead(backbone.hidden_size))
-    data = TokenPairs.build(toy_pairs(24, seed=3), make_encoder(tiny_bert, 32))
     cfg = TrainConfig(**{"lr": 5e-4, "batch_size": 8, "epochs": 2, "save_every": 2, "log_every": 1, "seed": 5, **train})
-    return model, Trainer(model, make_pairwise_step(), data, data.collate, cfg, out, progress=False,
-                          stop_after_steps=stop)
+    return reward_trainer(tiny_bert, out, cfg, toy_pairs(24, seed=3), 32, stop=stop)
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_bert):

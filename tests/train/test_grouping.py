@@ -7,17 +7,13 @@ import random
 
 import pytest
 import torch
-from conftest import toy_pairs
+from conftest import toy_pairs, reward_trainer
 
 from moerm.config import ConfigError, TrainConfig
-from moerm.encoding import load_backbone, make_encoder
-from moerm.modules.heads import RewardHead
-from moerm.modules.reward_model import RewardModel
+from moerm.encoding import make_encoder
 from moerm.train.pairwise import (
     FeaturePairs,
     TokenPairs,
-    make_pairwise_step,
-    pairwise_eval,
 )
 from moerm.train.trainer import Trainer, TrainingInterrupted, epoch_batches
 
@@ -172,14 +168,7 @@ def _varied_pairs(n: int, seed: int):
 
 
 def _setup(tiny_bert, out, cfg, stop=None):
-    torch.manual_seed(0)
-    backbone = load_backbone(tiny_bert)
-    model = RewardModel(backbone, RewardHead(backbone.hidden_size))
-    enc = make_encoder(tiny_bert, 96)
-    data = TokenPairs.build(_varied_pairs(40, seed=3), enc)
-    ev = TokenPairs.build(toy_pairs(16, seed=4), enc)
-    return model, Trainer(model, make_pairwise_step(), data, data.collate, cfg, out,
-                          eval_fn=lambda m: pairwise_eval(m, ev), progress=False, stop_after_steps=stop)
+    return reward_trainer(tiny_bert, out, cfg, _varied_pairs(40, seed=3), 96, toy_pairs(16, seed=4), stop)
 
 
 def test_token_pairs_lengths_are_the_longer_side(tiny_bert):

@@ -3,26 +3,15 @@ import json
 import pytest
 import torch
 
-from moerm.encoding import load_backbone, make_encoder
 from moerm.config import TrainConfig
-from moerm.modules.heads import RewardHead
-from moerm.modules.reward_model import RewardModel
 from moerm.train.checkpoint import list_checkpoints
-from moerm.train.pairwise import TokenPairs, make_pairwise_step, pairwise_eval
 from moerm.train.trainer import Trainer, TrainingInterrupted
 
-from conftest import toy_pairs
+from conftest import toy_pairs, reward_trainer
 
 
 def _setup(tiny_bert, out, cfg, stop=None):
-    torch.manual_seed(0)
-    backbone = load_backbone(tiny_bert)
-    model = RewardModel(backbone, RewardHead(backbone.hidden_size))
-    enc = make_encoder(tiny_bert, 48)
-    data = TokenPairs.build(toy_pairs(40, seed=3), enc)
-    ev = TokenPairs.build(toy_pairs(16, seed=4), enc)
-    return model, Trainer(model, make_pairwise_step(), data, data.collate, cfg, out,
-                          eval_fn=lambda m: pairwise_eval(m, ev), progress=False, stop_after_steps=stop)
+    return reward_trainer(tiny_bert, out, cfg, toy_pairs(40, seed=3), 48, toy_pairs(16, seed=4), stop)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_bert, tmp_path):
