@@ -24,10 +24,12 @@ class ModelConfig:
     backbone: str = field(default="minilm", metadata={"help": "HF model path/name; 'minilm' = the embedded MiniLM"})
     pooling: str = field(default="auto", metadata={"help": "auto | cls | mean | last (auto: mean for encoders, last for decoders)"})
     max_length: int = field(default=256, metadata={"help": "tokens per prompt+response; the prompt is trimmed from the left"})
-    head: str = field(default="linear", metadata={"help": "linear | mlp"})
+    head: str = field(default="linear", metadata={"help": "linear | mlp | hf (hf: the score head of the Hugging Face sequence-classification model the backbone is, as `moerm import-hf` sets it)"})
     head_hidden: int = 256
     head_dropout: float = 0.0
-    tuning: str = field(default="auto", metadata={"help": "auto | full | lora | frozen (auto: the system's default; frozen: cached features, heads only)"})
+    tuning: str = field(default="auto", metadata={"help": "auto | full | lora | frozen | top (auto: the system's default; frozen: cached features, heads only; top: a cached frozen trunk, only the top model.trainable_layers blocks train)"})
+    trainable_layers: int = field(default=2, metadata={"help": "tuning=top: how many top transformer blocks train (fully, or with LoRA for LoRA systems); the rest is a frozen, cached trunk"})
+    trunk_cache: str | None = field(default=None, metadata={"help": "tuning=top: trunk-state cache dir (default ~/.cache/moerm/trunk)"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -38,8 +40,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.pooling", self.pooling, ("auto", "cls", "mean", "last"))
-        _choice("model.head", self.head, ("linear", "mlp"))
-        _choice("model.tuning", self.tuning, ("auto", "full", "lora", "frozen"))
+        _choice("model.head", self.head, ("linear", "mlp", "hf"))
+        _choice("model.tuning", self.tuning, ("auto", "full", "lora", "frozen", "top"))
+        _at_least("model.trainable_layers", self.trainable_layers, 1)
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("model.quantize", self.quantize, ("none", "int8"))
         if self.max_length < 8:

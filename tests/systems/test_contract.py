@@ -72,7 +72,8 @@ ACCURACY = 0.75  # held-out pairwise accuracy every row reaches (chance: 0.5)
 MAX_LENGTH = 32
 # Training budget per tuning mode: a frozen backbone trains only heads on cached features (cheap, so more epochs).
 BUDGET = {"full": {"lr": 1e-3, "epochs": 2}, "lora": {"lr": 5e-3, "epochs": 4},
-          "frozen": {"lr": 1e-3, "head_lr": 3e-3, "epochs": 30}}
+          "frozen": {"lr": 1e-3, "head_lr": 3e-3, "epochs": 30}, "top": {"lr": 1e-2, "epochs": 6}}
+TOP_LAYERS = 1  # top tuning: the tiny backbones have 2 blocks; the lower one is the cached trunk
 
 
 def domain_pairs(domain: str, n: int, seed: int):
@@ -104,7 +105,8 @@ def make_config(system: str, tuning: str, backbone_path: str, cache: Path) -> Ru
     budget = BUDGET[tuning]
     return RunConfig(
         system=system,
-        model=ModelConfig(backbone=backbone_path, max_length=MAX_LENGTH, tuning=tuning, feature_cache=str(cache)),
+        model=ModelConfig(backbone=backbone_path, max_length=MAX_LENGTH, tuning=tuning, feature_cache=str(cache),
+                          trainable_layers=TOP_LAYERS, trunk_cache=str(cache / "trunk")),
         train=TrainConfig(lr=budget["lr"], head_lr=budget.get("head_lr"), epochs=budget["epochs"], batch_size=8,
                           save_every=0, log_every=1000, eval_batch_size=32),
         options=dict(SYSTEMS.get(system, {}).get("options", {})),
@@ -240,6 +242,19 @@ def system_params(system: RewardSystem) -> Params:
     return out
 
 
+_BLOCK = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
+
+
+def _block_of(name: str) -> int | None:
+    """The transformer block index in a parameter name (`encoder.layer.1.`, `layers.0.`, `h.1.`), if any."""
+    m = _BLOCK.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def _num_blocks(ref: dict[str, torch.Tensor]) -> int:
+    return 1 + max(b for b in map(_block_of, ref) if b is not None)
+
+
 _PRETRAINED: dict[str, dict[str, torch.Tensor]] = {}
 
 
@@ -266,13 +281,27 @@ def test_changes_only_what_its_tuning_should(trained: Trained):
     share = len(moved) / len(params.backbone)
     if trained.tuning == "full":
         assert share > 0.5, f"full tuning moved only {len(moved)} of {len(params.backbone)} backbone weights"
+    elif trained.tuning == "top":
+        # the trunk (embeddings, lower blocks) is bit-identical; full-style top blocks moved, LoRA-style ones did not
+        top = tuple(f".{i}." for i in range(_num_blocks(ref) - TOP_LAYERS, _num_blocks(ref)))
+        in_top = [w for w, n, p in params.backbone if _block_of(n) is not None and f".{_block_of(n)}." in top]
+        outside = [w for w in moved if w not in in_top]
+        assert not outside, f"top tuning changed trunk weights, e.g. {outside[:3]}"
+        if type(trained.system).top_style == "full":
+            assert len([w for w in moved if w in in_top]) > 0.5 * len(in_top), "top tuning moved too few top-block weights"
+        else:
+            assert not moved, f"top tuning with LoRA changed base weights, e.g. {moved[:3]}"
     else:
         assert not moved, (f"{trained.tuning} tuning changed {len(moved)} of {len(params.backbone)} backbone "
                            f"weights, e.g. {moved[:3]}")
     lora_by_design = SYSTEMS.get(trained.system.name, {}).get("lora_by_design", False)
-    if trained.tuning == "lora" or lora_by_design:
+    lora_top = trained.tuning == "top" and type(trained.system).top_style == "lora"
+    if trained.tuning == "lora" or lora_by_design or lora_top:
         b = [(n, p) for n, p in params.lora if ".lora_B." in n]
         assert b, "lora tuning but no LoRA parameters in the system"
+        if trained.tuning == "top":  # adapters only in the top blocks, never on the cached trunk
+            low = [n for n, _ in b if _block_of(n) is not None and _block_of(n) < _num_blocks(ref) - TOP_LAYERS]
+            assert not low, f"top tuning put LoRA on trunk blocks: {low[:3]}"
         still_zero = [n for n, p in b if not p.detach().abs().sum() > 0]
         assert not still_zero, f"LoRA B weights never trained (still zero): {still_zero[:3]}"
     else:

@@ -123,18 +123,32 @@ class Backbone(nn.Module):
         self.pooling = pooling
         # Decoders get positions from the mask (HF counts them from 0 at column 0, which left padding shifts).
         self.decoder_positions = is_decoder(model.config) and _takes_position_ids(model)
+        self.trunk: Any = None  # `top` tuning: an encoding.trunk.TrunkSpec (the frozen lower blocks and their cache)
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                trunk_states: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        """`trunk_states` (B, T, H): the cached output of a `top`-tuned backbone's frozen trunk for these tokens;
+        then only the blocks above the trunk run (see `encoding.trunk`)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **kw}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         if self.decoder_positions and "position_ids" not in inputs:
             inputs["position_ids"] = decoder_position_ids(attention_mask)  # (B, T)
-        out = self.model(**inputs)
+        if trunk_states is not None:
+            if self.trunk is None or self.trunk.like is None:
+                raise ValueError("trunk_states given to a backbone that has no trunk (model.tuning is not top)")
+            from moerm.modules.experts import fed_from_trunk, transformer_blocks
+
+            _, blocks = transformer_blocks(self.model)
+            dtype = next(self.model.parameters()).dtype
+            with fed_from_trunk(blocks, self.trunk.first, trunk_states.to(dtype), self.trunk.like):
+                out = self.model(**inputs)
+        else:
+            out = self.model(**inputs)
         hidden = out.last_hidden_state  # (B, T, H)
         return pooled(hidden, attention_mask, self.pooling).float()  # (B, H)
 

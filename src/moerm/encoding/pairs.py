@@ -291,6 +291,13 @@ class PairEncoder:
             rows = [([fill] * (width - len(e[key])) + e[key]) if left else (e[key] + [fill] * (width - len(e[key])))
                     for e in encoded]
             batch[key] = torch.tensor(rows, dtype=torch.long)  # (B, T)
+        with_trunk = sum("trunk" in e for e in encoded)
+        if with_trunk:  # `top` tuning: the cached trunk states (encoding.trunk.attach_trunk) travel with the ids
+            if with_trunk != len(encoded):
+                raise ValueError("a batch mixes sequences with and without cached trunk states")
+            from moerm.encoding.trunk import padded_states
+
+            batch["trunk_states"] = padded_states(encoded, width, left)  # (B, T, H)
         return batch
 
 

@@ -3,6 +3,9 @@
     full    every backbone weight trains; the whole backbone is saved
     lora    the backbone is frozen and carries one or more named LoRA adapters; only the adapters are saved
     frozen  nothing in the backbone trains; its pooled features are cached once (`encoding.cache`) and only heads train
+    top     the embeddings and lower blocks form a frozen trunk whose token states are cached (`encoding.trunk`); only
+            the top `model.trainable_layers` blocks train: fully (`style="full"`, those blocks' weights are saved) or
+            with LoRA adapters restricted to them (`style="lora"`, the adapters are saved)
 
 A system declares the modes it can honour (`RewardSystem.tunings`) and its default; `resolve_tuning` turns the
 config's `auto` into that default and rejects a mode the system cannot honour, when the system is built.
@@ -20,7 +23,8 @@ from torch import nn
 from moerm.config import ConfigError, ModelConfig
 from moerm.encoding.backbone import Backbone
 
-TUNING_MODES = ("full", "lora", "frozen")
+TUNING_MODES = ("full", "lora", "frozen", "top")
+TOP_FILE = "top.safetensors"  # top tuning, full style: the trained blocks' weights
 _LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
@@ -55,14 +59,71 @@ def add_adapter(backbone: Backbone, name: str, config: LoraConfig) -> None:
         backbone.model = get_peft_model(backbone.model, config, adapter_name=name)
 
 
-def apply_tuning(backbone: Backbone, mode: str, model: ModelConfig, adapters: Sequence[str] = ("default",)) -> None:
-    """Freeze the backbone or make it trainable, or wrap it with the named LoRA adapters (base frozen by peft)."""
+def top_blocks(backbone: Backbone, model: ModelConfig) -> list[int]:
+    """`top` tuning: the indices of the blocks that train (the top `model.trainable_layers`)."""
+    from moerm.encoding.trunk import first_trained_block
+    from moerm.modules.experts import transformer_blocks
+
+    _, blocks = transformer_blocks(backbone.model)
+    first = first_trained_block(len(blocks), model.trainable_layers, model.backbone)
+    return list(range(first, len(blocks)))
+
+
+def adapter_config(backbone: Backbone, model: ModelConfig) -> LoraConfig:
+    """The LoRA settings of a new adapter on this backbone: on every block, or under `top` tuning on the top blocks
+    only (so the trunk below them is shared by every adapter and cached)."""
+    if model.tuning != "top":
+        return lora_config(model)
+    from moerm.modules.experts import transformer_blocks
+
+    pattern = transformer_blocks(backbone.model)[0].rsplit(".", 1)[-1]
+    return lora_config(model, top_blocks(backbone, model), pattern)
+
+
+def set_trunk(backbone: Backbone, model: ModelConfig) -> None:
+    """Mark the blocks below the top `model.trainable_layers` as this backbone's cached trunk (`top` tuning)."""
+    from moerm.encoding.cache import backbone_id
+    from moerm.encoding.trunk import TrunkSpec, default_trunk_dir
+
+    first = top_blocks(backbone, model)[0]
+    root = Path(model.trunk_cache) if model.trunk_cache else default_trunk_dir()
+    backbone.trunk = TrunkSpec(first, backbone_id(model.backbone, model.dtype), root)
+
+
+def top_parameter_names(backbone: Backbone, model: ModelConfig) -> list[str]:
+    """`backbone.model` parameter names inside the top blocks (those `top` tuning trains and saves, full style)."""
+    from moerm.modules.experts import transformer_blocks
+
+    name, _ = transformer_blocks(backbone.model)
+    prefixes = tuple(f"{name}.{i}." for i in top_blocks(backbone, model))
+    return [n for n, _ in backbone.model.named_parameters() if n.startswith(prefixes)]
+
+
+def apply_tuning(backbone: Backbone, mode: str, model: ModelConfig, adapters: Sequence[str] = ("default",),
+                 style: str = "full") -> None:
+    """Freeze the backbone or make it trainable, or wrap it with the named LoRA adapters (base frozen by peft).
+
+    `top`: the trunk is frozen and marked for caching; `style` says how the top blocks train (full or lora).
+    """
     if mode not in TUNING_MODES:
         raise ConfigError(f"model.tuning must be one of {', '.join(TUNING_MODES)}; got {mode!r}")
     if mode == "full":
         backbone.requires_grad_(True)
     elif mode == "frozen":
         backbone.requires_grad_(False)
+    elif mode == "top":
+        set_trunk(backbone, model)
+        if style == "full":
+            backbone.requires_grad_(False)
+            top = set(top_parameter_names(backbone, model))
+            for n, p in backbone.model.named_parameters():
+                p.requires_grad_(n in top)
+        elif style == "lora":
+            if not isinstance(backbone.model, PeftModel):
+                for name in adapters:
+                    add_adapter(backbone, name, adapter_config(backbone, model))
+        else:
+            raise ValueError(f"top tuning style must be full or lora; got {style!r}")
     elif not isinstance(backbone.model, PeftModel):
         for name in adapters:
             add_adapter(backbone, name, lora_config(model))
@@ -102,9 +163,17 @@ def save_backbone(backbone: Backbone, mode: str, path: Path, tokenizer=None) -> 
         if tokenizer is not None:
             tokenizer.save_pretrained(path / "backbone")
         return ["backbone"]
-    if mode == "lora":
+    if mode == "lora" or (mode == "top" and isinstance(backbone.model, PeftModel)):
         backbone.model.save_pretrained(str(path / "adapter"), safe_serialization=True)
         return ["adapter"]
+    if mode == "top":  # full style: only the trained top blocks; the trunk is the base model's
+        from moerm.train.checkpoint import atomic_save_safetensors
+
+        trained = {n: p.detach() for n, p in backbone.model.named_parameters() if p.requires_grad}
+        if not trained:
+            raise ValueError("top tuning (full style) has no trainable block to save")
+        atomic_save_safetensors(trained, path / TOP_FILE)
+        return [TOP_FILE]
     return []
 
 
@@ -113,10 +182,28 @@ def saved_backbone_path(mode: str, path: Path, base: str) -> str:
     return str(path / "backbone") if mode == "full" else base
 
 
-def restore_adapters(backbone: Backbone, mode: str, path: Path, trainable: bool = True) -> None:
-    """After loading the base: put back the saved adapter (lora); nothing to do for full and frozen."""
-    if mode == "lora":
+def restore_adapters(backbone: Backbone, mode: str, path: Path, trainable: bool = True,
+                     model: ModelConfig | None = None) -> None:
+    """After loading the base: put back the saved adapter (lora, top with LoRA) or the trained top blocks (top, full
+    style; `model` is then required); nothing to do for full and frozen."""
+    if mode == "lora" or (mode == "top" and (path / "adapter").is_dir()):
         load_adapter(backbone, path / "adapter", None, trainable)
+    if mode == "top":
+        if model is None:
+            raise ValueError("restoring a top-tuned backbone needs the model config")
+        set_trunk(backbone, model)
+        if (path / TOP_FILE).is_file():
+            from safetensors.torch import load_file
+
+            expected = set(top_parameter_names(backbone, model))
+            saved = load_file(str(path / TOP_FILE))
+            if set(saved) != expected:
+                raise ValueError(f"{path / TOP_FILE}: holds {len(saved)} tensors, not the {len(expected)} of the top "
+                                 f"{model.trainable_layers} blocks of {model.backbone} (another trainable_layers?)")
+            backbone.model.load_state_dict(saved, strict=False)
+            backbone.requires_grad_(False)
+            for n, p in backbone.model.named_parameters():
+                p.requires_grad_(trainable and n in expected)
 
 
 def load_adapter(backbone: Backbone, folder: Path, name: str | None = None, trainable: bool = True) -> None:

@@ -1,37 +1,94 @@
-"""Pairwise accuracy ("consistency" in DMoERM) overall and per domain, reward statistics, seed aggregation."""
+"""Pairwise accuracy ("consistency" in DMoERM) overall, per domain and per subset, reward statistics, seed
+aggregation. Every per-group accuracy (domain, subset, route) comes from `group_accuracy`."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from moerm.data.schema import PreferencePair
 from moerm.errors import UserError
 
 
-def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains: Sequence[str]) -> dict[str, Any]:
+NO_SUBSET = "(no subset)"  # a pair without `subset` in a domain whose other pairs have one
+
+
+def group_accuracy(correct: Sequence[bool], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Accuracy and pair count per key (domain, subset, route), keys sorted: the one per-group mechanism."""
+    per: dict[str, list[bool]] = defaultdict(list)
+    for ok, k in zip(correct, keys):
+        per[k].append(bool(ok))
+    return {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(per.items())}
+
+
+def subset_groups(subsets: Iterable[str]) -> dict[str, list[str]]:
+    """Roll-ups of `/`-separated subset names, label -> the subsets it merges (only those merging two or more, and
+    not all of them: that is the domain's own accuracy).
+
+    Every proper prefix is a group (`LLMBar/Adversarial/*`: LLMBar's adversarial sets; `xstest-should-refuse/*`: one
+    RM-Bench source over its styles) and so is the last part (`*/style0`: one RM-Bench style over its sources).
+    """
+    names = sorted(set(subsets))
+    groups: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        parts = name.split("/")
+        if len(parts) < 2:
+            continue
+        for i in range(1, len(parts)):
+            groups["/".join(parts[:i]) + "/*"].add(name)
+        groups["*/" + parts[-1]].add(name)
+    return {g: sorted(m) for g, m in sorted(groups.items()) if 1 < len(m) < len(names)}
+
+
+def subset_report(correct: Sequence[bool], domains: Sequence[str], subsets: Sequence[str | None]) -> dict[str, Any]:
+    """Per domain whose pairs carry `subset` (RM-Bench's sources and styles, AlpacaEval's sources, HHH's categories),
+    accuracy per subset and per roll-up group (`subset_groups`), as RewardBench reports. Empty when no pair has one."""
+    with_subset = {d for d, s in zip(domains, subsets) if s is not None}
+    per_subset: dict[str, Any] = {}
+    per_group: dict[str, Any] = {}
+    for d in sorted(with_subset):
+        rows = [(ok, s if s is not None else NO_SUBSET) for ok, dd, s in zip(correct, domains, subsets) if dd == d]
+        per_subset[d] = group_accuracy([ok for ok, _ in rows], [s for _, s in rows])
+        groups = subset_groups(per_subset[d])
+        if groups:
+            member = {s: [g for g, m in groups.items() if s in m] for s in per_subset[d]}
+            flat = [(ok, g) for ok, s in rows for g in member[s]]
+            per_group[d] = {g: {**v, "subsets": len(groups[g])}
+                            for g, v in group_accuracy([ok for ok, _ in flat], [g for _, g in flat]).items()}
+    out: dict[str, Any] = {}
+    if per_subset:
+        out["per_subset"] = per_subset
+    if per_group:
+        out["per_subset_group"] = per_group
+    return out
+
+
+def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains: Sequence[str],
+                    subsets: Sequence[str | None] | None = None) -> dict[str, Any]:
     """Accuracy = share of pairs with chosen strictly above rejected (ties are wrong).
 
-    `overall` weights every pair equally; `macro` is the mean of the per-domain accuracies.
+    `overall` weights every pair equally; `macro` is the mean of the per-domain accuracies. Given `subsets` (each
+    pair's `subset`, None where it has none), also `per_subset` (and `per_subset_group`) for the domains that have them.
     """
     if not (len(chosen) == len(rejected) == len(domains)):
         raise ValueError("chosen, rejected and domains must have the same length")
+    if subsets is not None and len(subsets) != len(domains):
+        raise ValueError("subsets must have one entry per pair")
     if not chosen:
         raise UserError("no pairs to evaluate")
-    per: dict[str, list[bool]] = defaultdict(list)
-    for c, r, d in zip(chosen, rejected, domains):
-        per[d].append(c > r)
-    per_domain = {d: {"accuracy": sum(v) / len(v), "pairs": len(v)} for d, v in sorted(per.items())}
+    correct = [c > r for c, r in zip(chosen, rejected)]
+    per_domain = group_accuracy(correct, domains)
     rewards = list(chosen) + list(rejected)
     mean = sum(rewards) / len(rewards)
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(1, len(rewards) - 1))
     return {
         "pairs": len(chosen),
-        "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(chosen),
+        "accuracy": sum(correct) / len(chosen),
         "macro_accuracy": sum(v["accuracy"] for v in per_domain.values()) / len(per_domain),
         "per_domain": per_domain,
+        **(subset_report(correct, domains, subsets) if subsets is not None else {}),
         "reward_mean": mean,
         "reward_std": std,
         "margin_mean": sum(c - r for c, r in zip(chosen, rejected)) / len(chosen),
@@ -52,7 +109,7 @@ def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: in
     out = system.score(prompts, responses, domains * 2 if oracle_domains else None, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     n = len(pairs)
-    report = pairwise_report(out.rewards[:n], out.rewards[n:], domains)
+    report = pairwise_report(out.rewards[:n], out.rewards[n:], domains, [p.subset for p in pairs])
     report["seconds"] = seconds
     report["routing"] = "oracle domains" if oracle_domains else "own router"
     report["latency_ms_per_pair"] = 1000.0 * seconds / n
@@ -73,13 +130,11 @@ def task_report(chosen: Sequence[float], rejected: Sequence[float], details: Seq
                 domains: Sequence[str], task_of: dict[str, str]) -> dict[str, Any]:
     """Systems whose routes group domains (DMoERM's tasks): accuracy per true route, router accuracy and confusion."""
     tasks = [task_of.get(d, "?") for d in domains]
-    per: dict[str, list[bool]] = defaultdict(list)
     confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for c, r, t, det in zip(chosen, rejected, tasks, details):
-        per[t].append(c > r)
+    for t, det in zip(tasks, details):
         confusion[t][det.get("router_top") or "?"] += 1
     return {
-        "per_task": {t: {"accuracy": sum(v) / len(v), "pairs": len(v)} for t, v in sorted(per.items())},
+        "per_task": group_accuracy([c > r for c, r in zip(chosen, rejected)], tasks),
         "task_router_accuracy": sum(det.get("router_top") == t for t, det in zip(tasks, details)) / len(tasks),
         "task_router_confusion": {t: dict(row) for t, row in sorted(confusion.items())},
         "fallback_rate": sum(bool(det.get("fallback")) for det in details) / len(details),
@@ -137,16 +192,34 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
+def aggregate_subsets(reports: Sequence[dict[str, Any]], key: str = "per_subset") -> dict[str, Any]:
+    """Mean +- std over runs of each domain's per-subset (`key="per_subset_group"`: per-group) accuracy, with the
+    pair count; empty when no report has them."""
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    meta: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in reports:
+        for d, row in (r.get(key) or {}).items():
+            for s, v in row.items():
+                acc[(d, s)].append(v["accuracy"])
+                meta[(d, s)] = {k: x for k, x in v.items() if k != "accuracy"}  # pairs (and a group's subsets)
+    out: dict[str, dict[str, Any]] = defaultdict(dict)
+    for (d, s), values in sorted(acc.items()):
+        out[d][s] = {**_mean_std(values), **meta[(d, s)]}
+    return dict(out)
+
+
 def aggregate_runs(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean +- std (sample std) over runs with different seeds, overall and per domain."""
+    """Mean +- std (sample std) over runs with different seeds, overall, per domain and per subset."""
     if not reports:
         raise ValueError("no reports to aggregate")
     domains = sorted({d for r in reports for d in r["per_domain"]})
+    subsets = {k: agg for k in ("per_subset", "per_subset_group") if (agg := aggregate_subsets(reports, k))}
     return {
         "runs": len(reports),
         "accuracy": _mean_std([r["accuracy"] for r in reports]),
         "macro_accuracy": _mean_std([r["macro_accuracy"] for r in reports]),
         "per_domain": {d: _mean_std([r["per_domain"][d]["accuracy"] for r in reports if d in r["per_domain"]])
                        for d in domains},
+        **subsets,
         "latency_ms_per_pair": _mean_std([r["latency_ms_per_pair"] for r in reports]),
     }

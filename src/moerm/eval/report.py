@@ -17,6 +17,8 @@ def accuracy_table(report: dict[str, Any], title: str = "") -> str:
         lines.append(f"| {d} | {v['pairs']} | {_pct(v['accuracy'])} |")
     lines.append(f"| **all (pair-weighted)** | {report['pairs']} | **{_pct(report['accuracy'])}** |")
     lines.append(f"| **macro average** | | **{_pct(report['macro_accuracy'])}** |")
+    if report.get("per_subset"):
+        lines += ["", subset_table(report["per_subset"], report.get("per_subset_group"))]
     lines += ["", f"reward mean {report['reward_mean']:.3f}, std {report['reward_std']:.3f}; "
               f"latency {report['latency_ms_per_pair']:.1f} ms per pair ({report['pairs_per_second']:.1f} pairs/s)"]
     if "router_confusion" in report:
@@ -36,6 +38,23 @@ def accuracy_table(report: dict[str, Any], title: str = "") -> str:
                   matrix_table({d: {c: v["accuracy"] for c, v in row.items()}
                                 for d, row in report["capability_accuracy"].items()}, "domain \\ capability",
                                percent=True)]
+    return "\n".join(lines)
+
+
+def _acc_cell(v: dict[str, Any]) -> str:
+    """One run's accuracy, or mean ± std over runs."""
+    return _pct(v["accuracy"]) if "accuracy" in v else f"{_pct(v['mean'])} ± {_pct(v['std'])}"
+
+
+def subset_table(per_subset: dict[str, dict[str, Any]], groups: dict[str, dict[str, Any]] | None = None) -> str:
+    """Accuracy per subset within each domain (one run, or mean ± std over runs), then each domain's roll-up groups
+    (`*/style0`: one RM-Bench style over its sources; `LLMBar/*`: a prefix), as RewardBench reports subsets."""
+    lines = ["accuracy per subset (the data's `subset`; groups roll up `/`-separated names):", "",
+             "| domain | subset | pairs | accuracy (%) |", "|---|---|---:|---:|"]
+    for d, row in per_subset.items():
+        lines += [f"| {d} | {s} | {v['pairs']} | {_acc_cell(v)} |" for s, v in row.items()]
+        for g, v in ((groups or {}).get(d) or {}).items():
+            lines.append(f"| {d} | _{g}_ ({v['subsets']} subsets) | {v['pairs']} | {_acc_cell(v)} |")
     return "\n".join(lines)
 
 
@@ -60,6 +79,8 @@ def aggregate_table(agg: dict[str, Any], title: str = "") -> str:
         lines.append(f"| {d} | {ms(v)} |")
     lines.append(f"| **all (pair-weighted)** | **{ms(agg['accuracy'])}** |")
     lines.append(f"| **macro average** | **{ms(agg['macro_accuracy'])}** |")
+    if agg.get("per_subset"):
+        lines += ["", subset_table(agg["per_subset"], agg.get("per_subset_group"))]
     return "\n".join(lines)
 
 

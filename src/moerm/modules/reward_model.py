@@ -18,11 +18,12 @@ class RewardModel(nn.Module):
         self.aux_loss: torch.Tensor | None = None  # set each forward when the head has one (MoE balancing)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                trunk_states: torch.Tensor | None = None) -> torch.Tensor:
         if features is None:
             if self.backbone is None:
                 raise ValueError("this reward model reads cached features: pass features=")
-            features = self.backbone(input_ids, attention_mask, token_type_ids)  # (N, H)
+            features = self.backbone(input_ids, attention_mask, token_type_ids, trunk_states)  # (N, H)
         rewards = self.head(features)  # (N,)
         self.aux_loss = getattr(self.head, "aux_loss", None)
         return rewards

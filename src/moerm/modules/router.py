@@ -20,9 +20,10 @@ class DomainClassifier(nn.Module):
             nn.Dropout(dropout), nn.Linear(hidden_size, num_domains))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                trunk_states: torch.Tensor | None = None) -> torch.Tensor:
         if features is None:
             if self.backbone is None:
                 raise ValueError("this router reads cached features: pass features=")
-            features = self.backbone(input_ids, attention_mask, token_type_ids)  # (N, H)
+            features = self.backbone(input_ids, attention_mask, token_type_ids, trunk_states)  # (N, H)
         return self.classifier(features)  # (N, D)

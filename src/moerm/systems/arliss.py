@@ -35,7 +35,7 @@ from moerm.data.schema import PreferencePair
 from moerm.encoding.adapters import encode_through, lora_parameters
 from moerm.errors import UserError
 from moerm.encoding.tuning import (
-    ParamView, add_adapter, base_parameters, load_adapter, lora_config, set_trainable_adapter,
+    ParamView, adapter_config, add_adapter, base_parameters, load_adapter, set_trainable_adapter, set_trunk,
 )
 from moerm.modules.reward_model import RewardModel
 from moerm.modules.router import DomainClassifier
@@ -103,8 +103,9 @@ class ARLISSSystem(RewardSystem):
 
     name = "arliss"
     options_class = ARLISSOptions
-    tunings = ("lora",)  # one LoRA adapter per domain on a frozen base
+    tunings = ("lora", "top")  # one LoRA adapter per domain on a frozen base (top: on its top blocks, cached trunk)
     default_tuning = "lora"
+    top_style = "lora"
     inference_modes = INFERENCE_MODES
     routed = True
     component_defaults = {"rm": {}, "router": ROUTER_DEFAULTS}
@@ -156,7 +157,7 @@ class ARLISSSystem(RewardSystem):
     def _add_adapter(self, backbone: Backbone, name: str) -> None:
         """One more LoRA adapter on the shared base; seeded for repeatability."""
         torch.manual_seed(self.config.train.seed)
-        add_adapter(backbone, name, lora_config(self.config.model))
+        add_adapter(backbone, name, adapter_config(backbone, self.config.model))  # top tuning: top blocks only
 
     def _activate(self, name: str) -> None:
         """Make adapter `name` active and the only trainable LoRA; only its head (or the router head) trains.
@@ -207,6 +208,8 @@ class ARLISSSystem(RewardSystem):
         self.domains = sorted({p.domain for p in train})
         require_routes(self.domains, self.name)
         backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(self.config))
+        if m.tuning == "top":
+            set_trunk(backbone, m)
         heads: dict[str, nn.Module] = {}
         for d in self.domains:
             self._add_adapter(backbone, adapter_name(d))
@@ -370,6 +373,8 @@ class ARLISSSystem(RewardSystem):
         adapters: dict[str, str] = index["adapters"]
         m = config.model
         backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
+        if m.tuning == "top":
+            set_trunk(backbone, m)
         names = [adapters[d] for d in domains]
         files = router_files(int(index.get("router_version", 0)))
         # is_trainable keeps the adapters trainable so `add_domain` can run on a loaded system.

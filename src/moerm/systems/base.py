@@ -113,8 +113,9 @@ class RewardSystem(ABC):
 
     name: ClassVar[str]
     options_class: ClassVar[type | None] = None
-    tunings: ClassVar[tuple[str, ...]] = ("full", "lora", "frozen")  # the model.tuning modes it honours
+    tunings: ClassVar[tuple[str, ...]] = ("full", "lora", "frozen", "top")  # the model.tuning modes it honours
     default_tuning: ClassVar[str] = "full"  # what model.tuning=auto means for it
+    top_style: ClassVar[str] = "full"  # model.tuning=top: the top blocks train fully (full) or carry LoRA (lora)
     inference_modes: ClassVar[tuple[str, ...]] = ("default",)  # `score(mode=...)`; the first is the default
     routed: ClassVar[bool] = False  # whether `score` details carry Route.details() (router choice, fallback)
     # The components it trains, each with its train settings over the run's `train` (components.<kind>.train)

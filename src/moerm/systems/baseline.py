@@ -16,11 +16,11 @@ from torch import nn
 
 from moerm.config import RunConfig
 from moerm.data.schema import PreferencePair
-from moerm.encoding import Backbone, backbone_kwargs, load_backbone, make_encoder
+from moerm.encoding import Backbone, backbone_kwargs, load_backbone, load_config, make_encoder
 from moerm.encoding.cache import frozen_features
-from moerm.encoding.tuning import apply_tuning, restore_adapters, save_backbone, saved_backbone_path
+from moerm.encoding.tuning import TOP_FILE, apply_tuning, restore_adapters, save_backbone, saved_backbone_path
 from moerm.inference import batched_forward
-from moerm.modules.heads import RewardHead
+from moerm.modules.heads import HFScoreHead, RewardHead
 from moerm.modules.reward_model import RewardModel
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.components import fit_component
@@ -45,7 +45,7 @@ class BaselineSystem(RewardSystem):
         self.backbone = backbone if backbone is not None else load_backbone(m.backbone, m.pooling, **backbone_kwargs(self.config))
         self.head = head if head is not None else self.make_head(self.config, self.backbone.hidden_size)
         if backbone is None:
-            apply_tuning(self.backbone, m.tuning, m)
+            apply_tuning(self.backbone, m.tuning, m, style=self.top_style)
         elif m.tuning == "frozen":
             self.backbone.requires_grad_(False)
         self.model = RewardModel(self.backbone, self.head)
@@ -55,6 +55,8 @@ class BaselineSystem(RewardSystem):
     def make_head(cls, config: RunConfig, hidden_size: int) -> nn.Module:
         """Pooled features (N, H) -> rewards (N,); subclasses swap in other heads (MoRE: a sparse MoE)."""
         m = config.model
+        if m.head == "hf":  # an imported HF reward model's own head; its shape comes from the backbone's HF config
+            return HFScoreHead.for_config(load_config(m.backbone))
         return RewardHead(hidden_size, m.head, m.head_hidden, m.head_dropout)
 
     @property
@@ -103,8 +105,11 @@ class BaselineSystem(RewardSystem):
 
     def component_files(self) -> dict[str, list[str]]:
         files = {"head": ["head.safetensors"]}
-        if self.config.model.tuning != "frozen":
-            files["backbone"] = ["backbone" if self.config.model.tuning == "full" else "adapter"]
+        tuning = self.config.model.tuning
+        if tuning == "top":
+            files["backbone"] = ["adapter" if self.top_style == "lora" else TOP_FILE]
+        elif tuning != "frozen":
+            files["backbone"] = ["backbone" if tuning == "full" else "adapter"]
         return files
 
     def save_components(self, path: Path) -> None:
@@ -116,7 +121,7 @@ class BaselineSystem(RewardSystem):
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "BaselineSystem":
         m = config.model
         backbone = load_backbone(saved_backbone_path(m.tuning, path, m.backbone), m.pooling, **backbone_kwargs(config))
-        restore_adapters(backbone, m.tuning, path)
+        restore_adapters(backbone, m.tuning, path, model=m)
         head = cls.make_head(config, backbone.hidden_size)
         head.load_state_dict(load_file(str(path / "head.safetensors")))
         system = cls(config, backbone=backbone, head=head,
@@ -137,5 +142,6 @@ class BaseLoRASystem(BaselineSystem):
     """The baseline with LoRA adapters on the backbone; the head is trained and saved with the adapter."""
 
     name = "baselora"
-    tunings = ("lora",)
+    tunings = ("lora", "top")
     default_tuning = "lora"
+    top_style = "lora"

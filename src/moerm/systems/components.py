@@ -72,7 +72,10 @@ def fit_component(name: str, module: nn.Module, data: Any, cfg: TrainConfig, ctx
     `classification` (cross-entropy on logits, accuracy; routers). Held-out data is evaluated at the end (and every
     `eval_every` steps), sharded over processes.
     """
+    from moerm.encoding.trunk import attach_trunk
     from moerm.systems.routing import classification_eval, classification_step
+
+    attach_trunk(module, (data, eval_data), cfg.eval_batch_size, ctx.progress)  # `top` tuning: cached trunk states
 
     if kind == "pairwise":
         step = make_pairwise_step(cfg.center_rewards_coefficient, cfg.use_margin)

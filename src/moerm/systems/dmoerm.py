@@ -145,7 +145,9 @@ class DMoERMSystem(RewardSystem):
 
     name = "dmoerm"
     options_class = DMoERMOptions
-    tunings = ("full",)  # phase 1 fine-tunes each task's base RM fully; phase 2 adds LoRA experts on it
+    # phase 1 fine-tunes each task's base RM fully (top: its top blocks, on a cached trunk); phase 2 adds LoRA
+    # experts on it (top: within those top blocks, so the experts read the same cached trunk)
+    tunings = ("full", "top")
     inference_modes = INFERENCE_MODES
     routed = True
     # router; phase 1 (base); phase 2 (expert: LoRA at a LoRA rate, capability labels carry no margin);
@@ -240,7 +242,13 @@ class DMoERMSystem(RewardSystem):
     # -- building blocks
     def _add_experts(self, backbone: Backbone, capabilities: Sequence[str]) -> int:
         """Wrap the (frozen) phase-1 model in a PeftModel with one adapter per capability; returns the first layer."""
-        layers = expert_layer_indices(backbone.model, self.opts.expert_layers)
+        m = self.config.model
+        top = m.tuning == "top"
+        layers = expert_layer_indices(backbone.model, m.trainable_layers if top and self.opts.expert_layers is None
+                                      else self.opts.expert_layers)
+        if top and len(layers) > m.trainable_layers:
+            raise ConfigError(f"options.expert_layers={len(layers)} reaches below the top model.trainable_layers="
+                              f"{m.trainable_layers} blocks (the cached trunk); use at most {m.trainable_layers}")
         pattern = transformer_blocks(backbone.model)[0].rsplit(".", 1)[-1]
         for i, cap in enumerate(capabilities):
             torch.manual_seed(self.config.train.seed + i)

@@ -1,0 +1,486 @@
+"""Best-of-N against human gold: how good is the reward model's pick among N candidates, by human scores?
+
+The DMoERM paper (Quan 2024), after Gao et al. (2023), also judges a reward model by how well it optimises: draw N
+responses, keep the one the RM (the proxy) rewards most, and see what a gold judge thinks of it as N grows. A good RM's
+pick climbs towards the oracle's (the best of the N by gold); an overoptimised one keeps rising in proxy reward while
+its gold flattens or falls. Here gold is the human scores our pair data was formed from:
+
+Candidate sets (`build_candidate_sets`). The pairs of one domain that share a prompt are comparisons within one pool
+of responses (summeval: up to 16 systems' summaries per article). Grouping them by prompt and deduplicating responses
+by exact text rebuilds the pool; each candidate's gold is taken from the aspect scores it carries in its pairs
+(`aspects_chosen` / `aspects_rejected`), by the criterion the pairs were formed by (../shared/data/SOURCES.md), per
+domain (`GOLD_CRITERIA`):
+
+    summeval, newsroom   the mean of the 4 expert aspect scores (pairs: means differ by >= 0.5)
+    topical_chat         `overall` (pairs: overall differs by >= 1; the other 5 aspects are on other scales)
+    d2t_nlg              `quality` (pairs: quality differs by >= 1)
+    any other domain     the mean of its aspect scores, or what `criteria` (`moerm bon --gold DOMAIN=ASPECT|mean`)
+                         says; a domain whose pairs carry no aspect scores is skipped, with the reason
+
+One response text can carry different scores in different pairs when two sources wrote the same text (two
+summarisation systems with the same summary: 1 text in summeval's test split, 14 in train). The RM scores the text
+once, so it is one candidate; its gold is the mean of its distinct gold values, and the domain reports how many texts
+were merged so (`conflicts`). `pair_agreement` is the share of pairs whose chosen reply has the higher gold: 100% when
+the criterion is the one the pairs were formed by.
+
+The curves (`bon_results`). For each prompt with k candidates and N in 1, 2, 4, ... up to the largest set, N candidates
+are drawn uniformly without replacement (a prompt with fewer than N uses all of its k) and the RM picks the one it
+rewards most (ties: uniformly among the tied). The expected gold of the pick is computed exactly (`expected_pick`),
+not sampled. Curves are means over prompts, with a 95% percentile bootstrap interval over prompts (a fixed seed).
+`random` is a random pick (the mean gold of the candidates, whatever N); `oracle` picks the best gold among the N.
+The proxy reward of the pick is reported raw and as a z-score over the domain's candidates (per run), beside the
+gold as a z-score, so that one axis shows whether the proxy outruns the gold as N grows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from moerm.data.schema import PreferencePair
+from moerm.errors import UserError
+
+MEAN = "mean"
+# domain -> (criterion, why, scale): the criterion each of our human-scored domains was paired by (SOURCES.md)
+GOLD_CRITERIA: dict[str, tuple[str, str, str]] = {
+    "summeval": (MEAN, "its pairs' criterion: mean of the 4 expert aspects differs by >= 0.5", "1-5"),
+    "newsroom": (MEAN, "its pairs' criterion: mean of the 4 aspects differs by >= 0.5", "1-5"),
+    "topical_chat": ("overall", "its pairs' criterion: overall differs by >= 1", "1-5"),
+    "d2t_nlg": ("quality", "its pairs' criterion: quality differs by >= 1", "1-6"),
+}
+BOOTSTRAP_RESAMPLES = 1000
+LEVEL = 0.95
+
+
+@dataclass
+class CandidateSet:
+    """The deduplicated responses to one prompt, each with its human gold score."""
+
+    domain: str
+    prompt: str
+    responses: list[str]
+    gold: list[float]
+
+
+@dataclass
+class DomainSets:
+    """A domain's candidate sets and how they were rebuilt."""
+
+    domain: str
+    criterion: str  # "mean" or an aspect name
+    criterion_text: str  # what the gold is, for tables
+    short: str  # the same for an axis label
+    why: str  # where the criterion comes from
+    sets: list[CandidateSet]
+    pairs: int  # pairs of the domain
+    pairs_scored: int  # pairs with aspect scores on both sides
+    pair_agreement: float | None  # share of those whose chosen reply has the higher gold
+    conflicts: int  # response texts whose gold differed between pairs (averaged)
+    dropped_sets: int = 0  # prompts left with fewer than 2 scored candidates
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _gold(aspects: Mapping[str, float], criterion: str, domain: str, pair_id: str, side: str,
+          keys: dict[str, tuple[str, ...]]) -> float:
+    if criterion == MEAN:
+        names = tuple(sorted(aspects))
+        first = keys.setdefault(domain, names)
+        if names != first:  # a mean over other aspects is another scale: refuse rather than mix them
+            raise UserError(f"pair {pair_id!r} (domain {domain!r}): {side} has aspects {', '.join(names)}, other pairs "
+                            f"of the domain {', '.join(first)}; a mean over different aspects is no common gold. "
+                            f"Choose one aspect: --gold {domain}=ASPECT")
+        return sum(aspects.values()) / len(aspects)
+    if criterion not in aspects:
+        raise UserError(f"pair {pair_id!r} (domain {domain!r}): {side} has no aspect {criterion!r} (it has "
+                        f"{', '.join(sorted(aspects)) or 'none'}); the gold criterion of {domain} is {criterion!r}"
+                        + ("" if domain in GOLD_CRITERIA else f": choose another with --gold {domain}=ASPECT|mean"))
+    return aspects[criterion]
+
+
+def build_candidate_sets(pairs: Sequence[PreferencePair], criteria: Mapping[str, str] | None = None
+                         ) -> tuple[dict[str, DomainSets], dict[str, str]]:
+    """Candidate sets per domain from pairs that share a prompt, with gold scores (see the module docstring).
+
+    `criteria`: domain -> "mean" or an aspect name, over `GOLD_CRITERIA`. Returns (domain -> its sets, domain ->
+    why it was skipped) for every domain of `pairs`.
+    """
+    criteria = dict(criteria or {})
+    by_domain: dict[str, list[PreferencePair]] = defaultdict(list)
+    for p in pairs:
+        by_domain[p.domain].append(p)
+    unknown = sorted(set(criteria) - set(by_domain))
+    if unknown:
+        raise UserError(f"gold criterion for domain {unknown[0]!r}, which is not in the data (domains: "
+                        f"{', '.join(sorted(by_domain))})")
+    kept: dict[str, DomainSets] = {}
+    skipped: dict[str, str] = {}
+    keys: dict[str, tuple[str, ...]] = {}
+    for domain, dpairs in sorted(by_domain.items()):
+        if not any(p.aspects_chosen or p.aspects_rejected for p in dpairs):
+            skipped[domain] = (f"no human scores: none of its {len(dpairs)} pairs carries aspects_chosen / "
+                               "aspects_rejected")
+            continue
+        if domain in criteria:
+            criterion, why, scale = criteria[domain], "given", ""
+        elif domain in GOLD_CRITERIA:
+            criterion, why, scale = GOLD_CRITERIA[domain]
+        else:
+            criterion, why, scale = MEAN, "the default for a domain without a known pairing criterion", ""
+        # prompt -> response -> the distinct gold values it was given (insertion order: first appearance)
+        golds: dict[str, dict[str, set[float]]] = defaultdict(dict)
+        scored = agree = 0
+        for p in dpairs:
+            g = {}
+            for side, text, aspects in (("chosen", p.chosen, p.aspects_chosen), ("rejected", p.rejected,
+                                                                                 p.aspects_rejected)):
+                golds[p.prompt].setdefault(text, set())
+                if aspects:
+                    g[side] = _gold(aspects, criterion, domain, p.id, f"aspects_{side}", keys)
+                    golds[p.prompt][text].add(g[side])
+            if len(g) == 2:
+                scored += 1
+                agree += g["chosen"] > g["rejected"]
+        sets, dropped, conflicts = [], 0, 0
+        for prompt, cands in golds.items():
+            with_gold = [(t, v) for t, v in cands.items() if v]
+            conflicts += sum(len(v) > 1 for _, v in with_gold)
+            if len(with_gold) < 2:
+                dropped += 1
+                continue
+            sets.append(CandidateSet(domain, prompt, [t for t, _ in with_gold],
+                                     [sum(v) / len(v) for _, v in with_gold]))
+        if not sets:
+            skipped[domain] = f"no prompt has two candidates with human scores ({len(dpairs)} pairs)"
+            continue
+        if criterion == MEAN:
+            names = keys.get(domain, ())
+            text, short = f"mean of the {len(names)} aspect scores ({', '.join(names)})", f"mean of {len(names)} aspects"
+        else:
+            text = short = f"aspect `{criterion}`"
+        kept[domain] = DomainSets(domain, criterion, text + (f", scale {scale}" if scale else ""),
+                                  short + (f", {scale}" if scale else ""), why, sets,
+                                  pairs=len(dpairs), pairs_scored=scored,
+                                  pair_agreement=agree / scored if scored else None, conflicts=conflicts,
+                                  dropped_sets=dropped)
+    return kept, skipped
+
+
+def expected_pick(keys: Sequence[float], values: Sequence[float], n: int) -> float:
+    """E[value of the candidate with the highest key among n drawn uniformly without replacement] (exact).
+
+    min(n, k) are drawn from the k candidates; ties in key are broken uniformly at random. The candidate group tied
+    at a key holds the subset's maximum when the subset avoids every candidate above it and meets the group:
+    P = (C(k - above, n) - C(k - above - size, n)) / C(k, n); the pick is then any member with equal chance.
+    """
+    k = len(keys)
+    if k == 0 or k != len(values):
+        raise ValueError("keys and values must be non-empty and of the same length")
+    n = max(1, min(n, k))
+    order = sorted(range(k), key=lambda i: -keys[i])
+    total = math.comb(k, n)
+    expectation, above, i = 0.0, 0, 0
+    while i < k:
+        j = i
+        while j < k and keys[order[j]] == keys[order[i]]:
+            j += 1
+        size = j - i
+        p = (math.comb(k - above, n) - math.comb(k - above - size, n)) / total
+        expectation += p * sum(values[order[t]] for t in range(i, j)) / size
+        above, i = above + size, j
+    return expectation
+
+
+def n_grid(largest: int) -> list[int]:
+    """1, 2, 4, ... below `largest`, then `largest` itself."""
+    ns = [1]
+    while ns[-1] * 2 < largest:
+        ns.append(ns[-1] * 2)
+    if ns[-1] != largest:
+        ns.append(largest)
+    return ns
+
+
+def score_candidates(system: Any, domains: Mapping[str, DomainSets], batch_size: int = 32,
+                     oracle_domains: bool = False) -> dict[str, list[list[float]]]:
+    """The system's reward of every candidate, in one `score` call: domain -> per set, per candidate.
+
+    Routed systems route with their own router unless `oracle_domains` (then each candidate's domain is given)."""
+    prompts, responses, doms = [], [], []
+    for d, ds in domains.items():
+        for cs in ds.sets:
+            prompts += [cs.prompt] * len(cs.responses)
+            responses += cs.responses
+            doms += [d] * len(cs.responses)
+    out = system.score(prompts, responses, doms if oracle_domains else None, batch_size=batch_size)
+    bad = sum(not math.isfinite(r) for r in out.rewards)
+    if bad:
+        raise UserError(f"system {getattr(system, 'name', '?')!r} gave {bad} non-finite rewards of "
+                        f"{len(out.rewards)}: the saved model is broken")
+    it = iter(out.rewards)
+    return {d: [[float(next(it)) for _ in cs.responses] for cs in ds.sets] for d, ds in domains.items()}
+
+
+def _z(rewards: list[list[float]]) -> list[list[float]]:
+    flat = [r for row in rewards for r in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((r - mean) ** 2 for r in flat) / max(1, len(flat) - 1)) or 1.0
+    return [[(r - mean) / std for r in row] for row in rewards]
+
+
+def _interval(per_prompt: list[list[float]], idx: Any) -> dict[str, list[float]]:
+    """Mean over prompts per N, and the bootstrap percentile interval from the resampled prompt indices `idx`."""
+    import numpy as np
+
+    values = np.asarray(per_prompt, dtype=float)  # (prompts, len(ns))
+    boot = values[idx].mean(axis=1)  # (resamples, len(ns))
+    tail = 100 * (1 - LEVEL) / 2
+    return {"mean": values.mean(axis=0).tolist(), "low": np.percentile(boot, tail, axis=0).tolist(),
+            "high": np.percentile(boot, 100 - tail, axis=0).tolist()}
+
+
+def bon_results(domains: Mapping[str, DomainSets], rewards: Mapping[str, Sequence[Mapping[str, list[list[float]]]]],
+                skipped: Mapping[str, str] | None = None, systems: Mapping[str, dict[str, Any]] | None = None,
+                resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Best-of-N curves per domain for every system, JSON-ready.
+
+    `rewards`: system label -> one `score_candidates` result per run (seeds: per-prompt expectations are averaged
+    over them). A system that has no rewards for a domain (e.g. a bench plan left the domain out) has no curve there.
+    `systems`: label -> what to record about it (its system name, runs).
+    """
+    import numpy as np
+
+    if resamples < 1:
+        raise UserError(f"bootstrap resamples must be at least 1, got {resamples}")
+    out: dict[str, Any] = {
+        "bootstrap": {"resamples": resamples, "seed": seed, "level": LEVEL, "over": "prompts"},
+        "systems": {s: dict((systems or {}).get(s, {})) for s in rewards},
+        "domains": {}, "skipped": dict(skipped or {}),
+    }
+    for d, ds in domains.items():
+        sizes = [len(cs.responses) for cs in ds.sets]
+        ns = n_grid(max(sizes))
+        all_gold = [g for cs in ds.sets for g in cs.gold]
+        g_mean = sum(all_gold) / len(all_gold)
+        g_std = math.sqrt(sum((g - g_mean) ** 2 for g in all_gold) / max(1, len(all_gold) - 1))
+        # one set of resampled prompts for every curve of the domain: their intervals are comparable (paired)
+        rng = np.random.default_rng([seed, zlib.crc32(d.encode())])
+        idx = rng.integers(0, len(ds.sets), size=(resamples, len(ds.sets)))
+        random_pp = [[sum(cs.gold) / len(cs.gold)] * len(ns) for cs in ds.sets]
+        oracle_pp = [[expected_pick(cs.gold, cs.gold, n) for n in ns] for cs in ds.sets]
+        random, oracle = _interval(random_pp, idx), _interval(oracle_pp, idx)
+        rec: dict[str, Any] = {
+            "criterion": ds.criterion, "gold": ds.criterion_text, "gold_short": ds.short, "criterion_source": ds.why,
+            "prompts": len(ds.sets), "candidates": sum(sizes),
+            "set_size": {"min": min(sizes), "max": max(sizes), "mean": sum(sizes) / len(sizes)},
+            "pairs": ds.pairs, "pairs_scored": ds.pairs_scored, "pair_agreement": ds.pair_agreement,
+            "conflicts": ds.conflicts, "dropped_sets": ds.dropped_sets,
+            "gold_mean": g_mean, "gold_std": g_std,
+            "n": ns, "prompts_with_at_least_n": [sum(k >= n for k in sizes) for n in ns],
+            "random": random, "oracle": oracle, "systems": {},
+        }
+        for label, runs in rewards.items():
+            runs = [r[d] for r in runs if d in r]
+            if not runs:
+                continue
+            for r in runs:
+                if [len(row) for row in r] != sizes:
+                    raise ValueError(f"rewards of {label} for {d} do not match the candidate sets")
+            zs = [_z(r) for r in runs]
+            gold_pp, proxy_pp, proxy_z_pp = [], [], []
+            for i, cs in enumerate(ds.sets):
+                gold_pp.append([sum(expected_pick(r[i], cs.gold, n) for r in runs) / len(runs) for n in ns])
+                proxy_pp.append([sum(expected_pick(r[i], r[i], n) for r in runs) / len(runs) for n in ns])
+                proxy_z_pp.append([sum(expected_pick(r[i], z[i], n) for r, z in zip(runs, zs)) / len(runs)
+                                   for n in ns])
+            gold = _interval(gold_pp, idx)
+            share = [(s - a) / (o - a) if o - a > 1e-12 else None
+                     for s, a, o in zip(gold["mean"], random["mean"], oracle["mean"])]
+            rec["systems"][label] = {
+                "runs": len(runs), "gold": gold,
+                "proxy": [sum(col) / len(col) for col in zip(*proxy_pp)],
+                "proxy_z": [sum(col) / len(col) for col in zip(*proxy_z_pp)],
+                "gold_z": [(g - g_mean) / g_std if g_std > 0 else 0.0 for g in gold["mean"]],
+                "oracle_gain_share": share,
+            }
+        out["domains"][d] = rec
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tables and plot
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(c: dict[str, list[float]], i: int) -> str:
+    return f"{c['mean'][i]:.2f} [{c['low'][i]:.2f}, {c['high'][i]:.2f}]"
+
+
+def _name(res: dict[str, Any], label: str) -> str:
+    return res["systems"].get(label, {}).get("display") or label
+
+
+def bon_markdown(res: dict[str, Any], heading: str = "###") -> str:
+    """The Best-of-N tables: per domain, the gold of the pick per N (with random and oracle) and its proxy reward."""
+    b = res["bootstrap"]
+    lines = [
+        "Best-of-N against human gold: per prompt, N of its candidates drawn at random without replacement (a prompt "
+        "with fewer than N candidates uses all of its own), the reward model picks the one it rewards most, and the "
+        "pick's human gold score is shown (exact expectation over the draws, mean over prompts, "
+        f"[{100 * b['level']:.0f}% bootstrap interval over prompts, {b['resamples']} resamples, seed {b['seed']}]). "
+        "random: a random pick (any N); oracle: the best gold among the N. Candidate sets are rebuilt from the pairs "
+        "that share a prompt (responses deduplicated by text).",
+    ]
+    for d, rec in res["domains"].items():
+        labels = list(rec["systems"])
+        size = rec["set_size"]
+        agree = rec["pair_agreement"]
+        lines += ["", f"{heading} {d}: gold = {rec['gold']}", "",
+                  f"{rec['prompts']} prompts, {rec['candidates']} candidates ({size['min']}-{size['max']} per prompt, "
+                  f"mean {size['mean']:.1f}) from {rec['pairs']} pairs; criterion: {rec['criterion_source']}; "
+                  f"pairs whose chosen reply has the higher gold: "
+                  f"{'–' if agree is None else f'{100 * agree:.1f}%'} of {rec['pairs_scored']}"
+                  + (f"; {rec['conflicts']} response text(s) scored differently in different pairs (gold averaged)"
+                     if rec["conflicts"] else "")
+                  + (f"; {rec['dropped_sets']} prompt(s) with fewer than 2 scored candidates left out"
+                     if rec["dropped_sets"] else "") + ".", "",
+                  "| N | prompts with ≥ N | random | oracle | " + " | ".join(_name(res, s) for s in labels) + " |",
+                  "|---:|---:|---:|---:|" + "---:|" * len(labels)]
+        for i, n in enumerate(rec["n"]):
+            cells = [_ci(rec["systems"][s]["gold"], i) for s in labels]
+            lines.append(f"| {n} | {rec['prompts_with_at_least_n'][i]} | {_ci(rec['random'], i)} | "
+                         f"{_ci(rec['oracle'], i)} | " + " | ".join(cells) + " |")
+        if labels:
+            last = len(rec["n"]) - 1
+            shares = [rec["systems"][s]["oracle_gain_share"][last] for s in labels]
+            lines.append(f"| **share of the oracle's gain over random at N={rec['n'][last]}** | | | | "
+                         + " | ".join("–" if v is None else f"**{100 * v:.0f}%**" for v in shares) + " |")
+            lines += ["", "Proxy reward of the pick against its gold, as z-scores over the domain's candidates "
+                      "(proxy per run; the proxy outrunning the gold as N grows is overoptimisation); raw proxy "
+                      "reward in brackets:", "",
+                      "| N | " + " | ".join(f"{_name(res, s)}: proxy z (raw) | gold z" for s in labels) + " |",
+                      "|---:|" + "---:|---:|" * len(labels)]
+            for i, n in enumerate(rec["n"]):
+                cells = [f"{rec['systems'][s]['proxy_z'][i]:.2f} ({rec['systems'][s]['proxy'][i]:.2f}) | "
+                         f"{rec['systems'][s]['gold_z'][i]:.2f}" for s in labels]
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if res["skipped"]:
+        lines += ["", "Domains without a Best-of-N curve:", ""]
+        lines += [f"- {d}: {why}" for d, why in res["skipped"].items()]
+    return "\n".join(lines)
+
+
+def plot_bon(res: dict[str, Any], path: str | Path, title: str) -> None:
+    """One column per domain: the pick's gold against N (random and oracle with bands, each system with its
+    interval), and below it proxy (solid) and gold (dashed) of the pick as z-scores against N. PNG, Agg."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+
+    doms = list(res["domains"])
+    if not doms:
+        raise ValueError("no domain to plot")
+    labels = list(dict.fromkeys(s for d in doms for s in res["domains"][d]["systems"]))
+    colours = {s: f"C{i % 10}" for i, s in enumerate(labels)}
+    fig = Figure(figsize=(max(6.0, 4.3 * len(doms)), 7.6), dpi=110, layout="constrained")
+    axes = fig.subplots(2, len(doms), squeeze=False, sharex="col")
+    for j, d in enumerate(doms):
+        rec = res["domains"][d]
+        ns = rec["n"]
+        top, bottom = axes[0][j], axes[1][j]
+        for key, colour, style, name in (("random", "0.45", ":", "random pick"), ("oracle", "black", "--",
+                                                                                   "oracle (best gold of N)")):
+            c = rec[key]
+            top.plot(ns, c["mean"], style, color=colour, lw=1.6, label=name)
+            top.fill_between(ns, c["low"], c["high"], color=colour, alpha=0.12, lw=0)
+        for s, v in rec["systems"].items():
+            c = v["gold"]
+            top.plot(ns, c["mean"], "-o", color=colours[s], ms=4, lw=1.8, label=_name(res, s))
+            top.fill_between(ns, c["low"], c["high"], color=colours[s], alpha=0.15, lw=0)
+            bottom.plot(ns, v["proxy_z"], "-o", color=colours[s], ms=4, lw=1.8)
+            bottom.plot(ns, v["gold_z"], "--", color=colours[s], lw=1.4)
+        top.set_title(f"{d} ({rec['prompts']} prompts, {rec['set_size']['min']}-{rec['set_size']['max']} "
+                      "candidates each)", fontsize=10)
+        top.set_ylabel(f"human gold score of the pick\n({rec['gold_short']})", fontsize=9)
+        bottom.set_title("overoptimisation view: proxy (solid) vs gold (dashed)", fontsize=9)
+        bottom.set_ylabel("pick's score, z-score over\nthe domain's candidates", fontsize=9)
+        bottom.axhline(0, color="0.6", lw=0.8)
+        bottom.set_xlabel("N (candidates drawn per prompt, log scale)")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    # built here, not read off one panel: a system may have no curve in some domain (a bench plan left it out)
+    handles = [Line2D([], [], color=colours[s], lw=1.8, marker="o", ms=4) for s in labels]
+    names = [_name(res, s) for s in labels]
+    handles += [Line2D([], [], color="0.45", lw=1.6, ls=":"), Line2D([], [], color="black", lw=1.6, ls="--"),
+                Line2D([], [], color="0.3", lw=1.8, marker="o", ms=4), Line2D([], [], color="0.3", lw=1.4, ls="--")]
+    names += ["random pick", "oracle (best gold of N)", "bottom: proxy reward of the pick (solid)",
+              "bottom: gold of the pick (dashed)"]
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), max(3, 2 * len(doms))), fontsize=9,
+               frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(title, max(60, int(22 * fig.get_figwidth())))), fontsize=11)
+    fig.savefig(path)
+
+
+# ------------------------------------------------------------------------------------------------ saved runs
+
+def evaluate_bon_runs(runs: Sequence[str | Path], data: Sequence[str], out: str | Path | None = None,
+                      split: str | None = "test", criteria: Mapping[str, str] | None = None, batch_size: int = 32,
+                      on_invalid: str = "error", oracle_domains: bool = False, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0, progress: Any = None) -> dict[str, Any]:
+    """`moerm bon`: Best-of-N of saved runs on the human-scored domains of `data`; writes bon.json, bon.md, bon.png
+    into `out` (default RUN/bon). A folder of seed-* runs is one system, its runs averaged."""
+    from moerm.data.readers import load_pairs
+    from moerm.runs import _expand_runs
+    from moerm.systems.base import load_system
+    from moerm.train.checkpoint import atomic_write_text
+
+    pairs, _ = load_pairs([str(p) for p in data], split=split, on_invalid=on_invalid)
+    domains, skipped = build_candidate_sets(pairs, criteria)
+    if not domains:
+        raise UserError(f"no domain of {', '.join(map(str, data))} can give a Best-of-N curve: "
+                        + "; ".join(f"{d}: {why}" for d, why in skipped.items())
+                        + ". It needs pairs with human aspect scores that share a prompt (summeval, newsroom, "
+                        "topical_chat, d2t_nlg)")
+    groups = _expand_runs([Path(r) for r in runs])
+    rewards: dict[str, list[dict[str, list[list[float]]]]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for label, members in groups:
+        rewards[label] = []
+        names = []
+        for run in members:
+            if progress is not None:
+                progress(f"scoring {sum(len(cs.responses) for ds in domains.values() for cs in ds.sets)} candidates "
+                         f"with {run}")
+            system = load_system(run)
+            names.append(system.name)
+            rewards[label].append(score_candidates(system, domains, batch_size, oracle_domains))
+            del system
+        meta[label] = {"system": names[0], "runs": [str(m) for m in members]}
+    counts: dict[str, int] = defaultdict(int)
+    for m in meta.values():
+        counts[m["system"]] += 1
+    for label, m in meta.items():  # the legend: the system's name, with its run where two runs share one
+        m["display"] = m["system"] if counts[m["system"]] == 1 else f"{m['system']} ({label})"
+    res = bon_results(domains, rewards, skipped, meta, resamples, seed)
+    res["data"] = [str(p) for p in data]
+    res["split"] = split
+    res["routing"] = "oracle domains" if oracle_domains else "own router"
+    out_dir = Path(out) if out is not None else Path(runs[0]) / "bon"
+    title = (f"Best-of-N against human gold: {', '.join(map(str, data))}"
+             + (f" ({split} split)" if split else "") + "; "
+             + ", ".join(f"{d} {r['prompts']} prompts" for d, r in res["domains"].items()))
+    markdown = f"## {title}\n\n" + bon_markdown(res)
+    atomic_write_text(out_dir / "bon.json", json.dumps(res, indent=2))
+    atomic_write_text(out_dir / "bon.md", markdown + "\n")
+    plot_bon(res, out_dir / "bon.png", title)
+    return {"json": res, "markdown": markdown, "written": str(out_dir),
+            "files": [str(out_dir / f) for f in ("bon.json", "bon.md", "bon.png")]}
