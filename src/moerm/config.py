@@ -56,8 +56,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 2e-5
-    head_lr: float | None = field(default=None, metadata={"help": "learning rate of heads (default: lr; frozen: 1e-3)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default: by model.tuning, see moerm.encoding.tuning.DEFAULT_LR)"})
+    head_lr: float | None = field(default=None, metadata={"help": "learning rate of heads (default: by model.tuning, see moerm.encoding.tuning.DEFAULT_HEAD_LR)"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step per device"})
     grad_accum: int = 1
     epochs: float = 1.0
@@ -80,7 +80,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
-        _positive("train.lr", self.lr)
+        if self.lr is not None:
+            _positive("train.lr", self.lr)
         if self.head_lr is not None:
             _positive("train.head_lr", self.head_lr)
         _positive("train.epochs", self.epochs)

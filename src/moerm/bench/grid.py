@@ -5,6 +5,7 @@
     OUT/data/                          the same sampled pairs for every cell (see bench/data.py)
     OUT/runs/<system>/seed-<n>/        a run folder (moerm.runs.train_run) + cell.json once evaluated
     OUT/inference.json                 the side-by-side throughput measurement
+    OUT/runs/.../bon_rewards.json      each cell's rewards of the Best-of-N candidates (human-scored domains only)
     OUT/report.md, results.json, plots/
 
 A cell whose cell.json exists is done and skipped. A cell with a run folder but no cell.json resumes: a finished
@@ -26,6 +27,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from moerm.bench.bon import bench_best_of_n
 from moerm.bench.data import Prepared, prepare
 from moerm.bench.measure import (
     environment, inference_batch, seconds_per_epoch, throughput_row, timed_alone, timed_round_robin, trained_params,
@@ -278,8 +280,12 @@ def _run_bench(cfg: BenchConfig, out: Path, progress: bool, console: Console | N
                 modes[s] = done[Cell(s, seed)].get("inference_mode")
                 break
     inference = measure_inference(cfg, out, runs, prepared, console, modes) if runs else {}
+    best_of_n = bench_best_of_n(cfg, prepared.test_pairs(), {s: [c.dir(out) for c in cells if c.system == s and c in done]
+                                                             for s in cfg.systems}, prepared.plans, console)
     finished = {c.name: {**done[c], "run_dir": _shown(c.dir(out), out)} for c in cells if c in done}  # relative to OUT
     results = build_results(cfg, finished, inference, prepared, skipped, failed)
+    if best_of_n is not None:  # the held-out pairs hold human-scored domains
+        results["best_of_n"] = best_of_n
     results["command"] = command
     results["grid_seconds_this_run"] = time.perf_counter() - t0
     paths = write_report(out, results)

@@ -11,9 +11,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from moerm.bench.bon import best_of_n_markdown, write_best_of_n_plot
 from moerm.bench.data import Prepared
 from moerm.bench.measure import environment
 from moerm.bench.presets import BenchConfig
+from moerm.eval.metrics import aggregate_subsets
 from moerm.eval.report import matrix_table
 from moerm.train.checkpoint import atomic_write_text
 
@@ -44,7 +46,7 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
         "environment": environment(cfg.resolved_device()), "data": prepared.info, "plans": prepared.plans,
         "domains": domains, "systems": {}, "accuracy": {}, "accuracy_oracle_routing": {}, "accuracy_on_plan_domains": {},
         "sizes": {}, "training": {}, "inference": inference, "routing": {}, "expert_utilisation": {}, "per_route": {},
-        "capability_accuracy": {}, "failed": failed, "skipped": skipped,
+        "capability_accuracy": {}, "accuracy_per_subset": {}, "failed": failed, "skipped": skipped,
         "cells": {name: c["run_dir"] for name, c in cells.items()},
     }
     for s in cfg.systems:
@@ -68,6 +70,9 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
             res["per_route"][s] = _per_route(got)
         if any("capability_accuracy" in c["eval"] for c in got):
             res["capability_accuracy"][s] = _capabilities(got)
+        if any("per_subset" in c["eval"] for c in got):  # the data's `subset` (RM-Bench, AlpacaEval, HHH, ...)
+            res["accuracy_per_subset"][s] = {k: aggregate_subsets([c["eval"] for c in got], k)
+                                             for k in ("per_subset", "per_subset_group")}
     for planned, plan in prepared.plans.items():
         sub = [d for d in plan.get("domains") or [] if d in domains]
         if plan.get("status") != "ok" or not sub or set(sub) >= set(domains):
@@ -350,6 +355,27 @@ def capabilities_markdown(res: dict[str, Any]) -> str:
     return "\n".join(parts).strip() or "No system in this bench reports capability sub-scores."
 
 
+def subsets_markdown(res: dict[str, Any]) -> str:
+    """Accuracy per subset of each domain whose pairs carry `subset`, every system side by side (mean ± std)."""
+    table = res.get("accuracy_per_subset") or {}
+    if not table:
+        return "No held-out pair carries a `subset`."
+    systems = list(table)
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for s, v in table.items():
+        for key, label in (("per_subset", "{}"), ("per_subset_group", "_{}_")):
+            for d, row in (v.get(key) or {}).items():
+                for sub, acc in row.items():
+                    name = label.format(sub) + (f" ({acc['subsets']} subsets)" if "subsets" in acc else "")
+                    rows.setdefault((d, name), {"pairs": acc["pairs"]})[s] = acc
+    lines = ["Pairwise accuracy (%) per subset of the held-out pairs (the data's `subset`), mean ± std over seeds; "
+             "groups (in italics) roll up `/`-separated names: `*/style0` is one RM-Bench style over its sources.", "",
+             "| domain | subset | pairs | " + " | ".join(systems) + " |", "|---|---|---:|" + "---:|" * len(systems)]
+    for (d, name), row in rows.items():
+        lines.append(f"| {d} | {name} | {row['pairs']} | " + " | ".join(_pct(row.get(s)) for s in systems) + " |")
+    return "\n".join(lines)
+
+
 def report_markdown(res: dict[str, Any]) -> str:
     b = res["bench"]
     data = res["data"]
@@ -380,14 +406,19 @@ def report_markdown(res: dict[str, Any]) -> str:
                 f"{', '.join(data['source'].get('eval') or [])}."]
     out += ["", "### Data plans", "", plans_markdown(res)]
     out += ["", "## Accuracy per domain", "", accuracy_markdown(res),
+            "", "## Accuracy per subset", "", subsets_markdown(res),
             "", "## Size and training cost", "", size_markdown(res),
             "", "## Inference", "", inference_markdown(res),
             "", "## Routing", "", routing_markdown(res),
             "", "## Expert utilisation", "", utilisation_markdown(res),
             "", "## Accuracy per route", "", routes_markdown(res),
-            "", "## Capability accuracy", "", capabilities_markdown(res),
-            "", "## Plots", ""]
+            "", "## Capability accuracy", "", capabilities_markdown(res)]
+    if res.get("best_of_n"):
+        out += ["", "## Best-of-N against human gold", "", best_of_n_markdown(res)]
+    out += ["", "## Plots", ""]
     out += [f"- {desc}: ![{name}](plots/{name}.png)" for name, desc in PLOTS.items()]
+    if res.get("plots", {}).get("best_of_n"):
+        out += ["- Best-of-N: the pick's human gold against N, and its proxy reward: ![best_of_n](plots/best_of_n.png)"]
     return "\n".join(out) + "\n"
 
 
@@ -456,6 +487,9 @@ def write_report(out: Path, res: dict[str, Any]) -> dict[str, Any]:
                          ("pairs_per_second", plot_pairs_per_second)):
             fn(res, plots / f"{name}.png")
             written[name] = f"plots/{name}.png"  # relative to OUT, like every path in results.json
+        bon_plot = write_best_of_n_plot(res, plots)
+        if bon_plot:
+            written["best_of_n"] = bon_plot
     res["plots"] = written
     atomic_write_text(out / "results.json", json.dumps(res, indent=2, default=str))
     atomic_write_text(out / "report.md", report_markdown(res))

@@ -4,6 +4,7 @@
     train.py   moerm train | eval | info | score | add-domain
     serve.py   moerm serve
     bench.py   moerm bench
+    hub.py     moerm import-hf | export
     bon.py     moerm bon
     data.py    moerm data validate | stats | convert
     label.py   moerm label aspects | judge
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from moerm.cli import bench, bon, serve, train
+from moerm.cli import bench, bon, hub, serve, train
 from moerm.cli.common import DEBUG_ENV, set_debug
 from moerm.cli.data import data_app
 from moerm.cli.label import label_app
@@ -34,6 +35,7 @@ def _root(ctx: typer.Context,
 train.register(app)
 serve.register(app)
 bench.register(app)
+hub.register(app)
 bon.register(app)
 app.add_typer(data_app, name="data")
 app.add_typer(label_app, name="label")

@@ -38,8 +38,10 @@ def serve(
                                        "/health; visible in ps: prefer $MOERM_API_KEY or --api-key-file"),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="file holding the bearer token "
                                              "(default: $MOERM_API_KEY; none: no auth)"),
-    query_template: str = typer.Option("chatml", "--query-template", help="OpenRLHF query split: chatml | llama3 | "
-                                       "hh, or a string with {prompt} then {response}"),
+    query_template: str = typer.Option("chatml", "--query-template", help="the policy's chat format, to split "
+                                       "OpenRLHF queries: chatml | llama3 | hh | plain | auto (the run's backbone "
+                                       "tokenizer) | tokenizer:PATH (the policy's tokenizer), or a string with "
+                                       "{prompt} then {response}"),
     batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call"),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", help="torch CPU threads (default: torch's)"),

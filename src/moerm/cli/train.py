@@ -62,6 +62,9 @@ def train(
     no_eval: bool = typer.Option(False, "--no-eval", help="no held-out evaluation during training (run `moerm eval` after)"),
     on_invalid: Optional[OnInvalid] = on_invalid_option(None, "stop at the first invalid record (error) or skip it "
                                                         "(default: the config's data.on_invalid, error)"),
+    drop_hf_head: bool = typer.Option(False, "--drop-hf-head", help="train on a backbone that is a sequence-"
+                                      "classification reward model, dropping its trained head (else refused; "
+                                      "`moerm import-hf` keeps the head)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a reward system and save it to OUT/model."""
@@ -87,6 +90,7 @@ def train(
         seed_list: list[int | None] = list(parse_seeds(seeds) or [None])
         main = distributed.is_main()  # under torchrun / accelerate launch only the main process talks
         cfg = load_config(config, overrides)
+        check_backbone_head(cfg.model.backbone, drop_hf_head, main)
         for seed in seed_list:
             run_dir = out if seed is None else out / f"seed-{seed}"
             run_cfg = cfg if seed is None else load_config(config, overrides + [f"train.seed={seed}"])
@@ -102,6 +106,20 @@ def train(
             console.print(f"[green]saved[/] {summary['model_dir']}  ({summary['train_seconds']:.0f} s)")
 
     run_guarded(go, run_dir=out)
+
+
+def check_backbone_head(backbone: str, drop_hf_head: bool, main: bool = True) -> None:
+    """A backbone folder that is a *ForSequenceClassification RM would silently lose its trained head: refused
+    unless --drop-hf-head, and then said loudly."""
+    from moerm.hub.hf_import import backbone_head_warning
+
+    message = backbone_head_warning(backbone)
+    if message is None:
+        return
+    if not drop_hf_head:
+        fail(f"{message}; to fine-tune its body with a new head anyway, pass --drop-hf-head")
+    if main:
+        console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
 
 
 def eval_(
@@ -208,11 +226,19 @@ def score(
 
 def add_domain(
     run: Path = typer.Argument(..., help="run folder of a routed system (rodos, arliss)"),
-    data: list[str] = data_option("the new domain's pairs (one domain)"),
+    data: list[str] = data_option("the new domain's pairs (one domain); with --from-hf only their prompts are used, "
+                                  "to train the router"),
+    from_hf: Optional[Path] = typer.Option(None, "--from-hf", help="rodos: use this Hugging Face sequence-"
+                                           "classification reward model as the new domain's RM (imported, not "
+                                           "trained; its own backbone, tokenizer and max_length)"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="with --from-hf: tokens per prompt+response "
+                                             "for the imported RM (default: the run's model.max_length, at most "
+                                             "the model's positions)"),
     on_invalid: OnInvalid = on_invalid_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train the new domain's RM and retrain the router only; the other RMs' files are left untouched."""
+    """Train the new domain's RM (or import one, --from-hf) and retrain the router only; the other RMs' files are
+    left untouched."""
     from moerm.data.readers import load_pairs
     from moerm.systems.base import FitContext, find_model_dir, load_system
     from moerm.systems.routing import domain_dir
@@ -228,12 +254,35 @@ def add_domain(
         domain = pairs[0].domain if pairs else "?"
         # the folder comes from the same safe name the systems use, never from the raw domain string
         ctx = FitContext(Path(run) / "add-domain" / domain_dir(domain), progress=progress)
-        result = system.add_domain(pairs, ctx, model_dir)
+        if from_hf is not None:
+            result = add_hf_domain(system, from_hf, max_length, pairs, ctx, model_dir)
+        else:
+            result = system.add_domain(pairs, ctx, model_dir)
         for name, sec in result.seconds_per_component.items():
             console.print(f"trained {name} in {sec:.1f} s", highlight=False)
         console.print(f"[green]added[/] domain {domain!r} ({len(pairs)} pairs) to {model_dir}", highlight=False)
 
     run_guarded(go, run_dir=run)
+
+
+def add_hf_domain(system: Any, path: Path, max_length: int | None, pairs: list, ctx: Any, model_dir: Path) -> Any:
+    """`add-domain --from-hf`: import the HF reward model at `path` as the new domain's RM of a rodos system."""
+    from moerm.encoding import load_config
+    from moerm.encoding.pairs import max_positions
+    from moerm.errors import UnsupportedError
+    from moerm.hub.hf_import import inspect_hf_rm, load_hf_reward_model
+    from moerm.systems.routing import new_domain_of
+
+    if not hasattr(system, "add_domain_rm"):
+        raise UnsupportedError(f"--from-hf adds a ready-made RM to a rodos system; this is a {system.name} system "
+                               "(ARLISS's domains are LoRA adapters of one shared base, not whole RMs)")
+    new_domain_of(pairs, system.domains)  # before the import: a wrong --data fails fast
+    if max_length is None:
+        limit = max_positions(load_config(str(inspect_hf_rm(path).path)))
+        max_length = min(system.config.model.max_length, limit) if limit else system.config.model.max_length
+    rm = load_hf_reward_model(path, max_length, seed=system.config.train.seed)
+    console.print(f"imported {path} as the RM of domain {pairs[0].domain!r} (max_length {max_length})", highlight=False)
+    return system.add_domain_rm(rm, pairs, ctx, model_dir)
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from peft import LoraConfig, PeftModel, get_peft_model
+import torch
 from torch import nn
 
 from moerm.config import ConfigError, ModelConfig
@@ -26,6 +27,19 @@ from moerm.encoding.backbone import Backbone
 TUNING_MODES = ("full", "lora", "frozen", "top")
 TOP_FILE = "top.safetensors"  # top tuning, full style: the trained blocks' weights
 _LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+# Default learning rates by tuning mode (and, for `top`, by how the top blocks train), used when the run's
+# `train.lr` / `train.head_lr` are not set; set from the sweep in docs/RESULTS.md ("Default recipes").
+DEFAULT_LR: dict[str, float] = {"full": 5e-5, "top:full": 1e-4, "lora": 5e-4, "top:lora": 1e-3, "frozen": 1e-3}
+DEFAULT_HEAD_LR: dict[str, float | None] = {"full": None, "top:full": None, "lora": None, "top:lora": None,
+                                            "frozen": 1e-3}  # None: the same as lr
+
+
+def default_lrs(mode: str, style: str = "full") -> tuple[float, float | None]:
+    """(lr, head_lr) a system trains with under tuning `mode` when the run sets neither (head_lr None: = lr)."""
+    key = f"top:{style}" if mode == "top" else mode
+    return DEFAULT_LR[key], DEFAULT_HEAD_LR[key]
 
 
 def resolve_tuning(requested: str, supported: Sequence[str], default: str, system: str) -> str:
@@ -216,3 +230,29 @@ def load_adapter(backbone: Backbone, folder: Path, name: str | None = None, trai
         backbone.model.load_adapter(str(folder), adapter_name=name or "default", is_trainable=trainable)
     else:
         backbone.model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=trainable, **kw)
+
+
+def share_trunk(backbones: Sequence[Backbone], model: ModelConfig) -> int:
+    """Make `top`-tuned (full style) backbones of one base share their trunk: every parameter outside the top
+    blocks becomes the first backbone's Parameter object (they hold the same pretrained weights; checked), so N
+    domain models cost one trunk plus N sets of top blocks in memory. Returns the parameters freed."""
+    if len(backbones) < 2:
+        return 0
+    first = backbones[0]
+    top = set(top_parameter_names(first, model))
+    shared = {n: p for n, p in first.model.named_parameters() if n not in top}
+    freed = 0
+    for other in backbones[1:]:
+        if set(top_parameter_names(other, model)) != top:
+            raise ValueError("share_trunk: the backbones have different top blocks")
+        for name, p in list(other.model.named_parameters()):
+            if name in top or p is shared.get(name):
+                continue
+            src = shared.get(name)
+            if src is None or src.shape != p.shape or not torch.equal(src.data, p.data):
+                raise ValueError(f"share_trunk: trunk parameter {name} differs between the backbones (not one base)")
+            parent_name, _, attr = name.rpartition(".")
+            parent = other.model.get_submodule(parent_name) if parent_name else other.model
+            setattr(parent, attr, src)
+            freed += p.numel()
+    return freed

@@ -322,6 +322,10 @@ def _ci(c: dict[str, list[float]], i: int) -> str:
     return f"{c['mean'][i]:.2f} [{c['low'][i]:.2f}, {c['high'][i]:.2f}]"
 
 
+def _sizes(size: dict[str, Any]) -> str:
+    return str(size["min"]) if size["min"] == size["max"] else f"{size['min']}-{size['max']}"
+
+
 def _name(res: dict[str, Any], label: str) -> str:
     return res["systems"].get(label, {}).get("display") or label
 
@@ -342,7 +346,7 @@ def bon_markdown(res: dict[str, Any], heading: str = "###") -> str:
         size = rec["set_size"]
         agree = rec["pair_agreement"]
         lines += ["", f"{heading} {d}: gold = {rec['gold']}", "",
-                  f"{rec['prompts']} prompts, {rec['candidates']} candidates ({size['min']}-{size['max']} per prompt, "
+                  f"{rec['prompts']} prompts, {rec['candidates']} candidates ({_sizes(size)} per prompt, "
                   f"mean {size['mean']:.1f}) from {rec['pairs']} pairs; criterion: {rec['criterion_source']}; "
                   f"pairs whose chosen reply has the higher gold: "
                   f"{'–' if agree is None else f'{100 * agree:.1f}%'} of {rec['pairs_scored']}"
@@ -403,8 +407,7 @@ def plot_bon(res: dict[str, Any], path: str | Path, title: str) -> None:
             top.fill_between(ns, c["low"], c["high"], color=colours[s], alpha=0.15, lw=0)
             bottom.plot(ns, v["proxy_z"], "-o", color=colours[s], ms=4, lw=1.8)
             bottom.plot(ns, v["gold_z"], "--", color=colours[s], lw=1.4)
-        top.set_title(f"{d} ({rec['prompts']} prompts, {rec['set_size']['min']}-{rec['set_size']['max']} "
-                      "candidates each)", fontsize=10)
+        top.set_title(f"{d} ({rec['prompts']} prompts, {_sizes(rec['set_size'])} candidates each)", fontsize=10)
         top.set_ylabel(f"human gold score of the pick\n({rec['gold_short']})", fontsize=9)
         bottom.set_title("overoptimisation view: proxy (solid) vs gold (dashed)", fontsize=9)
         bottom.set_ylabel("pick's score, z-score over\nthe domain's candidates", fontsize=9)
@@ -426,7 +429,7 @@ def plot_bon(res: dict[str, Any], path: str | Path, title: str) -> None:
               "bottom: gold of the pick (dashed)"]
     fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), max(3, 2 * len(doms))), fontsize=9,
                frameon=False)
-    fig.suptitle("\n".join(textwrap.wrap(title, max(60, int(22 * fig.get_figwidth())))), fontsize=11)
+    fig.suptitle("\n".join(textwrap.wrap(title, max(60, int(11 * fig.get_figwidth())))), fontsize=11)
     fig.savefig(path)
 
 

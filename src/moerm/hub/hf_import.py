@@ -155,6 +155,7 @@ def load_hf_reward_model(path: str | Path, max_length: int | None = None, seed: 
     except Exception as e:  # noqa: BLE001 - a truncated or foreign weight file
         raise UserError(f"{info.path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     model.eval()
+    probe = _hf_probe(model, info, max_length)  # before the pooler moves into the head
     head = _head_from_hf(model, info)
     base = model.base_model
     if getattr(base, "pooler", None) is not None:
@@ -165,23 +166,26 @@ def load_hf_reward_model(path: str | Path, max_length: int | None = None, seed: 
     config = RunConfig(system="baseline", model=m, train=TrainConfig(seed=seed))
     system = BaselineSystem(config, backbone=Backbone(base, info.pooling), head=head, tokenizer_path=str(info.path))
     system.model.eval()
-    _check_probe(system, model, info)
+    ours = float(system.score([PROBE[0]], [PROBE[1]]).rewards[0])
+    if abs(ours - probe) > 1e-4 * max(1.0, abs(probe)):  # a wrong head or pooling is refused, never saved
+        raise UserError(f"{info.path}: the imported head gives {ours:.6f} on a probe pair where the HF model gives "
+                        f"{probe:.6f}; this architecture ({info.architecture}) is not reproduced exactly")
     return system
 
 
 @torch.no_grad()
-def _check_probe(system, hf_model: torch.nn.Module, info: HFRewardModelInfo) -> None:
-    """The imported system must give the HF model's logit on a probe pair (a wrong head or pooling is refused)."""
-    enc = system.encoder.encode(*PROBE)
+def _hf_probe(hf_model: torch.nn.Module, info: HFRewardModelInfo, max_length: int) -> float:
+    """The HF model's logit on a probe pair, as moerm encodes it; a decoder whose pooling moerm cannot match is
+    refused here."""
+    from moerm.encoding import make_encoder
+
+    encoder = make_encoder(str(info.path), max_length)
+    enc = encoder.encode(*PROBE)
     problem = hf_pooling_problem(info, enc["input_ids"][-1])
     if problem:
         raise UserError(problem)
-    batch = system.encoder.pad([enc])
-    ours = float(system.score([PROBE[0]], [PROBE[1]]).rewards[0])
-    theirs = float(hf_model(**batch).logits[0, 0])
-    if abs(ours - theirs) > 1e-4 * max(1.0, abs(theirs)):
-        raise UserError(f"{info.path}: the imported head gives {ours:.6f} on a probe pair where the HF model gives "
-                        f"{theirs:.6f}; this architecture ({info.architecture}) is not reproduced exactly")
+    return float(hf_model(**encoder.pad([enc])).logits[0, 0])
+
 
 
 def _fresh_out(out: Path) -> None:

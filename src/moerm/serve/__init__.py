@@ -7,9 +7,9 @@ See docs/SERVING.md for the endpoints, limits, metrics and the OpenRLHF / TRL in
 
 from moerm.serve.app import create_app
 from moerm.serve.batcher import DynamicBatcher, QueueFullError
-from moerm.serve.config import QUERY_TEMPLATES, ServeConfig, ServeConfigError
-from moerm.serve.openrlhf import QuerySplitter, SplitError
+from moerm.serve.config import ServeConfig, ServeConfigError
+from moerm.serve.openrlhf import PRESETS, QUERY_FORMATS, ChatFormat, QuerySplitter, SplitError
 from moerm.serve.server import BackgroundServer, run_server
 
-__all__ = ["QUERY_TEMPLATES", "BackgroundServer", "DynamicBatcher", "QuerySplitter", "QueueFullError", "ServeConfig",
-           "ServeConfigError", "SplitError", "create_app", "run_server"]
+__all__ = ["PRESETS", "QUERY_FORMATS", "BackgroundServer", "ChatFormat", "DynamicBatcher", "QuerySplitter", "QueueFullError",
+           "ServeConfig", "ServeConfigError", "SplitError", "create_app", "run_server"]

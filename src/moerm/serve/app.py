@@ -40,7 +40,7 @@ from moerm.errors import UserError
 from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
 from moerm.serve.config import MAX_DRAIN_BYTES, ServeConfig
 from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
-from moerm.serve.openrlhf import QuerySplitter, SplitError
+from moerm.serve.openrlhf import QuerySplitter, SplitError, run_backbone
 from moerm.systems.base import ScoreOutput
 
 log = logging.getLogger("moerm.serve")
@@ -124,6 +124,12 @@ def system_info(system: Any) -> dict[str, Any]:
         if d.get("quantized"):
             info["quantized"] = d["quantized"]
     return _jsonable(info)
+
+
+def _backbone(system: Any) -> str | None:
+    """The backbone a loaded reward system was built on (`config.model.backbone`), or None for other objects."""
+    backbone = getattr(getattr(getattr(system, "config", None), "model", None), "backbone", None)
+    return backbone if isinstance(backbone, str) else None
 
 
 def _loader(source: SystemSource, cfg: ServeConfig) -> Callable[[], Any]:
@@ -266,7 +272,7 @@ class ServerState:
         self.batcher: DynamicBatcher | None = None
         self.info: dict[str, Any] = {}
         self.load_seconds: float | None = None
-        self.splitter = QuerySplitter(cfg.resolved_template(), cfg.strip_tokens)
+        self.splitter: QuerySplitter | None = None  # OpenRLHF's query format; set by create_app or once loaded
 
     def unavailable(self) -> HTTPException:
         retry = {"Retry-After": str(self.cfg.retry_after_s)}
@@ -462,12 +468,22 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
     metrics = ServerMetrics()
     state = ServerState(cfg, metrics)
     load = _loader(source, cfg)
+    # The OpenRLHF query format; a wrong one or an unreadable tokenizer fails here, before the server listens.
+    # `auto` reads the run's backbone: from the run folder, the given system, or (a loader function) once loaded.
+    if cfg.query_template != "auto":
+        state.splitter = QuerySplitter.from_spec(cfg.query_template, cfg.strip_tokens)
+    elif isinstance(source, (str, Path)) or hasattr(source, "score"):
+        backbone = run_backbone(source) if isinstance(source, (str, Path)) else _backbone(source)
+        state.splitter = QuerySplitter.from_spec("auto", cfg.strip_tokens, backbone)
 
     async def load_in_background() -> None:
         t0 = time.perf_counter()
         try:
             system = await asyncio.to_thread(load)
             info = await asyncio.to_thread(system_info, system)
+            if state.splitter is None:  # `auto` with a loader function: the loaded system names its backbone
+                state.splitter = await asyncio.to_thread(QuerySplitter.from_spec, cfg.query_template,
+                                                         cfg.strip_tokens, _backbone(system))
         except Exception as e:  # noqa: BLE001  # reported by /health; the server stays up to say why
             state.status, state.error = "error", f"{type(e).__name__}: {e}"
             log.error("loading the reward system failed: %s", state.error)
@@ -542,10 +558,12 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
         texts: list[tuple[str, str | None]] = [(f"query.{i}", q) for i, q in enumerate(req.query)]
         texts += [(f"prompts.{i}", p) for i, p in enumerate(req.prompts or [])]
         state.check_limits(len(req.query), "query", texts)
+        if state.splitter is None:  # `auto` waiting for the model to load
+            raise state.unavailable()
         try:
             prompts, responses = state.splitter.split_all(req.query, req.prompts)
         except SplitError as e:
-            raise _unprocessable(f"query.{e.index}", f"cannot split into prompt and response: {e}") from None
+            raise _unprocessable(f"{e.field}.{e.index}", f"cannot split into prompt and response: {e}") from None
         rewards, _ = await state.score(prompts, responses, None, field="query")
         return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
 
@@ -565,7 +583,9 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
         """The loaded system (name, domains, backbone, parameters) and the server's settings."""
         if state.status != "ready":
             raise state.unavailable()
-        return {**state.info, "load_seconds": state.load_seconds, "server": cfg.public()}
+        query_format = state.splitter.format.describe() if state.splitter is not None else None
+        return {**state.info, "load_seconds": state.load_seconds,
+                "server": {**cfg.public(), "query_format": query_format}}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

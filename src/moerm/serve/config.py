@@ -8,25 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moerm.errors import UserError
+from moerm.serve.openrlhf import DEFAULT_STRIP_TOKENS, check_query_template
 
 API_KEY_ENV = "MOERM_API_KEY"
 # Most bytes of a refused (413) body the server reads and discards so the client can finish sending and read its 413;
 # past it (or past header_timeout_s) the connection is closed.
 MAX_DRAIN_BYTES = 64 * 1024 * 1024
 
-# Named query templates for the OpenRLHF endpoint; `{prompt}` and `{response}` mark the two parts.
-QUERY_TEMPLATES: dict[str, str] = {
-    "chatml": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>",
-    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n{response}<|eot_id|>",
-    "hh": "\n\nHuman: {prompt}\n\nAssistant: {response}",
-}
+# How /get_reward splits OpenRLHF queries: a preset, `auto`, `tokenizer:PATH` or a `{prompt}...{response}` string
+# (moerm/serve/openrlhf.py).
 DEFAULT_QUERY_TEMPLATE = "chatml"
-
-# Padding / sequence-boundary tokens a policy's decoded sequence may carry at either end (OpenRLHF decodes with
-# skip_special_tokens=False, so left padding and a final EOS can appear in `query`).
-DEFAULT_STRIP_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|end_of_text|>", "<|begin_of_text|>", "<pad>", "[PAD]",
-                                         "<s>", "</s>")
 
 
 class ServeConfigError(UserError):
@@ -68,9 +59,12 @@ class ServeConfig:
         api_key: bearer token every request except /health must carry; None falls back to `api_key_file`, then
             $MOERM_API_KEY, and an empty value means no auth.
         api_key_file: a file holding the API key (keeps it out of `ps` and shell history).
-        query_template: a name from QUERY_TEMPLATES or a string with `{prompt}` then `{response}`, used to split an
-            OpenRLHF query when `prompts` does not give the prompt.
-        strip_tokens: tokens removed (repeatedly) from both ends of OpenRLHF queries and prompts before splitting.
+        query_template: the policy's chat format, used to split OpenRLHF queries into prompt and response: a preset
+            (chatml, llama3, hh, plain), `auto` (the chat template of the run's backbone tokenizer), `tokenizer:PATH`
+            (the policy's tokenizer: its chat template and special tokens), or a string with `{prompt}` then
+            `{response}` (single-turn).
+        strip_tokens: padding / boundary tokens removed (repeatedly) from the ends of OpenRLHF queries (and the
+            start of prompts) before splitting, besides the format's own (its tokenizer's BOS, EOS and pad).
         batch_size: the forward batch size passed to `system.score`.
         device: where the model is loaded (None: the system's default).
         quantize: "none" | "int8" (int8 dynamic quantization of the backbone after loading, CPU only; None: the
@@ -137,20 +131,10 @@ class ServeConfig:
             raise ServeConfigError(f"max_items_per_request ({self.max_items_per_request}) must not exceed max_queue "
                                    f"({self.max_queue}): such a request could never be queued")
         self.strip_tokens = tuple(self.strip_tokens)
-        self.resolved_template()  # fail at start-up, not on the first request
-
-    def resolved_template(self) -> str:
-        """The query template text (a preset's name resolved), validated."""
-        text = QUERY_TEMPLATES.get(self.query_template, self.query_template)
-        p, r = text.find("{prompt}"), text.find("{response}")
-        if p < 0 or r < 0 or text.count("{prompt}") != 1 or text.count("{response}") != 1 or r < p:
-            raise ServeConfigError(
-                f"query_template must be one of {', '.join(QUERY_TEMPLATES)} or contain '{{prompt}}' then "
-                f"'{{response}}' once each; got {self.query_template!r}")
-        if r == p + len("{prompt}"):
-            raise ServeConfigError("query_template needs a separator between {prompt} and {response}, "
-                                   f"or a query cannot be split; got {self.query_template!r}")
-        return text
+        try:
+            check_query_template(self.query_template)  # fail at start-up, not on the first request
+        except UserError as e:
+            raise ServeConfigError(str(e)) from None
 
     def public(self) -> dict[str, object]:
         """The settings /v1/info reports (the API key is reported only as set or not)."""
@@ -160,4 +144,4 @@ class ServeConfig:
                 "max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s,
                 "header_timeout_s": self.header_timeout_s, "max_connections": self.max_connections,
                 "batch_size": self.batch_size,
-                "query_template": self.resolved_template(), "auth": self.api_key is not None}
+                "query_template": self.query_template, "auth": self.api_key is not None}

@@ -21,7 +21,7 @@ from torch import nn
 from moerm.config import ConfigError, RunConfig, TrainConfig, from_dict
 from moerm.data.schema import PreferencePair
 from moerm.encoding.cache import backbone_id
-from moerm.encoding.tuning import resolve_tuning
+from moerm.encoding.tuning import default_lrs, resolve_tuning
 from moerm.errors import UnsupportedError, UserError
 from moerm.systems.components import ComponentFit, check_component_config, component_train_config
 from moerm.train.checkpoint import atomic_write_text
@@ -128,6 +128,10 @@ class RewardSystem(ABC):
         tuning = resolve_tuning(config.model.tuning, self.tunings, self.default_tuning, self.name)
         if tuning != config.model.tuning:  # the saved config says what really trained, never `auto`
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, tuning=tuning))
+        if config.train.lr is None:  # the tuning mode's default recipe (the saved config records the value)
+            lr, head_lr = default_lrs(tuning, self.top_style)
+            head_lr = config.train.head_lr if config.train.head_lr is not None else head_lr
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr, head_lr=head_lr))
         self.config = config
         check_component_config(config, self.component_defaults, self.name)
         if self.options_class is None and config.options:

@@ -17,6 +17,7 @@ from torch import nn
 
 from moerm.config import RunConfig
 from moerm.encoding import make_encoder
+from moerm.encoding.tuning import share_trunk
 from moerm.data.schema import PreferencePair
 from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem, ScoreOutput, load_system, register
 from moerm.systems.baseline import BaselineSystem
@@ -92,13 +93,37 @@ class RODOSSystem(RewardSystem):
             result.merge(sub, "rm:general")
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx, eval), "router")  # router:eval_accuracy on held-out prompts only
+        self._share_trunks()
         return result
+
+    def _share_trunks(self) -> None:
+        """`top` tuning: domain RMs of one base share its frozen trunk in memory (one trunk + top blocks each)."""
+        groups: dict[tuple[str, int], list[BaselineSystem]] = {}
+        for rm in [*self.rms.values(), *([self.general] if self.general is not None else [])]:
+            m = rm.config.model
+            if m.tuning == "top" and type(rm).top_style == "full":
+                groups.setdefault((m.backbone, m.trainable_layers), []).append(rm)
+        for rms in groups.values():
+            share_trunk([rm.backbone for rm in rms], rms[0].config.model)
 
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
         domain = new_domain_of(pairs, list(self.rms))
         result = FitResult({})
         self.rms[domain], sub = self._train_rm(domain, pairs, None, ctx)
         result.merge(sub, f"rm:{domain}")
+        return self._add_routed_domain(domain, pairs, ctx, model_dir, result)
+
+    def add_domain_rm(self, rm: BaselineSystem, pairs: Sequence[PreferencePair], ctx: FitContext,
+                      model_dir: Path) -> FitResult:
+        """Add a ready-made RM (e.g. an imported HF reward model) as the domain of `pairs`; only the router trains
+        (on their prompts). The RM keeps its own config and encoder: its backbone, tokenizer and max_length may
+        differ from the other RMs' (each domain RM is a saved system of its own)."""
+        domain = new_domain_of(pairs, list(self.rms))
+        self.rms[domain] = rm
+        return self._add_routed_domain(domain, pairs, ctx, model_dir, FitResult({}))
+
+    def _add_routed_domain(self, domain: str, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path,
+                           result: FitResult) -> FitResult:
         self.router_examples += router_examples(pairs, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx))
         # Write only what changed: the new RM, a new router version, then the index (the switch), last. Other RMs'
@@ -184,6 +209,7 @@ class RODOSSystem(RewardSystem):
         system.router_examples = load_router_examples(path / files["prompts"])
         if (path / GENERAL_DIR / SYSTEM_FILE).exists():
             system.general = load_system(path / GENERAL_DIR, device)  # type: ignore[assignment]
+        system._share_trunks()
         return system
 
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:
