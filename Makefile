@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 RUN ?= runs/demo
 
-.PHONY: setup setup-dev demo test bench clean
+.PHONY: setup setup-dev demo test bench bench-medium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: setup-dev
 ## bench: every system side by side on a per-domain sample with the embedded MiniLM (docs/BENCH.md; ~45-60 min)
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/moerm bench --preset cpu-small --out runs/bench-cpu-small
+
+## bench-medium: every system x 3 seeds, 500 pairs per domain, 2 epochs, top tuning, three domain groups and the
+## issue-12 targets (docs/BENCH.md; about 3 h on 2 cores: configs/bench/cpu-medium.yaml has the budget)
+bench-medium: setup
+	HF_HUB_OFFLINE=1 $(BIN)/moerm bench --preset cpu-medium --out runs/bench-cpu-medium
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

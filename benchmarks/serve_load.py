@@ -1,18 +1,28 @@
-"""Load test of the reward server: N concurrent clients for a bounded time, dynamic batching on and off.
+"""Load test of the reward server against offline scoring: N concurrent clients for a bounded time, dynamic
+batching on and off, and `system.score` on the same pairs, batch size and threads in this process.
 
     .venv/bin/python benchmarks/serve_load.py runs/demo/baseline --data examples/data --clients 32 --seconds 15
+    .venv/bin/python benchmarks/serve_load.py RUN --clients 32 --seconds 10 --torch-threads 1 --settings on
 
 For each setting the script starts `moerm serve RUN` in a subprocess on a free loopback port, waits for /health,
 warms it up, then runs `--clients` asyncio clients (httpx) that each send one request after another for
 `--seconds`, cycling through held-out pairs of `--data` (chosen replies, `--items-per-request` pairs per request).
 It reports requests/s and pairs/s (answered within the window), p50/p99 latency (of every answered request),
 errors (non-200 or transport failures), lost requests (sent but never answered), and the server's mean batch size
-(from /metrics). Settings: batching on and off at `--clients`, then batching on at `--stress-clients` (64) for the
-errors / lost-requests check (`--only-stress N` runs just that one, N times). Every reward returned is compared
-with offline `system.score` of the same pair in this process (the largest difference is reported).
-`--torch-threads 1` gives the server one torch thread (see docs/SERVING.md, "CPU servers").
-Targets (issue 6): batching on >= 3x the pairs/s of batching off at 32 clients; zero errors and zero lost requests
-at 64 clients; served scores equal offline scores.
+(from /metrics). Settings (`--settings`): batching on and off at `--clients`, then batching on at
+`--stress-clients` (64) for the errors / lost-requests check (`--only-stress N` runs just that one, N times).
+
+Offline: right before and right after each server setting (no server running then), this process times
+`system.score` of the same inputs in one call with the server's `--batch-size` and `--torch-threads`, repeated for
+`--offline-seconds`; the setting is compared with the mean of the two. The machine is shared with whatever else
+runs on it, so the load average (`os.getloadavg`) is reported beside each figure, and CPU time per pair of the
+server process (all its threads, from /proc) and of the offline timing: equal CPU per pair with fewer pairs/s
+means the server was given less CPU, not that it wasted any. Every reward returned is compared with offline
+`system.score` of the same pair (the largest difference is reported). `--torch-threads 1` gives server and offline one torch thread (see
+docs/SERVING.md, "CPU servers").
+Targets: batching on >= 3x the pairs/s of batching off at 32 clients, zero errors and zero lost requests at 64
+clients, served scores equal offline scores (issue 6); at 32 clients of 1 pair each the server's pairs/s at least
+0.9x offline, p99 at most 2x p50 (issue 15).
 """
 
 from __future__ import annotations
@@ -57,7 +67,43 @@ class Result:
     lost: int
     mean_batch_items: float
     max_abs_diff_vs_offline: float
+    offline_pairs_per_s: float = float("nan")  # mean of the offline timings right before and right after
+    offline_before_after: tuple[float, float] = (float("nan"), float("nan"))
+    vs_offline: float = float("nan")  # pairs_per_s / offline_pairs_per_s
+    server_cpu_ms_per_pair: float = float("nan")  # the server process's CPU time (all threads) per pair scored
+    offline_cpu_ms_per_pair: float = float("nan")  # this process's CPU time per pair in the offline timings
+    server_cpu_share: float = float("nan")  # server CPU seconds / wall seconds during the load (1.0 = one core)
+    model_busy: float = float("nan")  # fraction of the load's wall time the server spent inside scoring calls
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)  # os.getloadavg() before the first offline timing
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)  # and after the second
     error_samples: list[str] = field(default_factory=list)
+
+
+def loadavg() -> tuple[float, float, float]:
+    a, b, c = os.getloadavg()
+    return round(a, 2), round(b, 2), round(c, 2)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def offline_timing(system: object, inputs: list[tuple[str, str]], args: argparse.Namespace) -> tuple[float, float]:
+    """Offline (pairs/s, CPU ms per pair): `system.score` of all `inputs` in one call at the server's `--batch-size`
+    (as `moerm score` would), repeated for at least `--offline-seconds` after one warm-up call."""
+    prompts, responses = [p for p, _ in inputs], [r for _, r in inputs]
+    score = system.score  # type: ignore[attr-defined]
+    score(prompts[:4], responses[:4], batch_size=args.batch_size)
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while n == 0 or time.perf_counter() - t0 < args.offline_seconds:
+        score(prompts, responses, batch_size=args.batch_size)
+        n += len(inputs)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / n
 
 
 def free_port() -> int:
@@ -69,13 +115,15 @@ def free_port() -> int:
 def start_server(run: str, port: int, batching: bool, args: argparse.Namespace) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "moerm.cli", "serve", run, "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--batch-size",
-           str(args.max_batch), "--log-level", "warning"]
+           str(args.batch_size), "--log-level", "warning"]
     if not batching:
         cmd.append("--no-batching")
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("MOERM_API_KEY", None)
+    if args.server_prefix:  # e.g. a profiler: `py-spy record -o prof.svg --`
+        cmd = shlex.split(args.server_prefix) + cmd
     return subprocess.Popen(cmd, env=env)
 
 
@@ -96,14 +144,15 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) 
     raise TimeoutError("server not ready in time")
 
 
-def server_batches(url: str) -> tuple[float, float]:
-    """(pairs scored, batches) from /metrics."""
+def server_batches(url: str) -> tuple[float, float, float]:
+    """(pairs scored, batches, seconds spent in scoring calls) from /metrics."""
+    names = ("moerm_pairs_scored_total", "moerm_batches_total", "moerm_batch_seconds_sum")
     values: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(("moerm_pairs_scored_total ", "moerm_batches_total ")):
-            name, v = line.split()
+        name, _, v = line.partition(" ")
+        if name in names:
             values[name] = float(v)
-    return values.get("moerm_pairs_scored_total", 0.0), values.get("moerm_batches_total", 0.0)
+    return tuple(values.get(n, 0.0) for n in names)  # type: ignore[return-value]
 
 
 async def load(url: str, inputs: list[tuple[str, str]], clients: int, seconds: float, per_request: int,
@@ -148,7 +197,7 @@ async def load(url: str, inputs: list[tuple[str, str]], clients: int, seconds: f
                     rewards.setdefault(i, v)
 
         tasks = [asyncio.create_task(one_client(c)) for c in range(clients)]
-        done, pending = await asyncio.wait(tasks, timeout=seconds + 120)
+        _, pending = await asyncio.wait(tasks, timeout=seconds + 120)
         for t in pending:
             t.cancel()
     return latencies, in_window, sent, len(errors), errors[:5], rewards
@@ -162,7 +211,10 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def run_setting(run: str, setting: Setting, inputs: list[tuple[str, str]], offline: list[float],
-                args: argparse.Namespace) -> Result:
+                args: argparse.Namespace, system: object) -> Result:
+    load_before = loadavg()
+    offline_1, cpu_1 = offline_timing(system, inputs, args)
+    print(f"  offline system.score before: {offline_1:.1f} pairs/s (load average {load_before})", flush=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(run, port, setting.batching, args)
@@ -171,16 +223,22 @@ def run_setting(run: str, setting: Setting, inputs: list[tuple[str, str]], offli
         for i in range(4):  # warm-up: allocator, thread pools
             httpx.post(url + "/v1/score", json={"items": [{"prompt": inputs[i][0], "response": inputs[i][1]}]},
                        timeout=120)
-        pairs0, batches0 = server_batches(url)
+        pairs0, batches0, busy0 = server_batches(url)
+        cpu0, wall0 = process_cpu_s(proc.pid), time.perf_counter()
         lat, in_window, sent, n_err, samples, rewards = asyncio.run(
             load(url, inputs, setting.clients, args.seconds, args.items_per_request))
-        pairs1, batches1 = server_batches(url)
+        cpu1, wall1 = process_cpu_s(proc.pid), time.perf_counter()
+        pairs1, batches1, busy1 = server_batches(url)
     finally:
         proc.terminate()  # SIGTERM: graceful shutdown
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    offline_2, cpu_2 = offline_timing(system, inputs, args)
+    load_after = loadavg()
+    offline_rate = (offline_1 + offline_2) / 2
+    print(f"  offline system.score after: {offline_2:.1f} pairs/s (load average {load_after})", flush=True)
     answered = len(lat)
     diff = max((abs(v - offline[i]) for i, v in rewards.items()), default=float("nan"))
     per_s = in_window / args.seconds  # answered within the timed window
@@ -190,7 +248,14 @@ def run_setting(run: str, setting: Setting, inputs: list[tuple[str, str]], offli
                   p50_ms=round(percentile(lat, 50) * 1000, 1), p99_ms=round(percentile(lat, 99) * 1000, 1),
                   errors=n_err, lost=sent - answered - n_err,
                   mean_batch_items=round((pairs1 - pairs0) / max(batches1 - batches0, 1), 2),
-                  max_abs_diff_vs_offline=diff, error_samples=samples)
+                  max_abs_diff_vs_offline=diff, offline_pairs_per_s=round(offline_rate, 2),
+                  offline_before_after=(round(offline_1, 2), round(offline_2, 2)),
+                  vs_offline=round(per_s * args.items_per_request / offline_rate, 3),
+                  server_cpu_ms_per_pair=round((cpu1 - cpu0) * 1000 / max(pairs1 - pairs0, 1), 2),
+                  offline_cpu_ms_per_pair=round((cpu_1 + cpu_2) / 2, 2),
+                  server_cpu_share=round((cpu1 - cpu0) / (wall1 - wall0), 2),
+                  model_busy=round((busy1 - busy0) / (wall1 - wall0), 3),
+                  load_before=load_before, load_after=load_after, error_samples=samples)
 
 
 def main() -> None:
@@ -205,15 +270,30 @@ def main() -> None:
     ap.add_argument("--items-per-request", type=int, default=1)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    ap.add_argument("--torch-threads", type=int, default=None, help="the server's torch CPU threads (default: torch's)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="forward batch size of the server and of offline scoring (default: the server's own)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch CPU threads of the server and of offline scoring (default: torch's)")
+    ap.add_argument("--settings", default="on,off,stress",
+                    help="which server settings to run, of: on, off (at --clients), stress (at --stress-clients)")
+    ap.add_argument("--offline-seconds", type=float, default=5.0, help="how long each offline timing runs")
+    ap.add_argument("--server-prefix", default="", help="command put before the server's (e.g. a profiler)")
     ap.add_argument("--only-stress", type=int, default=0, metavar="N",
                     help="run only the --stress-clients setting, N times (errors / lost-requests check)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
     from moerm.data.readers import load_pairs
+    from moerm.serve.config import ServeConfig
     from moerm.systems.base import load_system
+
+    if args.batch_size is None:
+        args.batch_size = ServeConfig.batch_size
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     pairs, _ = load_pairs([args.data], split="test")
     random.Random(0).shuffle(pairs)
@@ -221,48 +301,66 @@ def main() -> None:
     t0 = time.perf_counter()
     system = load_system(args.run)
     offline = system.score([p for p, _ in inputs], [r for _, r in inputs], batch_size=32).rewards
-    print(f"offline scores of {len(inputs)} inputs: {time.perf_counter() - t0:.1f} s", flush=True)
-    del system
+    print(f"offline scores of {len(inputs)} inputs: {time.perf_counter() - t0:.1f} s "
+          f"(torch threads {torch.get_num_threads()})", flush=True)
 
-    settings = [Setting(f"batching on, {args.clients} clients", True, args.clients),
-                Setting(f"batching off, {args.clients} clients", False, args.clients)]
-    if args.stress_clients:
-        settings.append(Setting(f"batching on, {args.stress_clients} clients", True, args.stress_clients))
+    wanted = {x.strip() for x in args.settings.split(",") if x.strip()}
+    if not wanted <= {"on", "off", "stress"}:
+        ap.error(f"--settings takes on, off, stress; got {args.settings!r}")
+    settings = [Setting(f"batching on, {args.clients} clients", True, args.clients)] if "on" in wanted else []
+    if "off" in wanted:
+        settings.append(Setting(f"batching off, {args.clients} clients", False, args.clients))
+    stress = Setting(f"batching on, {args.stress_clients} clients", True, args.stress_clients)
+    if args.stress_clients and "stress" in wanted:
+        settings.append(stress)
     if args.only_stress:
-        settings = settings[2:] * args.only_stress
+        settings = [stress] * args.only_stress
     results = []
     for s in settings:
         print(f"running: {s.name} for {args.seconds:.0f} s ...", flush=True)
-        results.append(run_setting(args.run, s, inputs, offline, args))
+        results.append(run_setting(args.run, s, inputs, offline, args, system))
         print("  " + json.dumps(asdict(results[-1])), flush=True)
 
-    pair = [r for r in results if r.clients == args.clients]
+    pair = [r for r in results if r.clients == args.clients and not args.only_stress]
     on = next((r for r in pair if r.batching), None)
     off = next((r for r in pair if not r.batching), None)
     ratio = on.pairs_per_s / off.pairs_per_s if on and off and off.pairs_per_s else None
-    stress = [r for r in results if r.clients == args.stress_clients and r.batching]
+    stressed = [r for r in results if r.clients == args.stress_clients and r.batching]
     max_diff = max(r.max_abs_diff_vs_offline for r in results)
     checks = {"scores_equal_offline_1e-4": max_diff <= 1e-4}
     if ratio is not None:
         checks["batching_speedup_at_least_3x"] = ratio >= 3.0
-    if stress:
-        checks["zero_errors_and_lost_under_stress"] = all(r.errors == 0 and r.lost == 0 for r in stress)
-    header = "| setting | requests/s | pairs/s | p50 ms | p99 ms | errors | lost | mean batch |"
-    print("\n" + header + "\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    if on is not None:
+        checks["server_at_least_0.9x_offline"] = on.vs_offline >= 0.9
+        checks["p99_at_most_2x_p50"] = on.p99_ms <= 2 * on.p50_ms
+    if stressed:
+        checks["zero_errors_and_lost_under_stress"] = all(r.errors == 0 and r.lost == 0 for r in stressed)
+    header = ("| setting | pairs/s | offline pairs/s (before, after) | vs offline | p50 ms | p99 ms | errors | lost | "
+              "mean batch | model busy | CPU ms/pair server / offline | server CPU share | load average before / after |")
+    print("\n" + header + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
-        print(f"| {r.setting} | {r.requests_per_s:.1f} | {r.pairs_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | "
-              f"{r.errors} | {r.lost} | {r.mean_batch_items:.1f} |")
+        b, a = r.offline_before_after
+        print(f"| {r.setting} | {r.pairs_per_s:.1f} | {r.offline_pairs_per_s:.1f} ({b:.1f}, {a:.1f}) | "
+              f"{r.vs_offline:.2f}x | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.errors} | {r.lost} | "
+              f"{r.mean_batch_items:.1f} | {r.model_busy:.0%} | {r.server_cpu_ms_per_pair:.1f} / {r.offline_cpu_ms_per_pair:.1f} | "
+              f"{r.server_cpu_share:.2f} | {r.load_before[0]:.2f} / {r.load_after[0]:.2f} |")
+    print(f"\ntorch threads {torch.get_num_threads()}, forward batch size {args.batch_size}, "
+          f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, {os.cpu_count()} CPUs")
+    if on is not None:
+        print(f"server / offline at {args.clients} clients: {on.vs_offline:.2f}x pairs/s; p99 / p50 "
+              f"{on.p99_ms / on.p50_ms:.2f}")
     if ratio is not None:
-        print(f"\nbatching on / off at {args.clients} clients: {ratio:.2f}x pairs/s")
+        print(f"batching on / off at {args.clients} clients: {ratio:.2f}x pairs/s")
     print(f"largest |served - offline| reward difference: {max_diff:.2e}")
     print("checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
-            "torch_threads": args.torch_threads,
+            "torch_threads": args.torch_threads, "batch_size": args.batch_size,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "inputs": len(inputs), "results": [asdict(r) for r in results], "speedup_on_vs_off": ratio,
+            "server_vs_offline": on.vs_offline if on is not None else None,
             "max_abs_diff_vs_offline": max_diff, "checks": checks}, indent=2))
         print(f"written: {args.out}")
 

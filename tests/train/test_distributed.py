@@ -41,6 +41,9 @@ SYSTEMS = {
     "baseline": [],
     "baselora": ["--set", "train.lr=5e-3"],
     "frozen": ["--system", "baseline", "--tuning", "frozen"],
+    "top": ["--system", "baseline", "--tuning", "top", "--set", "model.trainable_layers=1"],
+    "arliss-top": ["--system", "arliss", "--tuning", "top", "--set", "model.trainable_layers=1",
+                   "--set", "components.router.train.epochs=2"],
     "more": ["--set", "options.num_experts=4", "--set", "options.top_k=1"],
     "rodos": ["--set", "components.router.train.epochs=2"],
     "arliss": ["--set", "components.router.train.epochs=2"],
@@ -97,7 +100,7 @@ def _metric_lines(run: Path) -> list[dict]:
 @pytest.mark.parametrize("name", list(SYSTEMS))
 def test_two_processes_train_save_once_and_load(setup, name):
     run = setup / f"run-{name}"
-    args = SYSTEMS[name] if name == "frozen" else ["--system", name, *SYSTEMS[name]]
+    args = SYSTEMS[name] if SYSTEMS[name][:1] == ["--system"] else ["--system", name, *SYSTEMS[name]]
     res = _train(setup, run, args, nproc=2)
     assert res.stdout.count("saved ") == 1, res.stdout  # one process reports, one saves
     assert "2 processes" in res.stdout
@@ -113,10 +116,13 @@ def test_two_processes_train_save_once_and_load(setup, name):
     assert len(out.rewards) == 6 and all(torch.isfinite(torch.tensor(out.rewards)))
 
 
-@pytest.mark.parametrize("name,extra", [("baseline", []), ("baselora", ["--set", "train.lr=5e-3"])])
+@pytest.mark.parametrize("name,extra", [("baseline", []), ("baselora", ["--set", "train.lr=5e-3"]),
+                                        ("baseline", ["--tuning", "top", "--set", "model.trainable_layers=1"])],
+                         ids=["baseline", "baselora", "baseline-top"])
 def test_two_processes_equal_one_process_with_the_global_batch(setup, name, extra):
-    one = setup / f"eq1-{name}"
-    two = setup / f"eq2-{name}"
+    label = name + ("-top" if "top" in extra else "")
+    one = setup / f"eq1-{label}"
+    two = setup / f"eq2-{label}"
     _train(setup, one, ["--system", name, *extra, "--set", "train.batch_size=8", "--set", "train.log_every=2"], nproc=1)
     _train(setup, two, ["--system", name, *extra, "--set", "train.batch_size=4", "--set", "train.log_every=2"], nproc=2)
     w1, w2 = _weights(one / "model"), _weights(two / "model")
@@ -125,7 +131,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(setup, name, extr
         if k.endswith(OFFSET_ONLY):
             continue
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
-    if name == "baseline":  # full tuning really moved the backbone (so the equality above means something)
+    if label == "baseline-top":  # the top block moved (so the equality above means something), the trunk did not
+        start = load_file(str(setup / "bert" / "model.safetensors"))
+        top = {k.split(":", 1)[1]: v for k, v in w1.items() if k.startswith("top.safetensors:")}
+        assert top and all(k.startswith("encoder.layer.1.") for k in top)
+        assert sum(not torch.equal(start[k], v) for k, v in top.items()) > len(top) // 2
+    if name == "baseline" and not extra:  # full tuning really moved the backbone (so the equality above means something)
         start = load_file(str(setup / "bert" / "model.safetensors"))
         moved = [k for k in start if not k.startswith("pooler.")  # the unused pooler is dropped
                  and not torch.equal(start[k], w1[f"backbone/model.safetensors:{k}"])]
@@ -158,12 +169,15 @@ def test_two_processes_equal_one_process_with_the_global_batch_grouped_by_length
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["baseline", "arliss"])
+@pytest.mark.parametrize("name", ["baseline", "arliss", "top"])
 def test_same_command_twice_in_fresh_processes_gives_identical_weights(setup, name):
+    """`top`: the first run computes the trunk cache, the second reads it; both train on the cached states."""
     runs = [setup / f"repro-{name}-{i}" for i in range(2)]
+    args = {"arliss": ["--system", "arliss", "--set", "components.router.train.epochs=1"],
+            "top": ["--system", "baseline", "--tuning", "top", "--set", "model.trainable_layers=1",
+                    "--set", f"model.trunk_cache={setup / 'repro-trunk'}"]}.get(name, ["--system", name])
     for run in runs:  # fresh interpreters: this torch build seeds its RNG randomly at import
-        _train(setup, run, ["--system", name, "--set", "components.router.train.epochs=1"] if name == "arliss"
-               else ["--system", name], nproc=1)
+        _train(setup, run, args, nproc=1)
     a, b = _weights(runs[0] / "model"), _weights(runs[1] / "model")
     assert a.keys() == b.keys()
     for k in a:

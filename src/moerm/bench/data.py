@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from moerm.bench.presets import TINY_BACKBONE, BenchConfig, resolve_path, system_options
+from moerm.bench.presets import TINY_BACKBONE, BenchConfig, resolve_path, system_domains, system_options
 from moerm.config import ConfigError
 from moerm.data.readers import DataError, load_pairs, write_jsonl
 from moerm.data.schema import PreferencePair
@@ -117,6 +117,21 @@ def _expand(paths: Sequence[str], domains: Sequence[str] | None) -> tuple[list[s
     return read, shown
 
 
+def as_given(text: str, read: Sequence[str], shown: Sequence[str]) -> str:
+    """`text` (a note, a reader's message) with every path the bench read written as the user gave it.
+
+    A relative path the working directory lacks is read from the repository (`resolve_path`): its messages would
+    otherwise name this machine's absolute path.
+    """
+    for r, g in sorted(zip(read, shown), key=lambda rg: -len(rg[0])):
+        if r != g:
+            text = text.replace(r, g)
+            absolute = str(Path(r).resolve())
+            if absolute != r:
+                text = text.replace(absolute, g)
+    return text
+
+
 def _counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
     return dict(sorted(Counter(p.domain for p in pairs).items()))
 
@@ -145,7 +160,7 @@ def load_bench_data(cfg: BenchConfig) -> tuple[list[PreferencePair], list[Prefer
         train_paths, train_shown = _expand(paths, cfg.domains)
         train, rep = load_pairs(train_paths, split="train", on_invalid=cfg.on_invalid)
         if rep.n_invalid:
-            notes.append(f"training data: {rep.summary(max_reasons=2)}")
+            notes.append(as_given(f"training data: {rep.summary(max_reasons=2)}", train_paths, train_shown))
         if cfg.eval_data:
             eval_paths, eval_shown = _expand(cfg.eval_data, cfg.domains)
             split = "test" if all(Path(p).is_dir() for p in eval_paths) else None
@@ -156,7 +171,7 @@ def load_bench_data(cfg: BenchConfig) -> tuple[list[PreferencePair], list[Prefer
         except DataError as e:
             raise DataError(f"no held-out pairs ({e}); give eval_data or test* files in the data folders") from None
         if rep.n_invalid:
-            notes.append(f"held-out data: {rep.summary(max_reasons=2)}")
+            notes.append(as_given(f"held-out data: {rep.summary(max_reasons=2)}", eval_paths, eval_shown))
         source = {"train": train_shown, "eval": eval_shown}  # as given: no absolute paths of this machine
     if cfg.domains:
         present = {p.domain for p in train}
@@ -186,16 +201,28 @@ def plan_system(cfg: BenchConfig, system: str, train: Sequence[PreferencePair], 
 
     The returned record (kept in OUT/data/plans.json) names its files relative to OUT, as results.json does.
     """
-    from moerm.systems.base import get_system_class
+    from moerm.systems.base import BenchPlan, get_system_class
 
     folder = out / "data" / system
+    data_domains = sorted({p.domain for p in train})
+    own = system_domains(cfg, system)  # per_system.<system>.domains: the bench restricts it before its plan does
+    restricted: dict[str, str] = {}
+    if own is not None:
+        restricted = {d: f"not in per_system.{system}.domains" for d in data_domains if d not in own}
+        train = [p for p in train if p.domain in own]
+        test = [p for p in test if p.domain in own]
     try:
         plan = get_system_class(system).bench_plan(system_options(cfg, system), train, test, list(cfg.seeds), folder)
     except ConfigError as e:
         raise ConfigError(f"per_system.{system}: {e}") from None
     if plan is None:
-        return None
-    data_domains = sorted({p.domain for p in train})
+        if own is None:
+            return None
+        plan = BenchPlan(report=[f"Trained and evaluated on per_system.{system}.domains only."])
+    if own is not None:
+        plan.train = train if plan.train is None else plan.train
+        plan.test = test if plan.test is None else plan.test
+        plan.left_out = {**restricted, **plan.left_out}
     rec: dict[str, Any] = {"status": "skipped" if plan.skipped else "ok", "report": list(plan.report),
                            "left_out": dict(plan.left_out), "info": dict(plan.info)}
     if plan.skipped:

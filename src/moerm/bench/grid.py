@@ -6,6 +6,7 @@
     OUT/runs/<system>/seed-<n>/        a run folder (moerm.runs.train_run) + cell.json once evaluated
     OUT/inference.json                 the side-by-side throughput measurement
     OUT/runs/.../bon_rewards.json      each cell's rewards of the Best-of-N candidates (human-scored domains only)
+    OUT/wall.json                      the wall time of every `moerm bench` run into OUT (the report states it)
     OUT/report.md, results.json, plots/
 
 A cell whose cell.json exists is done and skipped. A cell with a run folder but no cell.json resumes: a finished
@@ -112,11 +113,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
         atomic_write_text(params_path, json.dumps(params, indent=2))
     model_dir = find_model_dir(d)
     system = load_system(model_dir, device=cfg.resolved_device())
-    pairs = prepared.test_pairs(cell.system)
-    report = evaluate_system(system, pairs, batch_size=cfg.eval_batch_size)  # routed systems use their own router
-    oracle = None
-    if cfg.oracle_routing and system.routed:  # the upper bound: each pair's true domain given
-        oracle = evaluate_system(system, pairs, batch_size=cfg.eval_batch_size, oracle_domains=True)
+    evals = evaluate_cell(cfg, system, prepared.test_pairs(cell.system))
     info = system.describe(model_dir)
     if info.get("backbone") == prepared.backbone:  # the backbone as the bench config names it, not this machine's path
         info["backbone"] = cfg.backbone
@@ -125,8 +122,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
     result = {
         "system": cell.system, "seed": cell.seed, "run_dir": str(d.relative_to(out)),
         "inference_mode": system.default_mode,
-        "eval": report,
-        **({"eval_oracle_routing": oracle} if oracle is not None else {}),
+        "routed": bool(system.routed),
+        **evals,
         "size": info,
         "params_trained": params,
         "train_seconds": summary["train_seconds"],
@@ -134,6 +131,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
         "seconds_per_epoch": per_epoch,
         "train_seconds_per_epoch": sum(v for v in per_epoch.values() if v is not None),
         "train_metrics": summary.get("metrics", {}),
+        "learning": learning_curves(d),
         "resumed_training": resumed,
         "wall_seconds": {"train": t_train, "total": time.perf_counter() - t0},
     }
@@ -142,6 +140,53 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
         for ckpt in [p for p in d.rglob("checkpoints") if p.is_dir()]:
             shutil.rmtree(ckpt, ignore_errors=True)
     return result
+
+
+def evaluate_cell(cfg: BenchConfig, system: Any, pairs: list[Any]) -> dict[str, Any]:
+    """The cell's evaluations, each pair scored once the way its group is scored (plus the oracle upper bound).
+
+    `eval`: the pairs of domains scored as deployed (routed systems route with their own router);
+    `eval_domain_given`: the pairs of `domain_given` groups, each pair's domain passed to `score` (every system; one
+    that does not route ignores it); `eval_oracle_routing` (with `oracle_routing`, routed systems): the `eval` pairs
+    again with their true domain given, the upper bound that isolates the domain RMs from routing errors.
+    """
+    given = set(cfg.given_domains())
+    own = [p for p in pairs if p.domain not in given]
+    told = [p for p in pairs if p.domain in given]
+    bs = cfg.eval_batch_size
+    out: dict[str, Any] = {}
+    if own:
+        out["eval"] = evaluate_system(system, own, batch_size=bs)
+    if told:
+        out["eval_domain_given"] = evaluate_system(system, told, batch_size=bs, oracle_domains=True)
+    if own and cfg.oracle_routing and system.routed:
+        out["eval_oracle_routing"] = evaluate_system(system, own, batch_size=bs, oracle_domains=True)
+    return out
+
+
+def learning_curves(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per trained component, its mean training accuracy in its first and in its last epoch (from metrics.jsonl).
+
+    The report's budget ablation: a component still gaining in its last epoch was stopped by the budget.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(run_dir).rglob("metrics.jsonl")):
+        by_epoch: dict[int, dict[int, float]] = {}
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "accuracy" in row and "epoch" in row and "step" in row:  # eval lines carry other keys
+                by_epoch.setdefault(int(row["epoch"]), {})[int(row["step"])] = float(row["accuracy"])
+        if not by_epoch:
+            continue
+        first, last = min(by_epoch), max(by_epoch)
+        mean = {e: sum(v.values()) / len(v) for e, v in by_epoch.items()}
+        name = str(path.parent.relative_to(run_dir)) if path.parent != Path(run_dir) else "."
+        out[name] = {"epochs": last - first + 1, "first_epoch_accuracy": mean[first],
+                     "last_epoch_accuracy": mean[last]}
+    return out
 
 
 def _score_fn(system: Any, prompts: list[str], responses: list[str], batch_size: int, mode: str | None) -> Callable[[], Any]:
@@ -220,6 +265,16 @@ def _shown(path: Path, out: Path) -> str:
         return str(path)
 
 
+def record_wall(out: Path, started: float, seconds: float) -> dict[str, Any]:
+    """Append this run's wall time to OUT/wall.json; the bench's wall time is the sum over the runs into OUT."""
+    path = out / "wall.json"
+    runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "seconds": seconds})
+    wall = {"seconds": sum(r["seconds"] for r in runs), "this_run_seconds": seconds, "runs": runs}
+    atomic_write_text(path, json.dumps(wall, indent=2))
+    return wall
+
+
 def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, console: Console | None = None, command: str = "",
               stop_after_steps: int | None = None) -> dict[str, Any]:
     """Run (or resume) the whole grid, measure inference, and write report.md, results.json and the plots."""
@@ -238,6 +293,7 @@ def _run_bench(cfg: BenchConfig, out: Path, progress: bool, console: Console | N
 
     from moerm.bench.report import build_results, write_report
 
+    started, w0 = time.time(), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     check_bench_folder(cfg, out)
     if command:
@@ -288,5 +344,6 @@ def _run_bench(cfg: BenchConfig, out: Path, progress: bool, console: Console | N
         results["best_of_n"] = best_of_n
     results["command"] = command
     results["grid_seconds_this_run"] = time.perf_counter() - t0
+    results["wall"] = record_wall(out, started, time.perf_counter() - w0)
     paths = write_report(out, results)
     return {"results": results, "failed": failed, **paths}

@@ -17,13 +17,16 @@ import yaml
 
 from moerm.config import ConfigError, ModelConfig, RunConfig, TrainConfig, _deep_update, _set_dotted, from_dict, parse_override
 
-PRESETS = ("smoke", "cpu-small", "paper")
+PRESETS = ("smoke", "cpu-small", "cpu-medium", "paper")
 TINY_BACKBONE = "tiny-random-bert"  # built by the bench into OUT/backbone (a 2-layer, 32-wide random BERT)
 REPO_ROOT = Path(__file__).resolve().parents[3]
-PER_SYSTEM_SECTIONS = ("model", "train", "options", "components")
+PER_SYSTEM_SECTIONS = ("model", "train", "options", "components", "domains")
+RUN_SECTIONS = ("model", "train", "options", "components")  # the per_system sections that go into a run config
 # Settings that may change between runs into the same output folder (they do not change what a cell trains).
 REUSABLE_KEYS = ("name", "systems", "seeds", "inference", "eval_batch_size", "oracle_routing", "device", "threads",
-                 "prune_checkpoints")
+                 "prune_checkpoints", "targets")
+ALL_SYSTEMS = "all"  # Target.systems: every system with results
+BEST_ROUTED = "best_routed"  # Target.systems: the routed system with the largest margin over `vs` (or value)
 _MISSING = object()
 # Keys of older bench configs, and where their settings live now.
 MOVED_KEYS = {
@@ -70,6 +73,56 @@ class InferenceConfig:
 
 
 @dataclass
+class DomainGroup:
+    """Domains the report shows in a table of their own (e.g. the router paper's, the aspect-labelled ones).
+
+    `domain_given`: the group's held-out pairs are scored with each pair's domain passed to `score` (as an RLHF
+    trainer that knows each prompt's source would pass it), for every system; systems that do not route ignore it.
+    The other groups are scored as deployed: routed systems route with their own router.
+    """
+
+    name: str
+    title: str = ""  # the table's heading (default: the name)
+    domains: list[str] = field(default_factory=list)
+    domain_given: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name in (ALL_SYSTEMS, BEST_ROUTED):
+            raise ConfigError(f"groups: a group needs a name (not {ALL_SYSTEMS!r} or {BEST_ROUTED!r})")
+        if not self.domains:
+            raise ConfigError(f"groups.{self.name}.domains: give at least one domain")
+        self.title = self.title or self.name
+
+
+@dataclass
+class Target:
+    """A target the report checks against the results (met / missed, with the figures that decide it).
+
+    The value is a system's macro accuracy (mean over seeds of the per-seed mean over domains) on the domains of
+    `groups` that it covers, scored the way those groups are scored (own router, or domain given). It must reach
+    `min`, and/or `vs`'s macro on exactly the same domains plus `margin`; `max_params_vs` also bounds its parameters
+    to that share of `vs`'s. `systems`: names, "all" (every system with results; each must meet it) or
+    "best_routed" (the routed system with the largest margin over `vs`, else the highest value).
+    """
+
+    name: str
+    systems: list[str] = field(default_factory=lambda: [ALL_SYSTEMS])
+    groups: list[str] = field(default_factory=list)  # default: every group scored routed (not domain_given)
+    min: float | None = None  # a floor on the macro accuracy (0.55 = 55%)
+    vs: str | None = None  # the reference system, on the same domains
+    margin: float = 0.0  # value >= vs + margin (0.03 = 3 points; negative: within)
+    max_params_vs: float | None = None  # parameters < this share of vs's (0.15 = under 15%)
+
+    def __post_init__(self) -> None:
+        if self.min is None and self.vs is None:
+            raise ConfigError(f"targets: {self.name!r} needs min or vs")
+        if self.max_params_vs is not None and self.vs is None:
+            raise ConfigError(f"targets: {self.name!r}: max_params_vs needs vs")
+        if not self.systems:
+            raise ConfigError(f"targets: {self.name!r}: systems is empty")
+
+
+@dataclass
 class BenchConfig:
     """One benchmark grid: systems x seeds on the same data, backbone and training budget."""
 
@@ -80,7 +133,10 @@ class BenchConfig:
     data: list[str] = field(default_factory=list)
     data_fallback: list[str] = field(default_factory=list)  # used when no `data` path exists
     eval_data: list[str] = field(default_factory=list)  # default: the test* files of the `data` folders
-    domains: list[str] | None = None  # keep only these domains (None: every domain in the data)
+    domains: list[str] | None = None  # keep only these domains (None: every domain in the data, or the groups')
+    # domain groups: a table each in the report; a domain_given group is scored with each pair's domain given
+    groups: list[DomainGroup] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)  # checked in the report's Targets table
     synthetic_data: bool = False  # generate a tiny toy dataset with aspect scores (the smoke preset)
     max_train_pairs_per_domain: int | None = None
     max_eval_pairs_per_domain: int | None = None
@@ -125,6 +181,38 @@ class BenchConfig:
                 raise ConfigError(f"model.{key}: set the top-level '{key}' instead")
         if "seed" in self.train:
             raise ConfigError("train.seed: the bench sets each run's seed from 'seeds'")
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"groups: duplicate names in {names}")
+        seen: dict[str, str] = {}
+        for g in self.groups:
+            for d in g.domains:
+                if d in seen:
+                    raise ConfigError(f"groups.{g.name}: domain {d!r} is already in group {seen[d]!r}")
+                seen[d] = g.name
+        if self.groups and self.domains is None:
+            self.domains = list(seen)  # the groups' domains, in their order
+        elif self.domains is not None:
+            extra = [d for d in seen if d not in self.domains]
+            if extra:
+                raise ConfigError(f"groups: domain {extra[0]!r} is not in domains")
+        for t in self.targets:
+            for g in t.groups:
+                if g not in names:
+                    raise ConfigError(f"targets: {t.name!r}: unknown group {g!r} (groups: {', '.join(names) or 'none'})")
+            given = {self.group(g).domain_given for g in t.groups}
+            if len(given) > 1:
+                raise ConfigError(f"targets: {t.name!r}: its groups mix domain_given and routed scoring")
+
+    def group(self, name: str) -> DomainGroup:
+        return next(g for g in self.groups if g.name == name)
+
+    def given_domains(self) -> list[str]:
+        """Domains whose held-out pairs are scored with the pair's domain given (the domain_given groups')."""
+        return [d for g in self.groups if g.domain_given for d in g.domains]
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -216,6 +304,8 @@ def validate(cfg: BenchConfig) -> None:
         unknown = set(section) - set(PER_SYSTEM_SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config key '{where}.{sorted(unknown)[0]}' (known: {', '.join(PER_SYSTEM_SECTIONS)})")
+        if section.get("domains") is not None:
+            system_domains(cfg, name)  # every entry names a group or a domain
         for key, cls in (("model", ModelConfig), ("train", TrainConfig)):
             sub = section.get(key) or {}
             if not isinstance(sub, dict):
@@ -225,6 +315,13 @@ def validate(cfg: BenchConfig) -> None:
             if key == "train" and "seed" in sub:
                 raise ConfigError(f"{where}.train.seed: the bench sets each run's seed from 'seeds'")
             from_dict(cls, dict(sub), f"{where}.{key}")
+    for t in cfg.targets:  # a known system this grid does not run reads n/a in the report; a typo is an error
+        for s in [*t.systems, *([t.vs] if t.vs else [])]:
+            if s not in (ALL_SYSTEMS, BEST_ROUTED):
+                try:
+                    get_system_class(s)
+                except ValueError as e:
+                    raise ConfigError(f"targets: {t.name!r}: {e}") from None
     for name in cfg.systems:
         options = system_options(cfg, name)
         cls = get_system_class(name)
@@ -243,6 +340,28 @@ def system_options(cfg: BenchConfig, system: str) -> dict[str, Any]:
     return dict((cfg.per_system.get(system) or {}).get("options") or {})
 
 
+def system_domains(cfg: BenchConfig, system: str) -> list[str] | None:
+    """`per_system.<system>.domains` (domain or group names) as domains; None: every domain of the bench."""
+    given = (cfg.per_system.get(system) or {}).get("domains")
+    if given is None:
+        return None
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, list) or not given:
+        raise ConfigError(f"per_system.{system}.domains: expected a list of domain or group names")
+    groups = {g.name: g for g in cfg.groups}
+    out: list[str] = []
+    for i, entry in enumerate(given):
+        if entry in groups:
+            out += [d for d in groups[entry].domains if d not in out]
+        elif cfg.domains is None or entry in cfg.domains:
+            out += [entry] if entry not in out else []
+        else:
+            raise ConfigError(f"per_system.{system}.domains[{i}]: {entry!r} is neither a group "
+                              f"({', '.join(groups) or 'none'}) nor one of the bench's domains")
+    return out
+
+
 def run_config(cfg: BenchConfig, system: str, seed: int, backbone: str, train: list[str],
                feature_cache: str | None = None, extra_options: dict[str, Any] | None = None) -> RunConfig:
     """The RunConfig of one cell: shared settings, then the system's own, then seed and data."""
@@ -255,7 +374,7 @@ def run_config(cfg: BenchConfig, system: str, seed: int, backbone: str, train: l
     if feature_cache is not None and "feature_cache" not in data["model"]:
         data["model"]["feature_cache"] = feature_cache
     own = copy.deepcopy(cfg.per_system.get(system) or {})
-    _deep_update(data, {k: v for k, v in own.items() if v is not None})
+    _deep_update(data, {k: v for k, v in own.items() if v is not None and k in RUN_SECTIONS})
     data["options"].update(extra_options or {})
     data["train"]["seed"] = seed
     data["data"] = {"train": list(train), "eval": [], "eval_during_training": False, "on_invalid": "error"}

@@ -14,7 +14,7 @@ from typing import Any
 from moerm.bench.bon import best_of_n_markdown, write_best_of_n_plot
 from moerm.bench.data import Prepared
 from moerm.bench.measure import environment
-from moerm.bench.presets import BenchConfig
+from moerm.bench.presets import ALL_SYSTEMS, BEST_ROUTED, BenchConfig, Target
 from moerm.eval.metrics import aggregate_subsets
 from moerm.eval.report import matrix_table
 from moerm.train.checkpoint import atomic_write_text
@@ -40,27 +40,38 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
     by_system: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells.values():
         by_system[cell["system"]].append(cell)
-    domains = sorted(prepared.info.get("eval_pairs", {}))
+    given = set(cfg.given_domains())
+    all_domains = sorted(prepared.info.get("eval_pairs", {}))
+    domains = [d for d in all_domains if d not in given]  # scored as deployed (own router)
     res: dict[str, Any] = {
         "name": cfg.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "bench": cfg.to_dict(),
         "environment": environment(cfg.resolved_device()), "data": prepared.info, "plans": prepared.plans,
-        "domains": domains, "systems": {}, "accuracy": {}, "accuracy_oracle_routing": {}, "accuracy_on_plan_domains": {},
+        "domains": domains, "domains_given": [d for d in all_domains if d in given], "systems": {}, "accuracy": {},
+        "accuracy_oracle_routing": {}, "accuracy_domain_given": {}, "accuracy_on_plan_domains": {},
         "sizes": {}, "training": {}, "inference": inference, "routing": {}, "expert_utilisation": {}, "per_route": {},
         "capability_accuracy": {}, "accuracy_per_subset": {}, "failed": failed, "skipped": skipped,
-        "cells": {name: c["run_dir"] for name, c in cells.items()},
+        "cells": {name: c["run_dir"] for name, c in cells.items()}, "learning": {}, "groups": {}, "targets": [],
+        "cells_wall_seconds": sum((c.get("wall_seconds") or {}).get("total", 0.0) for c in cells.values()),
     }
     for s in cfg.systems:
         got = sorted(by_system.get(s, []), key=lambda c: c["seed"])
         status = "skipped" if s in skipped else "done" if len(got) == len(cfg.seeds) else "partial" if got else "failed"
         res["systems"][s] = {"status": status, "seeds": [c["seed"] for c in got],
+                             **({"routed": got[0].get("routed", "router_accuracy" in (got[0].get("eval") or {}))}
+                                if got else {}),
                              **({"reason": skipped[s]} if s in skipped else {})}
         if not got:
+            continue
+        if all("eval_domain_given" in c for c in got):
+            res["accuracy_domain_given"][s] = _accuracy(got, "eval_domain_given")
+        res["training"][s] = _training(got)
+        res["sizes"][s] = _size(got[0])
+        res["learning"][s] = _learning(got)
+        if not all("eval" in c for c in got):  # only domain-given pairs (its domains all in domain_given groups)
             continue
         res["accuracy"][s] = _accuracy(got)
         if all("eval_oracle_routing" in c for c in got):
             res["accuracy_oracle_routing"][s] = _accuracy(got, "eval_oracle_routing")
-        res["training"][s] = _training(got)
-        res["sizes"][s] = _size(got[0])
         routing = _routing(got)
         if routing:
             res["routing"][s] = routing
@@ -84,7 +95,212 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
     base = res["sizes"].get("baseline", {}).get("params_total")
     for size in res["sizes"].values():
         size["params_pct_of_baseline"] = 100.0 * size["params_total"] / base if base else None
+    for g in cfg.groups:
+        res["groups"][g.name] = _group(res, by_system, g.title, [d for d in g.domains if d in all_domains],
+                                       g.domain_given)
+    res["budget"] = _budget(cfg, prepared)
+    res["targets"] = [row for t in cfg.targets for row in check_target(cfg, res, t)]
     return res
+
+
+# ------------------------------------------------------------------------------------------------ groups, targets
+
+def _seed_macro(acc: dict[str, Any], domains: list[str]) -> dict[str, float] | None:
+    """Mean over seeds of each seed's mean over `domains` (all of which the system must cover)."""
+    if not domains or not all(d in acc["per_domain"] for d in domains):
+        return None
+    return mean_std([sum(v["per_domain"][d] for d in domains) / len(domains) for v in acc["seeds"].values()])
+
+
+def _covered(acc: dict[str, Any] | None, domains: list[str]) -> list[str]:
+    return [d for d in domains if acc and d in acc["per_domain"]]
+
+
+def _router_accuracy(cells: list[dict[str, Any]], domains: list[str]) -> dict[str, float] | None:
+    """Router accuracy on the held-out chosen replies of `domains` (routed = true domain), mean over seeds.
+
+    A system whose routes group domains (DMoERM's tasks) counts its route accuracy when all its domains are here.
+    """
+    vals = []
+    for c in cells:
+        e = c.get("eval") or {}
+        conf = e.get("router_confusion") or {}
+        rows = [d for d in domains if d in conf]
+        if rows:
+            vals.append(sum(conf[d].get(d, 0) for d in rows) / max(1, sum(sum(conf[d].values()) for d in rows)))
+        elif "router_accuracy" in e and set(e.get("per_domain", {})) <= set(domains):
+            vals.append(e["router_accuracy"])
+    return mean_std(vals) if len(vals) == len(cells) and vals else None
+
+
+def _group(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], title: str, domains: list[str],
+           given: bool) -> dict[str, Any]:
+    """One domain group's table: per system its accuracy per domain and the macro over the domains it covers."""
+    table = res["accuracy_domain_given" if given else "accuracy"]
+    out: dict[str, Any] = {"title": title, "domain_given": given, "domains": domains, "systems": {},
+                           "oracle_routing": {}, "router_accuracy": {}}
+    for s, acc in table.items():
+        cov = _covered(acc, domains)
+        if not cov:
+            continue
+        out["systems"][s] = {"per_domain": {d: acc["per_domain"][d] for d in cov}, "average": _seed_macro(acc, cov),
+                             "domains": cov}
+        oracle = res["accuracy_oracle_routing"].get(s)
+        if not given and oracle and _covered(oracle, cov) == cov:
+            out["oracle_routing"][s] = {"per_domain": {d: oracle["per_domain"][d] for d in cov},
+                                        "average": _seed_macro(oracle, cov), "domains": cov}
+        router = None if given else _router_accuracy(sorted(by_system[s], key=lambda c: c["seed"]), cov)
+        if router is not None:
+            out["router_accuracy"][s] = router
+    return out
+
+
+def _learning(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Training accuracy in the first and the last epoch, averaged over components and seeds (the budget signal)."""
+    rows = [v for c in cells for v in (c.get("learning") or {}).values() if v.get("epochs", 0) >= 1]
+    if not rows:
+        return None
+    first = sum(r["first_epoch_accuracy"] for r in rows) / len(rows)
+    last = sum(r["last_epoch_accuracy"] for r in rows) / len(rows)
+    return {"first_epoch_accuracy": first, "last_epoch_accuracy": last, "gain": last - first,
+            "epochs": max(r["epochs"] for r in rows), "components": len(rows) // max(1, len(cells))}
+
+
+def _budget(cfg: BenchConfig, prepared: Prepared) -> dict[str, Any]:
+    """What each system trained on: pairs per domain (its plan's or the shared sample) and epochs."""
+    shared = dict(prepared.info.get("train_pairs", {}))
+    out: dict[str, Any] = {"train_pairs_per_domain": shared, "epochs": cfg.train.get("epochs"), "systems": {}}
+    for s in cfg.systems:
+        own = (cfg.per_system.get(s) or {}).get("train") or {}
+        plan = prepared.plans.get(s) or {}
+        doms = plan.get("domains") if plan.get("status") == "ok" else None
+        pairs = {d: n for d, n in shared.items() if doms is None or d in doms}
+        out["systems"][s] = {"epochs": own.get("epochs", cfg.train.get("epochs", 1)), "train_pairs": sum(pairs.values()),
+                             "min_pairs_per_domain": min(pairs.values()) if pairs else 0}
+    return out
+
+
+def _target_domains(cfg: BenchConfig, res: dict[str, Any], t: Target) -> tuple[list[str], bool, str]:
+    """The domains a target is measured on, whether they are scored domain-given, and how the report names them."""
+    names = t.groups or [g.name for g in cfg.groups if not g.domain_given]
+    if not names:
+        return list(res["domains"]), False, "all domains"
+    groups = [cfg.group(n) for n in names]
+    have = set(res["domains"]) | set(res["domains_given"])
+    return ([d for g in groups for d in g.domains if d in have], groups[0].domain_given,
+            " + ".join(g.title for g in groups))
+
+
+def check_target(cfg: BenchConfig, res: dict[str, Any], t: Target) -> list[dict[str, Any]]:
+    """The rows of one target: one per system it names ("all": every system with results), each met or missed.
+
+    Figures are means over seeds; a value and its reference are macros over exactly the same domains (those of the
+    target's groups that the system covers). Nothing here is a number from elsewhere: all comes from `res`.
+    """
+    domains, given, where = _target_domains(cfg, res, t)
+    table = res["accuracy_domain_given" if given else "accuracy"]
+    routed = {s for s, v in res["systems"].items() if v.get("routed")}
+    if t.systems == [ALL_SYSTEMS]:
+        names = list(table)
+    elif t.systems == [BEST_ROUTED]:
+        names = [s for s in table if s in routed]
+    else:
+        names = list(t.systems)
+    rows = []
+    for s in names:
+        cov = _covered(table.get(s), domains)
+        row: dict[str, Any] = {"target": t.name, "system": s, "where": where, "domain_given": given, "domains": cov,
+                               "min": t.min, "vs": t.vs, "margin": t.margin, "max_params_vs": t.max_params_vs}
+        if not cov:
+            rows.append({**row, "met": None, "why": f"no results for {s} on {where}"})
+            continue
+        value = _seed_macro(table[s], cov)
+        row["value"] = value
+        need = [] if t.min is None else [t.min]
+        if t.vs is not None:
+            ref = _seed_macro(table[t.vs], cov) if t.vs in table else None
+            row["ref"] = ref
+            if ref is None:
+                rows.append({**row, "met": None, "why": f"no results for {t.vs} on {', '.join(cov)}"})
+                continue
+            need.append(ref["mean"] + t.margin)
+        row["needed"] = max(need)
+        met = value["mean"] >= row["needed"]
+        if t.max_params_vs is not None:
+            p, q = (res["sizes"].get(x, {}).get("params_total") for x in (s, t.vs))
+            row["params_ratio"] = p / q if p and q else None
+            met = met and row["params_ratio"] is not None and row["params_ratio"] < t.max_params_vs
+        row["met"] = met
+        row["ablation"] = _ablation(res, s, cov, given, row["needed"])
+        if t.vs is not None and t.vs in table:
+            row["ablation_vs"] = _ablation(res, t.vs, cov, given, None)
+        rows.append(row)
+    if t.systems == [BEST_ROUTED]:
+        scored = [r for r in rows if r.get("value")]
+        if not scored:
+            return [{"target": t.name, "system": BEST_ROUTED, "where": where, "domain_given": given, "met": None,
+                     "why": "no routed system has results there"}]
+        best = max(scored, key=lambda r: r["value"]["mean"] - (r["ref"]["mean"] if r.get("ref") else 0.0))
+        best["candidates"] = {r["system"]: r["value"]["mean"] for r in scored}
+        return [best]
+    return rows
+
+
+def _ablation(res: dict[str, Any], s: str, domains: list[str], given: bool, needed: float | None) -> dict[str, Any]:
+    """Router vs domain RMs vs budget for system `s` on `domains`, and the part that falls short (when `needed`).
+
+    oracle: its macro with each pair's true domain given (the domain RMs without router errors); router_accuracy:
+    its router on those domains; learning: its training accuracy in the first and the last epoch; budget: pairs and
+    epochs it trained on.
+    """
+    out: dict[str, Any] = {}
+    oracle_table = res["accuracy_domain_given"] if given else res["accuracy_oracle_routing"]
+    if s in oracle_table:
+        out["oracle"] = _seed_macro(oracle_table[s], domains)
+    if not given:
+        router = [g["router_accuracy"][s] for g in res["groups"].values() if s in g["router_accuracy"]
+                  and set(g["systems"][s]["domains"]) & set(domains)]
+        if len(router) == 1:
+            out["router_accuracy"] = router[0]
+        elif router:
+            out["router_accuracy"] = mean_std([r["mean"] for r in router])
+        elif "router_accuracy" in res["routing"].get(s, {}):
+            out["router_accuracy"] = res["routing"][s]["router_accuracy"]
+    if res["learning"].get(s):
+        out["learning"] = res["learning"][s]
+    out["budget"] = res.get("budget", {}).get("systems", {}).get(s)
+    if needed is not None:
+        value = _seed_macro(res["accuracy_domain_given" if given else "accuracy"][s], domains)
+        out["falls_short_in"] = _diagnosis(value, out, needed, given)
+    return out
+
+
+STILL_LEARNING = 0.02  # training accuracy gained from the first to the last epoch: more budget would still help
+UNDERFIT = 0.65  # training accuracy in the last epoch below this: the budget stopped it before it fit the data
+
+
+def _diagnosis(value: dict[str, float] | None, abl: dict[str, Any], needed: float, given: bool) -> str:
+    """Which part falls short, by the rules the report's Targets section states, over the ablation figures."""
+    oracle = abl.get("oracle")
+    if not given and oracle is not None and value is not None and oracle["mean"] >= needed:
+        return (f"router: with each pair's true domain it reaches {100 * oracle['mean']:.1f}% (needed "
+                f"{100 * needed:.1f}%); routing costs {100 * (oracle['mean'] - value['mean']):.1f} points")
+    parts = []
+    lr = abl.get("learning")
+    if lr and (lr["gain"] >= STILL_LEARNING or lr["last_epoch_accuracy"] < UNDERFIT):
+        parts.append(f"budget: training accuracy {100 * lr['first_epoch_accuracy']:.1f}% in epoch 1, "
+                     f"{100 * lr['last_epoch_accuracy']:.1f}% in epoch {lr['epochs']} (still "
+                     f"{'rising' if lr['gain'] >= STILL_LEARNING else 'low'})")
+    elif oracle is not None:
+        parts.append(f"domain RMs: {100 * oracle['mean']:.1f}% even with the true domain, and training accuracy no "
+                     "longer rising (more epochs of this budget would not close it)")
+    elif lr:
+        parts.append("the model: training accuracy no longer rising (more epochs of this budget would not close it)")
+    else:
+        parts.append("no ablation figures (no training curve recorded)")
+    if not given and oracle is not None and value is not None and oracle["mean"] - value["mean"] > 0.005:
+        parts.append(f"the router costs {100 * (oracle['mean'] - value['mean']):.1f} points besides")
+    return "; ".join(parts)
 
 
 def _accuracy(cells: list[dict[str, Any]], key: str = "eval") -> dict[str, Any]:
@@ -214,7 +430,117 @@ def _accuracy_rows(table: dict[str, Any], domains: list[str]) -> tuple[list[str]
     return lines, partial
 
 
+def _group_rows(table: dict[str, Any], domains: list[str]) -> list[str]:
+    lines = ["| system | " + " | ".join(domains) + " | **average** |", "|---|" + "---:|" * (len(domains) + 1)]
+    for s, v in table.items():
+        avg = _pct(v["average"]) + (" ¹" if v["domains"] != domains else "")
+        lines.append(f"| {s} | " + " | ".join(_pct(v["per_domain"].get(d)) for d in domains) + f" | **{avg}** |")
+    return lines
+
+
+def groups_markdown(res: dict[str, Any]) -> str:
+    """A table per domain group: accuracy per domain and the macro over the group (routed, or domain given)."""
+    seeds = sorted({len(v["seeds"]) for t in (res["accuracy"], res["accuracy_domain_given"]) for v in t.values()})
+    out = [f"Pairwise accuracy (%) on the held-out pairs, mean ± sample std over {' / '.join(map(str, seeds))} seed(s); "
+           "**average** = mean over the group's domains (macro) per seed, then over seeds; ¹ over the domains the "
+           "system covers only."]
+    for name, g in res["groups"].items():
+        how = ("each pair's domain passed to `score` (`domain` in `score`, the server and the TRL function), as an "
+               "RLHF trainer that knows each prompt's source passes it; systems that do not route ignore it"
+               if g["domain_given"] else "routed systems route with their own router (no domain given)")
+        out += ["", f"### {g['title']}", "", f"Domains: {', '.join(g['domains'])}; {how}.", ""]
+        if not g["systems"]:
+            out += ["No system has results on these domains."]
+            continue
+        out += _group_rows(g["systems"], g["domains"])
+        if g["router_accuracy"]:
+            out += ["", "Router accuracy on these domains (routed domain = true domain): " + "; ".join(
+                f"{s} {_pct(v)}%" for s, v in g["router_accuracy"].items()) + "."]
+        if g["oracle_routing"]:
+            out += ["", "The same domains with oracle routing (each pair's true domain given to the routed systems: "
+                    "the domain RMs without router errors):", "", *_group_rows(g["oracle_routing"], g["domains"])]
+    return "\n".join(out)
+
+
+def _pp(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def targets_markdown(res: dict[str, Any]) -> str:
+    """The targets table (each row met or missed, from the results) and, for missed rows, the ablation."""
+    rows = res.get("targets") or []
+    if not rows:
+        return ""
+    lines = ["Each target is checked on the results above (means over seeds; a value and its reference are macros "
+             "over exactly the same domains, those of the target's groups the system covers).", "",
+             "| target | system | measured on | value (%) | needed (%) | result |", "|---|---|---|---:|---:|---|"]
+    for r in rows:
+        res_txt = "**met**" if r["met"] else "n/a: " + r.get("why", "") if r["met"] is None else "**missed**"
+        need = _pp(r.get("needed"))
+        if r.get("vs") is not None and r.get("ref"):
+            sign = "+" if r["margin"] >= 0 else "−"
+            need += f" ({r['vs']} {_pp(r['ref']['mean'])} {sign} {abs(100 * r['margin']):.0f})"
+        elif r.get("min") is not None and r.get("needed") is not None:
+            need += " (floor)"
+        if r.get("max_params_vs") is not None:
+            ratio = r.get("params_ratio")
+            need += (f"; parameters {100 * ratio:.1f}% of {r['vs']} (< {100 * r['max_params_vs']:.0f}%)"
+                     if ratio is not None else "; parameters –")
+        where = r["where"] + (" (domain given)" if r["domain_given"] else "")
+        if r.get("candidates"):
+            where += "; best of " + ", ".join(f"{k} {_pp(v)}" for k, v in r["candidates"].items())
+        lines.append(f"| {r['target']} | {r['system']} | {where} | {_pct(r.get('value'))} | {need} | {res_txt} |")
+    missed = [r for r in rows if r["met"] is False]
+    if not missed:
+        return "\n".join(lines + ["", "Every target with results is met."])
+    lines += ["", "#### Where a target is missed: router vs domain RMs vs budget", "",
+              "For each missed row: the system's value with its own router, the same domains with each pair's true "
+              "domain given (the domain RMs without router errors), its router's accuracy there, its training "
+              "accuracy in the first and last epoch (every trained component, mean over seeds) and its budget. "
+              "Rules: if the true domain lifts it to the needed value, the router falls short; else if its training "
+              f"accuracy still rose by {100 * STILL_LEARNING:.0f}+ points into the last epoch or stayed below "
+              f"{100 * UNDERFIT:.0f}%, the budget; else the domain RMs (the model at this size and data).", "",
+              "| target | system | own router (%) | domain given (%) | router accuracy (%) | training accuracy, "
+              "first -> last epoch (%) | budget | falls short in |", "|---|---|---:|---:|---:|---:|---|---|"]
+    for r in missed:
+        for s, abl, value in ((r["system"], r.get("ablation") or {}, r.get("value")),
+                              *(((r["vs"], r["ablation_vs"], r.get("ref")),) if r.get("ablation_vs") else ())):
+            lr = abl.get("learning")
+            b = abl.get("budget") or {}
+            budget = (f"{b['train_pairs']:,} pairs (≥ {b['min_pairs_per_domain']} per domain) x {b['epochs']:g} "
+                      "epochs" if b else "–")
+            own = "–" if r["domain_given"] else _pct(value)
+            lines.append(f"| {r['target']} | {s}{' (reference)' if s != r['system'] else ''} | {own} | "
+                         f"{_pct(abl.get('oracle'))} | {_pct(abl.get('router_accuracy'))} | "
+                         f"{_pp(lr['first_epoch_accuracy']) + ' -> ' + _pp(lr['last_epoch_accuracy']) if lr else '–'} | "
+                         f"{budget} | {abl.get('falls_short_in', '')} |")
+    return "\n".join(lines)
+
+
+def wall_markdown(res: dict[str, Any]) -> str:
+    wall = res.get("wall")
+    if not wall:
+        return ""
+    runs = wall.get("runs", [])
+    text = f"Wall time of the bench: **{wall['seconds'] / 60:.1f} min**"
+    if len(runs) > 1:
+        text += (f" over {len(runs)} runs of `moerm bench` into this folder (this run {wall['this_run_seconds'] / 60:.1f}"
+                 " min; a rerun that resumed adds its own time)")
+    else:
+        text += f" (one run, started {runs[0]['started']})" if runs else ""
+    cells = res.get("cells_wall_seconds")
+    return text + (f"; training and evaluating the cells {cells / 60:.1f} min of it (summed over cells, whichever run "
+                   "did them)" if cells else "") + "."
+
+
 def accuracy_markdown(res: dict[str, Any]) -> str:
+    if res.get("groups"):
+        out = [groups_markdown(res)]
+        for planned, sub in (res.get("accuracy_on_plan_domains") or {}).items():
+            out += ["", f"Average over {planned}'s domains only ({', '.join(sub['domains'])}: its bench plan), every "
+                    "system:", "", "| system | average |", "|---|---:|"]
+            out += [f"| {s} | {_pct(v)} |" for s, v in sub["systems"].items()]
+        return "\n".join(out)
     domains = res["domains"]
     n_seeds = {s: len(v["seeds"]) for s, v in res["accuracy"].items()}
     lines, partial = _accuracy_rows(res["accuracy"], domains)
@@ -394,6 +720,8 @@ def report_markdown(res: dict[str, Any]) -> str:
     ]
     if res.get("command"):
         out += ["", f"Command: `{res['command']}`"]
+    if res.get("wall"):
+        out += ["", wall_markdown(res)]
     out += ["", "## Systems", "", *status]
     if res["failed"]:
         out += ["", "Failed cells (rerun the same command to retry them; the error is in the cell's error.txt):", ""]
@@ -405,6 +733,8 @@ def report_markdown(res: dict[str, Any]) -> str:
         out += ["", f"Training data: {', '.join(data['source']['train'])}; held-out: "
                 f"{', '.join(data['source'].get('eval') or [])}."]
     out += ["", "### Data plans", "", plans_markdown(res)]
+    if res.get("targets"):
+        out += ["", "## Targets", "", targets_markdown(res)]
     out += ["", "## Accuracy per domain", "", accuracy_markdown(res),
             "", "## Accuracy per subset", "", subsets_markdown(res),
             "", "## Size and training cost", "", size_markdown(res),

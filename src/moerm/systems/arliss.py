@@ -8,7 +8,7 @@ head. Two inference modes:
 - `batched`: one router pass over the batch, then one reward pass in which each row goes through its own domain's
   adapter (`modules.adapters.encode_through`: a peft mixed-adapter batch, or one pass per adapter where the
   architecture cannot mix them, e.g. DeBERTa-v3). Fallback rows are duplicated once per domain in the same pass and
-  mixed with the router's probabilities (`combine_rewards`).
+  mixed with the router's probabilities (`combine_rewards`); so are soft/gated mixes (`options.routing`).
 
 The router is always a LoRA adapter on the shared base (`options.router_tuning` must be lora).
 """
@@ -73,6 +73,9 @@ class ARLISSOptions(RouterOptions):
             raise UserError(f"options.inference must be batched or switch; got {self.inference!r}")
         if self.fallback != "mixture":
             raise UserError("arliss supports options.fallback=mixture only (a general fallback RM is a rodos option)")
+        if self.ood != "none":
+            raise UserError("options.ood is a rodos/dmoerm option for now: arliss's router adapter keeps no training "
+                            "prompt features to compare with")
 
 
 def adapter_name(domain: str) -> str:
@@ -278,9 +281,9 @@ class ARLISSSystem(RewardSystem):
     def _score_batched(self, prompts: Sequence[str], responses: Sequence[str], hints: Sequence[str | None] | None,
                        batch_size: int) -> tuple[torch.Tensor, list[Route]]:
         model = self._require()
-        routes = decide_routes(self._router_probs(prompts, batch_size), self.domains, hints, self.opts.min_confidence)
-        # One job per (input, domain) needed: routed inputs once, fallback inputs once per domain.
-        jobs = [(i, d) for i, r in enumerate(routes) for d in ([r.domain] if r.domain is not None else self.domains)]
+        routes = decide_routes(self._router_probs(prompts, batch_size), self.domains, hints, self.opts)
+        # One job per (input, domain RM) its route weighs: top-1 inputs once, mixed inputs once per mixed domain.
+        jobs = [(i, d) for i, r in enumerate(routes) for d in r.weights]
         encoded = [self.encoder.encode(p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]["input_ids"]))
         scores: dict[tuple[int, str], float] = {}
@@ -305,8 +308,7 @@ class ARLISSSystem(RewardSystem):
         for i, (p, resp) in enumerate(zip(prompts, responses)):
             model.peft.set_adapter(ROUTER)
             probs = torch.softmax(model.router_head(self._forward([self.router_encoder.encode_single(p)], None)).float(), -1)
-            (route,) = decide_routes(probs.cpu(), self.domains, [hints[i]] if hints is not None else None,
-                                     self.opts.min_confidence)
+            (route,) = decide_routes(probs.cpu(), self.domains, [hints[i]] if hints is not None else None, self.opts)
             enc = self.encoder.encode(p, resp)
 
             def one(d: str, rows: list[int], enc: dict[str, list[int]] = enc) -> torch.Tensor:

@@ -51,7 +51,7 @@ from moerm.systems.base import BenchPlan, FitContext, FitResult, RewardSystem, S
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit, fit_component
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, ROUTER_PROMPTS, Router, RouterOptions, combine_rewards, decide_routes, load_router_examples, router_examples,
+    ROUTER_DEFAULTS, ROUTER_PROMPTS, Router, RouterOptions, combine_rewards, load_router_examples, router_examples,
     save_router_examples,
 )
 from moerm.systems.tasks import TaskSpec, load_tasks_file, parse_tasks, task_of_domain, tasks_to_dict
@@ -427,8 +427,7 @@ class DMoERMSystem(RewardSystem):
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         mode = self.check_mode(mode)
-        probs = self.router.probs(prompts, batch_size)  # (N, T)
-        routes = decide_routes(probs, self.task_names, self._route_hints(domains), self.opts.min_confidence)
+        routes = self.router.routes(prompts, self._route_hints(domains), batch_size)  # over tasks
         subs: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
 
         def per_task(task: str, rows: list[int]) -> torch.Tensor:

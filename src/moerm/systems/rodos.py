@@ -23,7 +23,7 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, Router, RouterOptions, domain_dir, remove_router_files, require_routes, router_files, combine_rewards, decide_routes, load_router_examples, new_domain_of, router_examples,
+    ROUTER_DEFAULTS, Router, RouterOptions, domain_dir, remove_router_files, require_routes, router_files, combine_rewards, load_router_examples, new_domain_of, router_examples,
     save_router_examples,
 )
 from moerm.train.checkpoint import atomic_write_text
@@ -141,8 +141,7 @@ class RODOSSystem(RewardSystem):
         self.check_mode(mode)
         if self.router is None:
             raise RuntimeError("RODOS has no router yet: fit or load it first")
-        probs = self.router.probs(prompts, batch_size)  # (N, D)
-        routes = decide_routes(probs, self.router.domains, domains, self.opts.min_confidence)
+        routes = self.router.routes(prompts, domains, batch_size)
 
         def per_domain(domain: str, rows: list[int]) -> torch.Tensor:
             rm = self.rms[domain]
@@ -158,9 +157,9 @@ class RODOSSystem(RewardSystem):
                                             batch_size=batch_size).rewards)
 
         rewards = combine_rewards(routes, per_domain, len(prompts), general)
-        fallback_to = "general" if self.general is not None else "mixture"
         return ScoreOutput(rewards.tolist(), [{"system": self.name, **r.details(),
-                                               **({"fallback_to": fallback_to} if r.domain is None else {})}
+                                               **({"fallback_to": "general" if r.general else "mixture"}
+                                                  if r.source == "fallback" else {})}
                                               for r in routes])
 
     # -- persistence
