@@ -26,7 +26,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="examples/data")
     ap.add_argument("--backbone", default="minilm")
-    ap.add_argument("--systems", default="baseline,baselora,more,rodos,arliss")
+    ap.add_argument("--systems", default="baseline,baselora,more,rodos,arliss,rodos:top,arliss:top",
+                    help="comma-separated NAME[:TUNING] (e.g. rodos:top: each domain RM's top blocks on a shared trunk)")
+    ap.add_argument("--trainable-layers", type=int, default=2, help="top tuning: blocks that train")
     args = ap.parse_args()
     train, _ = load_pairs([args.data], split="train")
     train = cap_per_domain(train, 8, seed=0)
@@ -34,16 +36,22 @@ def main() -> None:
               "train.save_every=0"]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.systems.split(","):
+        for spec in args.systems.split(","):
+            name, _, tuning = spec.partition(":")
             extra = ["components.router.train.epochs=0.01"] if name in ("rodos", "arliss") else []
+            if tuning:
+                extra += [f"model.tuning={tuning}", f"model.trainable_layers={args.trainable_layers}",
+                          f"model.trunk_cache={Path(tmp) / 'trunk'}"]
             system = build_system(load_config(None, [f"system={name}", *common, *extra]))
-            system.fit(train, None, FitContext(Path(tmp) / name, progress=False))
-            saved = system.save(Path(tmp) / name / "model")
-            rows[name] = system.describe(saved)["total"]
+            folder = Path(tmp) / spec.replace(":", "-")
+            system.fit(train, None, FitContext(folder, progress=False))
+            saved = system.save(folder / "model")
+            rows[spec] = system.describe(saved)["total"]
             del system
     base = rows.get("baseline", {}).get("params_total")
     print("command: python benchmarks/system_sizes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    print(f"{len({p.domain for p in train})} domains, backbone {args.backbone}\n")
+    print(f"{len({p.domain for p in train})} domains, backbone {args.backbone}; NAME:top = model.tuning=top with "
+          f"model.trainable_layers={args.trainable_layers}\n")
     print("| system | parameters | % of Baseline | trainable | bytes on disk |")
     print("|---|---:|---:|---:|---:|")
     for name, t in rows.items():

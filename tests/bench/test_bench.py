@@ -179,7 +179,7 @@ def test_config_errors_name_the_key(tmp_path):
     for override, key in cases.items():
         with pytest.raises(ConfigError, match=key):
             load_bench_config("smoke", overrides=[override])
-    with pytest.raises(ConfigError, match="presets: smoke, cpu-small, paper"):
+    with pytest.raises(ConfigError, match="presets: smoke, cpu-small, cpu-medium, paper"):
         load_bench_config("nosuch")
     cfg = load_bench_config("smoke", overrides=["seeds=0,1", "systems=baseline,rodos"])
     assert cfg.seeds == [0, 1] and cfg.systems == ["baseline", "rodos"]

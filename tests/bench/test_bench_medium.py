@@ -56,7 +56,7 @@ def medium(tmp_path_factory):
     cfg = load_bench_config("cpu-medium", overrides=[
         "backbone=tiny-random-bert", "max_length=32", "seeds=[0]", "systems=[baseline, rodos, arliss, dmoerm]",
         GROUPS, "data=[data]", "data_fallback=[]", "max_train_pairs_per_domain=24", "max_eval_pairs_per_domain=10",
-        f"model.trunk_cache={root / 'trunk'}", "train.batch_size=8", "train.log_every=1", "threads=1",
+        "model.trunk_cache=trunk", "train.batch_size=8", "train.log_every=1", "threads=1",
         "per_system.dmoerm.options.min_capability_pairs=4", "inference.pairs=4", "inference.repeats=1",
         "inference.all_modes=false"])
     cwd = Path.cwd()

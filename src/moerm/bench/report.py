@@ -50,7 +50,7 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
         "accuracy_oracle_routing": {}, "accuracy_domain_given": {}, "accuracy_on_plan_domains": {},
         "sizes": {}, "training": {}, "inference": inference, "routing": {}, "expert_utilisation": {}, "per_route": {},
         "capability_accuracy": {}, "accuracy_per_subset": {}, "failed": failed, "skipped": skipped,
-        "cells": {name: c["run_dir"] for name, c in cells.items()}, "learning": {}, "groups": {}, "targets": [],
+        "cells": {name: c["run_dir"] for name, c in cells.items()}, "learning": {}, "router_hits": {}, "groups": {}, "targets": [],
         "cells_wall_seconds": sum((c.get("wall_seconds") or {}).get("total", 0.0) for c in cells.values()),
     }
     for s in cfg.systems:
@@ -75,6 +75,8 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
         routing = _routing(got)
         if routing:
             res["routing"][s] = routing
+        if all("router_confusion" in c["eval"] for c in got):
+            res["router_hits"][s] = {str(c["seed"]): _router_hits(c["eval"]) for c in got}
         if any("expert_utilisation" in c["eval"] for c in got):
             res["expert_utilisation"][s] = _utilisation(got)
         if any("per_task" in c["eval"] for c in got):  # routes that group domains (e.g. DMoERM's tasks)
@@ -116,21 +118,29 @@ def _covered(acc: dict[str, Any] | None, domains: list[str]) -> list[str]:
     return [d for d in domains if acc and d in acc["per_domain"]]
 
 
-def _router_accuracy(cells: list[dict[str, Any]], domains: list[str]) -> dict[str, float] | None:
-    """Router accuracy on the held-out chosen replies of `domains` (routed = true domain), mean over seeds.
+def _router_hits(e: dict[str, Any]) -> dict[str, Any]:
+    """One cell's router: (routed to its own domain, inputs) per true domain, and its overall accuracy."""
+    conf = e["router_confusion"]
+    return {"by_domain": {d: [row.get(d, 0), sum(row.values())] for d, row in conf.items()},
+            "overall": e.get("router_accuracy"), "domains": sorted(e.get("per_domain", {}))}
 
-    A system whose routes group domains (DMoERM's tasks) counts its route accuracy when all its domains are here.
+
+def router_accuracy(res: dict[str, Any], s: str, domains: list[str]) -> dict[str, float] | None:
+    """System `s`'s router accuracy on the held-out chosen replies of `domains` (pooled per seed), over seeds.
+
+    A system whose routes group domains (DMoERM's tasks: its confusion rows are routes) counts its overall route
+    accuracy when all of its domains are among `domains`.
     """
     vals = []
-    for c in cells:
-        e = c.get("eval") or {}
-        conf = e.get("router_confusion") or {}
-        rows = [d for d in domains if d in conf]
+    for h in (res.get("router_hits") or {}).get(s, {}).values():
+        rows = [h["by_domain"][d] for d in domains if d in h["by_domain"]]
         if rows:
-            vals.append(sum(conf[d].get(d, 0) for d in rows) / max(1, sum(sum(conf[d].values()) for d in rows)))
-        elif "router_accuracy" in e and set(e.get("per_domain", {})) <= set(domains):
-            vals.append(e["router_accuracy"])
-    return mean_std(vals) if len(vals) == len(cells) and vals else None
+            vals.append(sum(r[0] for r in rows) / max(1, sum(r[1] for r in rows)))
+        elif h.get("overall") is not None and h["domains"] and set(h["domains"]) <= set(domains):
+            vals.append(h["overall"])
+        else:
+            return None
+    return mean_std(vals) if vals else None
 
 
 def _group(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], title: str, domains: list[str],
@@ -149,7 +159,7 @@ def _group(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], titl
         if not given and oracle and _covered(oracle, cov) == cov:
             out["oracle_routing"][s] = {"per_domain": {d: oracle["per_domain"][d] for d in cov},
                                         "average": _seed_macro(oracle, cov), "domains": cov}
-        router = None if given else _router_accuracy(sorted(by_system[s], key=lambda c: c["seed"]), cov)
+        router = None if given else router_accuracy(res, s, cov)
         if router is not None:
             out["router_accuracy"][s] = router
     return out
@@ -157,13 +167,15 @@ def _group(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], titl
 
 def _learning(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Training accuracy in the first and the last epoch, averaged over components and seeds (the budget signal)."""
-    rows = [v for c in cells for v in (c.get("learning") or {}).values() if v.get("epochs", 0) >= 1]
+    rows = [v for c in cells for k, v in (c.get("learning") or {}).items()
+            if v.get("epochs", 0) >= 1 and "router" not in k]  # a router's own figure is its routing accuracy
     if not rows:
         return None
     first = sum(r["first_epoch_accuracy"] for r in rows) / len(rows)
     last = sum(r["last_epoch_accuracy"] for r in rows) / len(rows)
+    epochs = [r["epochs"] for r in rows]
     return {"first_epoch_accuracy": first, "last_epoch_accuracy": last, "gain": last - first,
-            "epochs": max(r["epochs"] for r in rows), "components": len(rows) // max(1, len(cells))}
+            "epochs": max(set(epochs), key=epochs.count), "components": len(rows) // max(1, len(cells))}
 
 
 def _budget(cfg: BenchConfig, prepared: Prepared) -> dict[str, Any]:
@@ -257,15 +269,8 @@ def _ablation(res: dict[str, Any], s: str, domains: list[str], given: bool, need
     oracle_table = res["accuracy_domain_given"] if given else res["accuracy_oracle_routing"]
     if s in oracle_table:
         out["oracle"] = _seed_macro(oracle_table[s], domains)
-    if not given:
-        router = [g["router_accuracy"][s] for g in res["groups"].values() if s in g["router_accuracy"]
-                  and set(g["systems"][s]["domains"]) & set(domains)]
-        if len(router) == 1:
-            out["router_accuracy"] = router[0]
-        elif router:
-            out["router_accuracy"] = mean_std([r["mean"] for r in router])
-        elif "router_accuracy" in res["routing"].get(s, {}):
-            out["router_accuracy"] = res["routing"][s]["router_accuracy"]
+    if not given and router_accuracy(res, s, domains) is not None:
+        out["router_accuracy"] = router_accuracy(res, s, domains)
     if res["learning"].get(s):
         out["learning"] = res["learning"][s]
     out["budget"] = res.get("budget", {}).get("systems", {}).get(s)
@@ -486,7 +491,7 @@ def targets_markdown(res: dict[str, Any]) -> str:
             ratio = r.get("params_ratio")
             need += (f"; parameters {100 * ratio:.1f}% of {r['vs']} (< {100 * r['max_params_vs']:.0f}%)"
                      if ratio is not None else "; parameters –")
-        where = r["where"] + (" (domain given)" if r["domain_given"] else "")
+        where = r["where"] + (" (domain given)" if r["domain_given"] and "domain given" not in r["where"] else "")
         if r.get("candidates"):
             where += "; best of " + ", ".join(f"{k} {_pp(v)}" for k, v in r["candidates"].items())
         lines.append(f"| {r['target']} | {r['system']} | {where} | {_pct(r.get('value'))} | {need} | {res_txt} |")
@@ -496,7 +501,7 @@ def targets_markdown(res: dict[str, Any]) -> str:
     lines += ["", "#### Where a target is missed: router vs domain RMs vs budget", "",
               "For each missed row: the system's value with its own router, the same domains with each pair's true "
               "domain given (the domain RMs without router errors), its router's accuracy there, its training "
-              "accuracy in the first and last epoch (every trained component, mean over seeds) and its budget. "
+              "accuracy in the first and last epoch (mean over its trained reward-model components and seeds; routers are the router column) and its budget. "
               "Rules: if the true domain lifts it to the needed value, the router falls short; else if its training "
               f"accuracy still rose by {100 * STILL_LEARNING:.0f}+ points into the last epoch or stayed below "
               f"{100 * UNDERFIT:.0f}%, the budget; else the domain RMs (the model at this size and data).", "",
@@ -536,7 +541,10 @@ def wall_markdown(res: dict[str, Any]) -> str:
 def accuracy_markdown(res: dict[str, Any]) -> str:
     if res.get("groups"):
         out = [groups_markdown(res)]
+        tables = [set(g["domains"]) for g in res["groups"].values()]
         for planned, sub in (res.get("accuracy_on_plan_domains") or {}).items():
+            if set(sub["domains"]) in tables:  # a group's table already compares every system there
+                continue
             out += ["", f"Average over {planned}'s domains only ({', '.join(sub['domains'])}: its bench plan), every "
                     "system:", "", "| system | average |", "|---|---:|"]
             out += [f"| {s} | {_pct(v)} |" for s, v in sub["systems"].items()]

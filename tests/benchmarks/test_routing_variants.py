@@ -1,0 +1,87 @@
+"""benchmarks/routing_variants.py on a tiny RODOS run: its rows are what `moerm eval` gives for the same router and
+routing options, and the OOD columns separate a left-out domain from the trained ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from conftest import toy_pairs
+from moerm.config import ModelConfig, RunConfig, TrainConfig
+from moerm.data.readers import write_jsonl
+from moerm.eval.metrics import evaluate_system
+from moerm.systems import build_system, load_system
+from moerm.systems.base import FitContext
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "routing_variants.py"
+PREFIX = {"alpha": "tell me about the topic", "beta": "please explain why"}
+FOREIGN = "quantum zebra orchestra volcano saxophone glacier pyramid lantern meadow comet harbor violin".split()
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("routing_variants", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def domain_pairs(domain, n, seed):
+    """alpha prefers the positive words, beta the negative ones: routing errors cost accuracy."""
+    flip = domain == "beta"
+    return [dataclasses.replace(p, prompt=f"{PREFIX[domain]} {p.prompt}", chosen=p.rejected if flip else p.chosen,
+                                rejected=p.chosen if flip else p.rejected) for p in toy_pairs(n, seed, domain)]
+
+
+def foreign_pairs(n, seed):
+    rng = random.Random(seed)
+    return [dataclasses.replace(p, prompt=" ".join(rng.choice(FOREIGN) for _ in range(rng.randint(4, 9))))
+            for p in toy_pairs(n, seed, "zeta")]
+
+
+def test_rows_match_moerm_eval_and_ood_separates_the_left_out_domain(tiny_bert, tmp_path):
+    torch.manual_seed(0)
+    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40,
+                                                      feature_cache=str(tmp_path / "cache")),
+                    train=TrainConfig(lr=5e-4, batch_size=8, epochs=3, save_every=0),
+                    components={"router": {"train": {"epochs": 3, "lr": 1e-2}}})
+    system = build_system(cfg)
+    system.fit(domain_pairs("alpha", 32, 1) + domain_pairs("beta", 32, 2), None,
+               FitContext(tmp_path / "run", progress=False))
+    system.save(tmp_path / "run" / "model")
+    data, left = tmp_path / "data", tmp_path / "left"
+    inside = domain_pairs("alpha", 16, 3) + domain_pairs("beta", 16, 4)
+    write_jsonl(inside[:16], data / "alpha" / "test.jsonl")
+    write_jsonl(inside[16:], data / "beta" / "test.jsonl")
+    write_jsonl(foreign_pairs(16, 5), left / "zeta" / "test.jsonl")
+    out = tmp_path / "variants.json"
+    mod = _load_script()
+    result = mod.main([str(tmp_path / "run"), "--data", str(data), "--left-out", str(left), "--lengths", "32,8",
+                       "--modes", "hard,soft,gated", "--min-confidence", "0.9", "--ood", "none,knn,entropy",
+                       "--baseline", str(tmp_path / "run" / "model" / "rms" / "alpha"), "--out", str(out)])
+    assert json.loads(out.read_text())["pairs"] == {"in_domain": 32, "left_out": 16}
+    assert len(result["rows"]) == 2 * 3 * 3
+
+    loaded = load_system(tmp_path / "run")
+    oracle = evaluate_system(loaded, inside, oracle_domains=True)
+    assert abs(result["oracle_domain"]["macro_accuracy"] - oracle["macro_accuracy"]) < 1e-9
+    # the benchmark's router for length 32 (seeded), used by the system itself: `moerm eval` gives the same figures
+    router, _, _ = mod.train_router(loaded, 32, "frozen", 0, tmp_path / "again")
+    loaded.router = router
+    for mode, mc in (("hard", 0.0), ("soft", 0.0), ("gated", 0.9)):
+        row = next(r for r in result["rows"] if (r["router_max_length"], r["routing"], r["ood"]) == (32, mode, "none"))
+        loaded.opts = router.opts = dataclasses.replace(router.opts, routing=mode, min_confidence=mc, routing_top_k=2)
+        rep = evaluate_system(loaded, inside)
+        assert abs(row["in_domain"]["macro_accuracy"] - rep["macro_accuracy"]) < 1e-9, mode
+        assert abs(row["router_accuracy"] - rep["router_accuracy"]) < 1e-9
+        assert row["left_out"]["fallback_rate"] == 0.0 and row["in_domain"]["fallback_rate"] == 0.0
+    by = {(r["router_max_length"], r["routing"], r["ood"]): r for r in result["rows"]}
+    assert by[(32, "hard", "none")]["in_domain"]["load"] == 1.0 and by[(32, "soft", "none")]["in_domain"]["load"] == 2.0
+    knn = by[(32, "hard", "knn")]
+    assert knn["left_out"]["fallback_rate"] >= 0.8 and knn["in_domain"]["fallback_rate"] <= 0.25
+    assert knn["left_out"]["load"] >= 1.8  # a mixture fallback runs every domain RM (2 here)
+    assert set(result["baseline"]) == {"in_domain", "left_out"}
