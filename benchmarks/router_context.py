@@ -36,7 +36,8 @@ def main() -> None:
         router = Router(system.config, dataclasses.replace(system.opts, router_max_length=length), system.domains)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            router.fit(system.router_examples, Path(tmp), FitContext(Path(tmp), progress=False))
+            router.fit(system.router_examples, Path(tmp), FitContext(Path(tmp), progress=False),
+                       system.train_config("router"))
             seconds = time.perf_counter() - t0
         top = router.probs([p.prompt for p in test]).argmax(-1)
         acc = sum(router.domains[int(i)] == p.domain for i, p in zip(top, test)) / len(test)

@@ -17,9 +17,10 @@ Offline: right before and right after each server setting (no server running the
 `--offline-seconds`; the setting is compared with the mean of the two. The machine is shared with whatever else
 runs on it, so the load average (`os.getloadavg`) is reported beside each figure, and CPU time per pair of the
 server process (all its threads, from /proc) and of the offline timing: equal CPU per pair with fewer pairs/s
-means the server was given less CPU, not that it wasted any. Every reward returned is compared with offline
-`system.score` of the same pair (the largest difference is reported). `--torch-threads 1` gives server and offline one torch thread (see
-docs/SERVING.md, "CPU servers").
+means the server was given less CPU, not that it wasted any; "model busy" is the share of the load's wall time
+the server spent inside scoring calls (from /metrics). Every reward returned is compared with offline
+`system.score` of the same pair (the largest difference is reported). `--torch-threads 1` gives server and offline
+one torch thread (see docs/SERVING.md, "CPU servers").
 Targets: batching on >= 3x the pairs/s of batching off at 32 clients, zero errors and zero lost requests at 64
 clients, served scores equal offline scores (issue 6); at 32 clients of 1 pair each the server's pairs/s at least
 0.9x offline, p99 at most 2x p50 (issue 15).
@@ -34,6 +35,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,6 +108,47 @@ def offline_timing(system: object, inputs: list[tuple[str, str]], args: argparse
     return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / n
 
 
+def start_py_spy(pid: int, setting: Setting, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], Path]:
+    """py-spy sampling every thread of the server (idle ones too) for the load window, without pausing it."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    args.py_spy.mkdir(parents=True, exist_ok=True)
+    out = args.py_spy / f"{setting.name.replace(', ', '-').replace(' ', '_')}.txt"
+    cmd = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(args.seconds))), "--rate", "100",
+           "--threads", "--idle", "--nonblocking", "--format", "raw", "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+# A sampled stack ending in one of these is a thread waiting (the event loop in select, a worker for work).
+IDLE_LEAVES = (".select (selectors.py", "_worker (concurrent/futures/thread.py", "wait (threading.py")
+
+
+def print_profile(path: Path) -> None:
+    """Each server thread's share of the samples: busy, and for busy ones the top frames below the event loop or
+    the scoring call (tokenisation is `PairEncoder.encode`)."""
+    if not path.exists():
+        print(f"  py-spy wrote nothing to {path}", flush=True)
+        return
+    total: dict[str, int] = {}
+    busy: dict[str, int] = {}
+    parts: dict[tuple[str, str], int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        frames = stack.split(";")
+        thread, n = frames[0].split(": ", 1)[-1], int(n_text)
+        total[thread] = total.get(thread, 0) + n
+        if any(leaf in frames[-1] for leaf in IDLE_LEAVES):
+            continue
+        busy[thread] = busy.get(thread, 0) + n
+        part = ("tokenise" if "PairEncoder.encode" in stack else "model forward" if "forward (" in stack
+                else "HTTP / JSON / validation" if thread == "MainThread" else "other")
+        parts[(thread, part)] = parts.get((thread, part), 0) + n
+    print(f"  profile ({path}):", flush=True)
+    for thread, n in sorted(total.items(), key=lambda kv: -busy.get(kv[0], 0)):
+        shares = ", ".join(f"{part} {m / n:.1%}" for (t, part), m in sorted(parts.items(), key=lambda kv: -kv[1])
+                           if t == thread)
+        print(f"    {thread}: busy {busy.get(thread, 0) / n:.1%} of {n} samples ({shares or 'idle'})", flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,8 +165,6 @@ def start_server(run: str, port: int, batching: bool, args: argparse.Namespace) 
         cmd += ["--torch-threads", str(args.torch_threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("MOERM_API_KEY", None)
-    if args.server_prefix:  # e.g. a profiler: `py-spy record -o prof.svg --`
-        cmd = shlex.split(args.server_prefix) + cmd
     return subprocess.Popen(cmd, env=env)
 
 
@@ -224,11 +265,15 @@ def run_setting(run: str, setting: Setting, inputs: list[tuple[str, str]], offli
             httpx.post(url + "/v1/score", json={"items": [{"prompt": inputs[i][0], "response": inputs[i][1]}]},
                        timeout=120)
         pairs0, batches0, busy0 = server_batches(url)
+        spy = start_py_spy(proc.pid, setting, args) if args.py_spy else None
         cpu0, wall0 = process_cpu_s(proc.pid), time.perf_counter()
         lat, in_window, sent, n_err, samples, rewards = asyncio.run(
             load(url, inputs, setting.clients, args.seconds, args.items_per_request))
         cpu1, wall1 = process_cpu_s(proc.pid), time.perf_counter()
         pairs1, batches1, busy1 = server_batches(url)
+        if spy is not None:
+            spy[0].wait(60)
+            print_profile(spy[1])
     finally:
         proc.terminate()  # SIGTERM: graceful shutdown
         try:
@@ -277,7 +322,11 @@ def main() -> None:
     ap.add_argument("--settings", default="on,off,stress",
                     help="which server settings to run, of: on, off (at --clients), stress (at --stress-clients)")
     ap.add_argument("--offline-seconds", type=float, default=5.0, help="how long each offline timing runs")
-    ap.add_argument("--server-prefix", default="", help="command put before the server's (e.g. a profiler)")
+    ap.add_argument("--offline-also", default="", metavar="B,B,...",
+                    help="also time offline scoring at these forward batch sizes, once, for context")
+    ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                    help="sample the server with py-spy during each load (py-spy on PATH or beside this Python): "
+                         "raw stacks written to DIR, where each thread's time went printed")
     ap.add_argument("--only-stress", type=int, default=0, metavar="N",
                     help="run only the --stress-clients setting, N times (errors / lost-requests check)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -303,6 +352,12 @@ def main() -> None:
     offline = system.score([p for p, _ in inputs], [r for _, r in inputs], batch_size=32).rewards
     print(f"offline scores of {len(inputs)} inputs: {time.perf_counter() - t0:.1f} s "
           f"(torch threads {torch.get_num_threads()})", flush=True)
+
+    offline_at: dict[int, float] = {}
+    for bs in (int(x) for x in args.offline_also.split(",") if x.strip()):
+        offline_at[bs] = offline_timing(system, inputs, argparse.Namespace(**{**vars(args), "batch_size": bs}))[0]
+        print(f"offline system.score at batch size {bs}: {offline_at[bs]:.1f} pairs/s (load average {loadavg()})",
+              flush=True)
 
     wanted = {x.strip() for x in args.settings.split(",") if x.strip()}
     if not wanted <= {"on", "off", "stress"}:
@@ -336,14 +391,16 @@ def main() -> None:
     if stressed:
         checks["zero_errors_and_lost_under_stress"] = all(r.errors == 0 and r.lost == 0 for r in stressed)
     header = ("| setting | pairs/s | offline pairs/s (before, after) | vs offline | p50 ms | p99 ms | errors | lost | "
-              "mean batch | model busy | CPU ms/pair server / offline | server CPU share | load average before / after |")
+              "mean batch | model busy | CPU ms/pair server / offline | server CPU share | "
+              "load average before / after |")
     print("\n" + header + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         b, a = r.offline_before_after
         print(f"| {r.setting} | {r.pairs_per_s:.1f} | {r.offline_pairs_per_s:.1f} ({b:.1f}, {a:.1f}) | "
               f"{r.vs_offline:.2f}x | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.errors} | {r.lost} | "
-              f"{r.mean_batch_items:.1f} | {r.model_busy:.0%} | {r.server_cpu_ms_per_pair:.1f} / {r.offline_cpu_ms_per_pair:.1f} | "
-              f"{r.server_cpu_share:.2f} | {r.load_before[0]:.2f} / {r.load_after[0]:.2f} |")
+              f"{r.mean_batch_items:.1f} | {r.model_busy:.0%} | "
+              f"{r.server_cpu_ms_per_pair:.1f} / {r.offline_cpu_ms_per_pair:.1f} | {r.server_cpu_share:.2f} | "
+              f"{r.load_before[0]:.2f} / {r.load_after[0]:.2f} |")
     print(f"\ntorch threads {torch.get_num_threads()}, forward batch size {args.batch_size}, "
           f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, {os.cpu_count()} CPUs")
     if on is not None:
@@ -360,7 +417,7 @@ def main() -> None:
             "torch_threads": args.torch_threads, "batch_size": args.batch_size,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "inputs": len(inputs), "results": [asdict(r) for r in results], "speedup_on_vs_off": ratio,
-            "server_vs_offline": on.vs_offline if on is not None else None,
+            "server_vs_offline": on.vs_offline if on is not None else None, "offline_at_batch_size": offline_at,
             "max_abs_diff_vs_offline": max_diff, "checks": checks}, indent=2))
         print(f"written: {args.out}")
 
