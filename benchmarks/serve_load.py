@@ -123,8 +123,8 @@ IDLE_LEAVES = (".select (selectors.py", "_worker (concurrent/futures/thread.py",
 
 
 def print_profile(path: Path) -> None:
-    """Each server thread's share of the samples: busy, and for busy ones the top frames below the event loop or
-    the scoring call (tokenisation is `PairEncoder.encode`)."""
+    """Each server thread's share of the samples (wall time, on CPU or not): busy, split into tokenisation
+    (`PairEncoder.encode`), the model's forward, the event loop's request work (HTTP, JSON, validation) and other."""
     if not path.exists():
         print(f"  py-spy wrote nothing to {path}", flush=True)
         return

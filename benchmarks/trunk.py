@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--test-pairs", type=int, default=400, help="held-out pairs, spread over the domains")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--layers", default="2,1", help="top-N variants (comma-separated N)")
-    ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of every variant")
+    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate of full fine-tuning")
+    ap.add_argument("--top-lr", type=float, default=None, help="learning rate of the top variants (default: --lr)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -137,7 +138,7 @@ def main() -> None:
         variants = [Variant("full", args.backbone, None, args.lr, args.max_length, Path(tmp), train, args.batch_size,
                             args.seed)]
         for n in (int(x) for x in args.layers.split(",") if x.strip()):
-            variants.append(Variant(f"top-{n}", args.backbone, n, args.lr, args.max_length, Path(tmp), train,
+            variants.append(Variant(f"top-{n}", args.backbone, n, args.top_lr or args.lr, args.max_length, Path(tmp), train,
                                     args.batch_size, args.seed))
         for epoch in range(args.epochs):
             for v in variants:
@@ -161,11 +162,12 @@ def main() -> None:
         r["macro_accuracy_vs_full"] = r["macro_accuracy"] - full["macro_accuracy"]
     result = {"command": command, "train_pairs": n, "test_pairs": len(test), "epochs": args.epochs,
               "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
+              "top_lr": args.top_lr or args.lr,
               "threads": torch.get_num_threads(), "load_average_before": load_before,
               "load_average_after": load_after, "rows": rows}
     print(f"\ncommand: {command}")
     print(f"{n} training pairs, {len(test)} held-out, {args.epochs} epochs interleaved, batch {args.batch_size}, "
-          f"max_length {args.max_length}, lr {args.lr}, torch threads {torch.get_num_threads()}")
+          f"max_length {args.max_length}, lr {args.lr} (top: {args.top_lr or args.lr}), torch threads {torch.get_num_threads()}")
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}\n")
     print("| variant | trainable params | pairs/s epoch 1 | x full | pairs/s later epochs | x full | macro acc | vs full |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
