@@ -202,7 +202,7 @@ def run_ours(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         f"train.warmup_ratio={spec['warmup_ratio']}", f"train.weight_decay={spec['weight_decay']}",
         f"train.max_grad_norm={spec['max_grad_norm']}", f"train.seed={spec['seed']}", "train.grad_accum=1",
         "train.save_every=0", f"train.log_every={spec['log_every']}",
-        "train.center_rewards_coefficient=0.0",
+        "train.center_rewards_coefficient=0.0", f"train.group_by_length={str(spec['ours_group_by_length']).lower()}",
     ]
     cfg = load_config(spec["config"], overrides)
     torch.manual_seed(spec["seed"])
@@ -303,8 +303,13 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     t_fit = time.perf_counter()
     chosen = [encoder.encode(p.prompt, p.chosen) for p in train]
     rejected = [encoder.encode(p.prompt, p.rejected) for p in train]
-    dataset = Dataset.from_dict({"chosen_ids": [e["input_ids"] for e in chosen],
-                                 "rejected_ids": [e["input_ids"] for e in rejected]})
+    columns = {"chosen_ids": [e["input_ids"] for e in chosen], "rejected_ids": [e["input_ids"] for e in rejected]}
+    grouping = {}
+    if spec["trl_group_by_length"]:  # transformers' LengthGroupedSampler over a pair's longer side
+        columns["length"] = [max(len(c["input_ids"]), len(r["input_ids"])) for c, r in zip(chosen, rejected)]
+        grouping = {"train_sampling_strategy": "group_by_length", "length_column_name": "length",
+                    "remove_unused_columns": False}  # else the trainer drops "length" before its sampler reads it
+    dataset = Dataset.from_dict(columns)
     steps = -(-len(train) // spec["batch_size"]) * spec["epochs"]
     args = RewardConfig(
         output_dir=str(work), per_device_train_batch_size=spec["batch_size"], num_train_epochs=spec["epochs"],
@@ -314,6 +319,7 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         max_length=spec["max_length"], gradient_checkpointing=False, bf16=False, disable_dropout=False,
         logging_steps=spec["log_every"], save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, gradient_accumulation_steps=1,
+        **grouping,
     )
     base = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
     collator: Callable = base
@@ -327,6 +333,10 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             token_type_mismatches += got != e["token_type_ids"]
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             data_collator=collator)
+    if spec["trl_group_by_length"] and "length" not in trainer.train_dataset.column_names:
+        ds = trainer.train_dataset  # TRL's preparation keeps only its own columns: the lengths go back on after it
+        trainer.train_dataset = ds.add_column(
+            "length", [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])])
     kept = len(trainer.train_dataset)
     t0 = time.perf_counter()
     with StepClock() as clock, PaddedTokens(model) as tokens:
@@ -524,6 +534,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "get; mean: our architecture (mean pooling + linear head) wrapped for TRL")
     ap.add_argument("--in-process", action="store_true",
                     help="run both sides in this process (tests); peak RSS is then shared and meaningless")
+    ap.add_argument("--ours-group-by-length", action="store_true", help="our side with train.group_by_length=true")
+    ap.add_argument("--trl-group-by-length", action="store_true",
+                    help="TRL with train_sampling_strategy=group_by_length (transformers' LengthGroupedSampler)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     argv_used = argv if argv is not None else sys.argv[1:]
@@ -534,7 +547,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_length": args.max_length, "batch_size": args.batch_size, "epochs": args.epochs, "lr": args.lr,
         "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay, "max_grad_norm": 1.0,
         "log_every": 10, "eval_batch_size": 64, "trl_token_types": args.trl_token_types,
-        "trl_model": args.trl_model,
+        "trl_model": args.trl_model, "ours_group_by_length": args.ours_group_by_length,
+        "trl_group_by_length": args.trl_group_by_length,
     }
     runs = []
     for side in abba(args.repeats):

@@ -60,3 +60,19 @@ def test_token_types_follow_the_first_sep():
     assert mod.abba(3) == ["ours", "trl", "trl", "ours", "ours", "trl"]
     assert mod.sign_test_p(0, 0) == 1.0 and mod.sign_test_p(5, 5) == 1.0
     assert mod.sign_test_p(10, 0) == pytest.approx(2 / 1024)
+
+
+def test_length_grouped_rows_of_both_trainers_pad_no_more(tiny_bert, tmp_path):
+    data = tmp_path / "data"
+    for i, dom in enumerate(("a", "b")):
+        write_jsonl(toy_pairs(16, seed=i, domain=dom), data / dom / "train.jsonl")
+        write_jsonl(toy_pairs(4, seed=i + 10, domain=dom), data / dom / "test.jsonl")
+    common = ["--data", str(data), "--backbone", tiny_bert, "--pairs-per-domain", "16", "--eval-pairs-per-domain", "4",
+              "--max-length", "32", "--batch-size", "4", "--in-process"]
+    plain = _load_script().main(common)
+    grouped = _load_script().main([*common, "--ours-group-by-length", "--trl-group-by-length"])
+    assert grouped["spec"]["trl_group_by_length"] and grouped["spec"]["ours_group_by_length"]
+    for side in ("ours", "trl"):
+        g = grouped["summary"][side]
+        assert g["steps"] == plain["summary"][side]["steps"] == 8
+        assert g["padded_tokens"] < plain["summary"][side]["padded_tokens"], side

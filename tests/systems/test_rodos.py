@@ -18,9 +18,18 @@ def domain_pairs(domain, n, seed):
 
 
 def _cfg(backbone, cache, **options):
+    """The paper's routing (hard top-1, no confidence gate) unless a test asks otherwise; the default is gated."""
     return RunConfig(system="rodos", model=ModelConfig(backbone=backbone, max_length=48, feature_cache=str(cache)),
                      train=TrainConfig(lr=5e-4, batch_size=8, epochs=4, save_every=0),
-                     options={**options}, components={"router": {"train": {"epochs": 15, "lr": 2e-2}}})
+                     options={"routing": "hard", "min_confidence": 0.0, **options},
+                     components={"router": {"train": {"epochs": 15, "lr": 2e-2}}})
+
+
+def test_rodos_routes_gated_by_default():
+    from moerm.systems.rodos import RODOSOptions
+
+    opts = RODOSOptions()
+    assert (opts.routing, opts.min_confidence, opts.routing_top_k) == ("gated", 0.6, 2)
 
 
 # Frozen random tiny bases other than BERT separate the domains' prompts imperfectly (a decoder's last token says

@@ -14,7 +14,7 @@ from moerm.cli.common import command_line, console, fail, parse_seeds, quiet_hf,
 def bench(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="output folder (rerun the same command to resume)"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="smoke | cpu-small | paper (configs/bench/)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="smoke | cpu-small | cpu-medium | paper (configs/bench/)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="bench YAML, applied over the preset"),
     systems: Optional[str] = typer.Option(None, "--systems", help="comma-separated subset, e.g. baseline,rodos"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated integer seeds (default: the preset's)"),

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from moerm.encoding import is_decoder
 from moerm.errors import UnsupportedError, UserError
-from moerm.hub.hf_import import PROBE, write_atomically
+from moerm.hub.hf_import import PROBE, hf_head_modules, write_atomically
 
 MODELING_FILE = "modeling_moerm_reward.py"
 EXPORT_FILE = "moerm_export.json"
@@ -79,16 +79,8 @@ def _native(rm, base: torch.nn.Module, tmp: Path, pad_id: int | None) -> None:
     if unexpected or any(not k.startswith("pooler.") for k in missing):
         raise RuntimeError(f"export: base weights do not fit {type(seq).__name__}: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    t = cfg.model_type
+    dense, out = hf_head_modules(seq, cfg.model_type)
     with torch.no_grad():
-        if t == "bert":
-            dense, out = seq.bert.pooler.dense, seq.classifier
-        elif t == "deberta-v2":
-            dense, out = seq.pooler.dense, seq.classifier
-        elif t in ("roberta", "xlm-roberta"):
-            dense, out = seq.classifier.dense, seq.classifier.out_proj
-        else:
-            dense, out = None, seq.score
         if dense is not None:
             dense.load_state_dict(head.dense.state_dict())
         out.load_state_dict(head.out.state_dict())

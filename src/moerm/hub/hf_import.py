@@ -102,20 +102,24 @@ def inspect_hf_rm(path: str | Path) -> HFRewardModelInfo:
     return HFRewardModelInfo(p.resolve(), config, arch, model_type in DECODER_TYPES)
 
 
+def hf_head_modules(model: torch.nn.Module, model_type: str) -> tuple[torch.nn.Module | None, torch.nn.Module]:
+    """(dense, out) of a stock *ForSequenceClassification head: BERT's pooler dense + classifier, DeBERTa-v2's
+    ContextPooler dense + classifier, RoBERTa's classification head, or (None, score) for decoders."""
+    if model_type == "bert":
+        return model.bert.pooler.dense, model.classifier
+    if model_type == "deberta-v2":
+        return model.pooler.dense, model.classifier
+    if model_type in ("roberta", "xlm-roberta"):
+        return model.classifier.dense, model.classifier.out_proj
+    return None, model.score
+
+
 def _head_from_hf(model: torch.nn.Module, info: HFRewardModelInfo) -> torch.nn.Module:
     """An HFScoreHead with the HF model's pooler/classifier weights copied in."""
     from moerm.modules.heads import HFScoreHead
 
     head = HFScoreHead.for_config(info.config)
-    t = info.config.model_type
-    if t == "bert":
-        dense, out = model.bert.pooler.dense, model.classifier
-    elif t == "deberta-v2":
-        dense, out = model.pooler.dense, model.classifier
-    elif t in ("roberta", "xlm-roberta"):
-        dense, out = model.classifier.dense, model.classifier.out_proj
-    else:
-        dense, out = None, model.score
+    dense, out = hf_head_modules(model, info.config.model_type)
     with torch.no_grad():
         if dense is not None:
             head.dense.load_state_dict(dense.state_dict())
