@@ -166,6 +166,9 @@ def _differs(saved: RunConfig, given: RunConfig) -> bool:
     a, b = saved.to_dict(), given.to_dict()
     if b["model"].get("tuning") == "auto":
         b["model"]["tuning"] = a["model"].get("tuning")
+    for key in ("lr", "head_lr"):  # unset: the tuning mode's default, which the saved config records
+        if b["train"].get(key) is None and given.train.lr is None:
+            b["train"][key] = a["train"].get(key)
     if b["options"].get("tasks_file") and a["options"].get("tasks") and not a["options"].get("tasks_file"):
         b["options"] = {**b["options"], "tasks": a["options"]["tasks"], "tasks_file": None}
     return a != b

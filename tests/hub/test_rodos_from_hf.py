@@ -60,4 +60,4 @@ def test_imported_rm_is_a_domain_of_rodos(tiny_bert: str, hf_rms: dict[str, str]
     routed = loaded.score([p.prompt for p in new_domain_pairs(8, seed=5)], ["good"] * 8)
     assert sum(d["routed_domain"] == "new" for d in routed.details) >= 7
     old = loaded.score([p.prompt for p in toy_pairs(8, seed=9, domain="a")], ["good"] * 8)
-    assert sum(d["routed_domain"] in ("a", "b") for d in old.details) >= 7
+    assert sum(d["router_top"] in ("a", "b") for d in old.details) >= 7  # top-1 (gated routing may mix)

@@ -31,7 +31,7 @@ _LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)
 
 # Default learning rates by tuning mode (and, for `top`, by how the top blocks train), used when the run's
 # `train.lr` / `train.head_lr` are not set; set from the sweep in docs/RESULTS.md ("Default recipes").
-DEFAULT_LR: dict[str, float] = {"full": 1e-4, "top:full": 1e-3, "lora": 5e-4, "top:lora": 2e-3, "frozen": 1e-3}
+DEFAULT_LR: dict[str, float] = {"full": 1e-4, "top:full": 1e-3, "lora": 2e-3, "top:lora": 2e-3, "frozen": 1e-3}
 DEFAULT_HEAD_LR: dict[str, float | None] = {"full": None, "top:full": None, "lora": None, "top:lora": None,
                                             "frozen": 1e-3}  # None: the same as lr
 
