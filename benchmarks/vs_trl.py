@@ -333,10 +333,6 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             token_type_mismatches += got != e["token_type_ids"]
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             data_collator=collator)
-    if spec["trl_group_by_length"] and "length" not in trainer.train_dataset.column_names:
-        ds = trainer.train_dataset  # TRL's preparation keeps only its own columns: the lengths go back on after it
-        trainer.train_dataset = ds.add_column(
-            "length", [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])])
     kept = len(trainer.train_dataset)
     t0 = time.perf_counter()
     with StepClock() as clock, PaddedTokens(model) as tokens:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -183,4 +182,3 @@ def test_row_key_depends_on_tokens_only() -> None:
     assert row_key(a) == row_key({"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "trunk": None})
     assert row_key(a) != row_key({"input_ids": [1, 2, 4], "attention_mask": [1, 1, 1]})
     assert row_key(a) != row_key({**a, "token_type_ids": [0, 0, 1]})
-    assert np.asarray([1]).dtype.kind == "i"

@@ -112,7 +112,7 @@ class TrunkCache:
         data, meta = self.dir / f"{stem}.f16", self.dir / f"{stem}.json"
         offsets = np.cumsum([0] + [s.shape[0] for s in states]).tolist()
         try:
-            flat = torch.cat([s.to(torch.float16) for s in states]).cpu().numpy() if states else np.zeros((0, self.hidden))
+            flat = torch.cat([s.to(torch.float16) for s in states]).cpu().numpy()
             with open(data, "wb") as fh:
                 fh.write(np.ascontiguousarray(flat, dtype="<f2").tobytes())
             tmp = meta.with_name("." + meta.name + ".tmp")
@@ -228,13 +228,15 @@ def attach_trunk(module: nn.Module, datasets: Iterable[Any], batch_size: int = 6
             bar = tqdm(total=len(todo_keys), desc="trunk states", disable=not progress or None, leave=False,
                        dynamic_ncols=True)
             chunk: list[str] = []
+            tokens = 0  # in `chunk`
             for k in todo_keys:
                 chunk.append(k)
-                if sum(len(todo[c]["input_ids"]) for c in chunk) >= SHARD_TOKENS or k == todo_keys[-1]:
+                tokens += len(todo[k]["input_ids"])
+                if tokens >= SHARD_TOKENS or k == todo_keys[-1]:
                     cache.put(chunk, compute_trunk(backbone, [todo[c] for c in chunk], encoder, batch_size))
                     bar.update(len(chunk))
                     computed += len(chunk)
-                    chunk = []
+                    chunk, tokens = [], 0
             bar.close()
         for k, e in zip(keys, encs):
             e["trunk"] = cache.index[k]

@@ -18,7 +18,7 @@ from moerm.config import RunConfig
 from moerm.data.schema import PreferencePair
 from moerm.encoding import Backbone, backbone_kwargs, load_backbone, load_config, make_encoder
 from moerm.encoding.cache import frozen_features
-from moerm.encoding.tuning import TOP_FILE, apply_tuning, restore_adapters, save_backbone, saved_backbone_path
+from moerm.encoding.tuning import DEFAULT_HEAD_LR, TOP_FILE, apply_tuning, restore_adapters, save_backbone, saved_backbone_path
 from moerm.inference import batched_forward
 from moerm.modules.heads import HFScoreHead, RewardHead
 from moerm.modules.reward_model import RewardModel
@@ -27,8 +27,6 @@ from moerm.systems.components import fit_component
 from moerm.train import distributed
 from moerm.train.checkpoint import atomic_save_safetensors
 from moerm.train.pairwise import FeaturePairs, TokenPairs
-
-FROZEN_HEAD_LR = 1e-3
 
 
 @register
@@ -79,7 +77,7 @@ class BaselineSystem(RewardSystem):
             data: TokenPairs | FeaturePairs = self._feature_pairs(train, ctx.progress, "features (train)")
             eval_data = self._feature_pairs(eval, ctx.progress, "features (eval)") if eval else None
             module: nn.Module = RewardModel(None, self.head)
-            groups = [(self.head, t.head_lr or FROZEN_HEAD_LR)]
+            groups = [(self.head, t.head_lr or DEFAULT_HEAD_LR["frozen"])]
         else:
             data = TokenPairs.build(train, self.encoder, progress=ctx.progress)
             eval_data = TokenPairs.build(eval, self.encoder) if eval else None
