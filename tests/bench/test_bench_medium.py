@@ -154,3 +154,58 @@ def test_group_and_target_keys_are_checked():
     cfg = load_bench_config("cpu-medium")
     assert cfg.train["epochs"] >= 2 and cfg.max_train_pairs_per_domain >= 500 and len(cfg.seeds) == 3
     assert cfg.model["tuning"] == "top" and set(cfg.systems) >= {"baseline", "rodos", "arliss", "dmoerm", "ensemble"}
+
+
+def test_ensemble_reuses_the_baseline_cells_and_eval_reads_the_trunk_cache(tmp_path):
+    from moerm.encoding.trunk import trunk_cache_at_inference
+    from moerm.systems.base import load_system
+
+    cfg = load_bench_config("smoke", overrides=[
+        "systems=[baseline, ensemble]", "seeds=[0, 1]", "ensemble_members_from=baseline",
+        "per_system.ensemble.options.members=2", "model.tuning=top", "model.trainable_layers=1",
+        "inference.pairs=4", "inference.repeats=1", "inference.all_modes=false"])
+    out = tmp_path / "out"
+    result = run_bench(cfg, out, progress=False)
+    assert not result["failed"]
+    runs = out / "runs"
+    import yaml
+    for seed, members in ((0, [0, 1]), (1, [1, 0])):
+        saved = yaml.safe_load((runs / "ensemble" / f"seed-{seed}" / "config.yaml").read_text())
+        assert [Path(p).name for p in saved["options"]["member_runs"]] == [f"seed-{m}" for m in members]
+    pairs = result["results"]
+    ens = load_system(runs / "ensemble" / "seed-1")
+    base = [load_system(runs / "baseline" / f"seed-{s}") for s in (1, 0)]
+    prompts, replies = ["a question", "another one"], ["an answer", "a reply"]
+    import torch
+    torch.testing.assert_close(torch.tensor(ens.score(prompts, replies).rewards),
+                               torch.tensor([b.score(prompts, replies).rewards for b in base]).mean(0))
+    # the bench scored the held-out pairs from its trunk cache: scoring them again computes no trunk state
+    test = [json.loads(line) for line in _held_out_lines(out)]
+    with trunk_cache_at_inference() as trunks:
+        base[0].score([t["prompt"] for t in test], [t["chosen"] for t in test])
+    assert trunks.computed == 0 and trunks.hits == len(test)
+    assert "ensemble trains no members of its own" in (out / "report.md").read_text()
+    assert pairs["training"]["ensemble"]["seconds"]["mean"] > 0  # its members' training seconds, from their cells
+
+
+def _held_out_lines(out: Path):
+    import gzip
+    files = sorted((out / "data").rglob("test*.jsonl*"))
+    assert files, f"no held-out files under {out / 'data'}"
+    for f in files:
+        opener = gzip.open if f.suffix == ".gz" else open
+        with opener(f, "rt") as fh:
+            yield from (line for line in fh if line.strip())
+
+
+def test_ensemble_members_from_is_checked():
+    from moerm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="listed before ensemble"):
+        load_bench_config("smoke", overrides=["systems=[ensemble, baseline]", "ensemble_members_from=baseline"])
+    with pytest.raises(ConfigError, match="3 members but the bench has 2 seeds"):
+        load_bench_config("smoke", overrides=["systems=[baseline, ensemble]", "seeds=[0, 1]",
+                                              "ensemble_members_from=baseline", "per_system.ensemble.options.members=3"])
+    cfg = load_bench_config("smoke", overrides=["systems=[baseline, ensemble]", "seeds=[4, 5, 6]",
+                                                "ensemble_members_from=baseline", "per_system.ensemble.options.members=2"])
+    assert [cfg.ensemble_member_seeds(s) for s in (4, 5, 6)] == [[4, 5], [5, 6], [6, 4]]

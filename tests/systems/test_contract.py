@@ -42,6 +42,7 @@ from torch import nn
 import moerm.systems  # noqa: F401 - registers the built-in systems
 from moerm.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from moerm.encoding.backbone import Backbone
+from moerm.encoding.trunk import trunk_cache_at_inference
 from moerm.encoding.tuning import TUNING_MODES, is_lora_parameter
 from moerm.systems.base import REGISTRY, SYSTEM_FILE, FitContext, RewardSystem, build_system, load_system
 from moerm.train.trainer import Trainer
@@ -348,6 +349,26 @@ def test_every_inference_mode_gives_the_same_rewards(trained: Trained):
                                        msg=lambda m, k=mode, d=domains: f"mode={k!r}, domains given={d}: {m}")
     with pytest.raises(ValueError, match="no-such-mode"):
         system.score([pairs[0].prompt], [pairs[0].chosen], mode="no-such-mode")
+
+
+def test_scores_from_the_inference_trunk_cache_within_fp16_of_the_uncached(trained: Trained):
+    """`trunk_cache_at_inference`: top rows read their trunk from the cache (the same rewards on a hit as on the pass
+    that computed it, within fp16 rounding of the uncached ones); other tunings are untouched by it."""
+    system, pairs = trained.system, TEST[::4]
+    for domains in (True, False):
+        plain = torch.cat(_score(system, pairs, domains))
+        with trunk_cache_at_inference() as first:
+            computed = torch.cat(_score(system, pairs, domains))
+        with trunk_cache_at_inference() as second:
+            read = torch.cat(_score(system, pairs, domains))
+        if trained.tuning != "top":
+            assert first.hits == first.computed == second.hits == second.computed == 0
+            torch.testing.assert_close(computed, plain, atol=0, rtol=0)
+            continue
+        assert first.hits + first.computed > 0, "a top-tuned system scored without consulting the trunk cache"
+        assert second.computed == 0 and second.hits > 0, "the second pass recomputed cached trunk states"
+        torch.testing.assert_close(read, computed, atol=0, rtol=0)  # a hit gives what the computing pass gave
+        torch.testing.assert_close(computed, plain, atol=2e-2, rtol=2e-2)  # the trunk rounded to fp16
 
 
 # ---------------------------------------------------------------------------------------------- per-system checks

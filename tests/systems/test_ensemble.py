@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moerm.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from moerm.errors import UserError
 from moerm.eval.metrics import evaluate_system
 from moerm.systems import build_system, load_system
 from moerm.systems.base import FitContext
@@ -54,3 +55,34 @@ def test_members_differ_train_and_reload(tiny_bert, tmp_path, toy_train, toy_tes
 def test_bad_combine_is_a_config_error():
     with pytest.raises((ConfigError, ValueError), match="combine"):
         build_system(RunConfig(system="ensemble", options={"combine": "median"}))
+
+
+def test_member_runs_combine_trained_baselines_without_training(tiny_bert, tmp_path, toy_train, toy_test):
+    model = ModelConfig(backbone=tiny_bert, max_length=48)
+    runs = []
+    for seed in (3, 4):
+        rm = build_system(RunConfig(system="baseline", model=model, train=TrainConfig(lr=5e-4, batch_size=8, epochs=1,
+                                                                                     save_every=0, seed=seed)))
+        rm.fit(toy_train, None, FitContext(tmp_path / f"rm-{seed}", progress=False))
+        rm.save(tmp_path / f"rm-{seed}" / "model")
+        runs.append(str(tmp_path / f"rm-{seed}"))
+    (tmp_path / "rm-3" / "train_summary.json").write_text('{"train_seconds": 12.5, "epochs_per_component": {"reward_model": 1}}')
+    cfg = RunConfig(system="ensemble", model=model, options={"members": 2, "member_runs": runs})
+    system = build_system(cfg)
+    result = system.fit(toy_train, None, FitContext(tmp_path / "ens", progress=False))
+    assert result.seconds_per_component == {"member:0": 12.5, "member:1": 0.0}  # theirs, from the run's summary
+    prompts, replies = [p.prompt for p in toy_test], [p.chosen for p in toy_test]
+    expected = torch.tensor([load_system(r).score(prompts, replies).rewards for r in runs]).mean(0)
+    torch.testing.assert_close(torch.tensor(system.score(prompts, replies).rewards), expected)
+    assert system.norm is not None and system.norm.shape == (2, 2)
+
+
+def test_member_runs_are_checked(tiny_bert, tmp_path):
+    with pytest.raises(UserError, match="names 1 runs but options.members is 2"):
+        build_system(RunConfig(system="ensemble", options={"members": 2, "member_runs": ["a"]}))
+    with pytest.raises(UserError, match="names a run twice"):
+        build_system(RunConfig(system="ensemble", options={"members": 2, "member_runs": ["a", "a"]}))
+    system = build_system(RunConfig(system="ensemble", model=ModelConfig(backbone=tiny_bert, max_length=48),
+                                    options={"members": 1, "member_runs": [str(tmp_path / "nowhere")]}))
+    with pytest.raises(UserError, match="nowhere does not exist"):
+        system.fit([], None, FitContext(tmp_path / "ens", progress=False))

@@ -55,3 +55,19 @@ def test_aux_loss_enters_the_training_loss(tiny_bert):
     aux = system.model.aux_loss
     assert aux is not None and aux.item() > 0
     torch.testing.assert_close(loss, bradley_terry_loss(r[:8], r[8:], batch["margin"]) + aux)
+
+
+def test_default_recipe_gives_the_moe_head_its_own_rate(tiny_bert):
+    from moerm.config import ModelConfig, RunConfig, TrainConfig
+    from moerm.systems import build_system
+
+    for tuning in ("top", "full"):
+        cfg = RunConfig(system="more", model=ModelConfig(backbone=tiny_bert, max_length=32, tuning=tuning,
+                                                          trainable_layers=1))
+        t = build_system(cfg).config.train
+        assert t.head_lr == 1e-4 and t.lr == {"top": 1e-3, "full": 1e-4}[tuning], (tuning, t.lr, t.head_lr)
+    mine = RunConfig(system="more", model=ModelConfig(backbone=tiny_bert, max_length=32),
+                     train=TrainConfig(head_lr=3e-3))
+    assert build_system(mine).config.train.head_lr == 3e-3  # a rate the run sets is kept
+    baseline = build_system(RunConfig(system="baseline", model=ModelConfig(backbone=tiny_bert, max_length=32)))
+    assert baseline.config.train.head_lr is None  # the linear head trains at the backbone's rate

@@ -16,6 +16,7 @@ training (train_summary.json + model/) is only evaluated; a killed one continues
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 import json
 import shutil
 import time
@@ -35,6 +36,7 @@ from moerm.bench.measure import (
 )
 from moerm.bench.presets import BenchConfig, check_moved_keys, run_config
 from moerm.config import ConfigError, from_dict
+from moerm.encoding.trunk import trunk_cache_at_inference
 from moerm.eval.metrics import evaluate_system
 from moerm.runs import train_run
 from moerm.systems.base import SYSTEM_FILE, find_model_dir, load_system
@@ -92,9 +94,13 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
     """Train (or resume) one cell, evaluate it on the held-out pairs, write cell.json atomically."""
     d = cell.dir(out)
     t0 = time.perf_counter()
+    extra = prepared.extra_options(cell.system)
+    if cell.system == "ensemble" and cfg.ensemble_members_from:
+        extra = {**extra, "member_runs": member_cells(cfg, cell, out)}
     rc = run_config(cfg, cell.system, cell.seed, prepared.backbone, prepared.train_paths(cell.system),
                     feature_cache=str((out / "cache" / "features").resolve()),
-                    extra_options=prepared.extra_options(cell.system))
+                    extra_options=extra,
+                    trunk_cache=str((out / "cache" / "trunk").resolve()))
     trained = (d / "train_summary.json").exists() and (d / "model" / SYSTEM_FILE).exists()
     resumed = (d / "config.yaml").exists() and not trained
     if trained:
@@ -113,7 +119,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
         atomic_write_text(params_path, json.dumps(params, indent=2))
     model_dir = find_model_dir(d)
     system = load_system(model_dir, device=cfg.resolved_device())
-    evals = evaluate_cell(cfg, system, prepared.test_pairs(cell.system))
+    with trunk_cache_at_inference() if cfg.eval_trunk_cache else nullcontext():  # top tuning: the trunk once
+        evals = evaluate_cell(cfg, system, prepared.test_pairs(cell.system))
     info = system.describe(model_dir)
     if info.get("backbone") == prepared.backbone:  # the backbone as the bench config names it, not this machine's path
         info["backbone"] = cfg.backbone
@@ -140,6 +147,17 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
         for ckpt in [p for p in d.rglob("checkpoints") if p.is_dir()]:
             shutil.rmtree(ckpt, ignore_errors=True)
     return result
+
+
+def member_cells(cfg: BenchConfig, cell: Cell, out: Path) -> list[str]:
+    """The finished cells (run folders) an ensemble cell combines (`ensemble_members_from`)."""
+    src = str(cfg.ensemble_members_from)
+    cells = [Cell(src, s) for s in cfg.ensemble_member_seeds(cell.seed)]
+    missing = [c.name for c in cells if not (c.dir(out) / "model" / SYSTEM_FILE).exists()]
+    if missing:
+        raise RuntimeError(f"the ensemble of seed {cell.seed} combines the cells {', '.join(c.name for c in cells)}; "
+                           f"{', '.join(missing)} did not finish")
+    return [str(c.dir(out).resolve()) for c in cells]
 
 
 def evaluate_cell(cfg: BenchConfig, system: Any, pairs: list[Any]) -> dict[str, Any]:

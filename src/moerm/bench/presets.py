@@ -150,6 +150,12 @@ class BenchConfig:
     per_system: dict[str, Any] = field(default_factory=dict)  # system -> {model: {...}, train: {...}, options: {...}}
     eval_batch_size: int = 32
     oracle_routing: bool = False  # also evaluate routed systems with each pair's true domain given (upper bound)
+    # top tuning: score the held-out pairs from the bench's trunk cache (its lower blocks once for every system and
+    # seed; rewards within fp16 rounding of uncached scoring); the inference table always runs whole models
+    eval_trunk_cache: bool = True
+    # an ensemble cell combines already trained cells of this system (e.g. baseline) instead of training members:
+    # seed s takes the cells of `members` consecutive seeds from s on (cyclic), so the grid trains them once
+    ensemble_members_from: str | None = None
     device: str = "auto"  # where saved systems are evaluated and timed: auto (cuda when available) | cpu | cuda:N
     threads: int | None = None  # torch CPU threads during the bench (None: torch's default)
     prune_checkpoints: bool = True  # delete a finished cell's training checkpoints (its saved model stays)
@@ -182,6 +188,25 @@ class BenchConfig:
         if "seed" in self.train:
             raise ConfigError("train.seed: the bench sets each run's seed from 'seeds'")
         self._check_groups()
+        src = self.ensemble_members_from
+        if src is not None and "ensemble" in self.systems:
+            if src not in self.systems or self.systems.index(src) > self.systems.index("ensemble"):
+                raise ConfigError(f"ensemble_members_from: {src!r} must be one of the systems, listed before ensemble")
+            members = self.ensemble_members()
+            if members > len(self.seeds):
+                raise ConfigError(f"ensemble_members_from: the ensemble has {members} members but the bench has "
+                                  f"{len(self.seeds)} seeds of {src}; give more seeds or fewer members")
+
+    def ensemble_members(self) -> int:
+        from moerm.systems.ensemble import EnsembleOptions
+
+        options = (self.per_system.get("ensemble") or {}).get("options") or {}
+        return int(options.get("members", EnsembleOptions.members))
+
+    def ensemble_member_seeds(self, seed: int) -> list[int]:
+        """With ensemble_members_from: the seeds of the cells that the ensemble cell of `seed` combines."""
+        i = self.seeds.index(seed)
+        return [self.seeds[(i + k) % len(self.seeds)] for k in range(self.ensemble_members())]
 
     def _check_groups(self) -> None:
         names = [g.name for g in self.groups]
@@ -363,7 +388,8 @@ def system_domains(cfg: BenchConfig, system: str) -> list[str] | None:
 
 
 def run_config(cfg: BenchConfig, system: str, seed: int, backbone: str, train: list[str],
-               feature_cache: str | None = None, extra_options: dict[str, Any] | None = None) -> RunConfig:
+               feature_cache: str | None = None, extra_options: dict[str, Any] | None = None,
+               trunk_cache: str | None = None) -> RunConfig:
     """The RunConfig of one cell: shared settings, then the system's own, then seed and data."""
     data: dict[str, Any] = {
         "system": system,
@@ -373,6 +399,8 @@ def run_config(cfg: BenchConfig, system: str, seed: int, backbone: str, train: l
     }
     if feature_cache is not None and "feature_cache" not in data["model"]:
         data["model"]["feature_cache"] = feature_cache
+    if trunk_cache is not None and "trunk_cache" not in data["model"]:
+        data["model"]["trunk_cache"] = trunk_cache
     own = copy.deepcopy(cfg.per_system.get(system) or {})
     _deep_update(data, {k: v for k, v in own.items() if v is not None and k in RUN_SECTIONS})
     data["options"].update(extra_options or {})

@@ -731,6 +731,12 @@ def report_markdown(res: dict[str, Any]) -> str:
     if res.get("wall"):
         out += ["", wall_markdown(res)]
     out += ["", "## Systems", "", *status]
+    if b.get("ensemble_members_from") and "ensemble" in res["systems"]:
+        out += ["", f"The ensemble trains no members of its own: the ensemble of seed s combines the finished "
+                f"`{b['ensemble_members_from']}` cells of "
+                f"{((b.get('per_system') or {}).get('ensemble') or {}).get('options', {}).get('members', 3)} "
+                "consecutive seeds from s on "
+                "(cyclic), so their training is counted once, in those cells; its train seconds are theirs."]
     if res["failed"]:
         out += ["", "Failed cells (rerun the same command to retry them; the error is in the cell's error.txt):", ""]
         out += [f"- {k}: {v}" for k, v in res["failed"].items()]

@@ -138,6 +138,11 @@ class Backbone(nn.Module):
             inputs["token_type_ids"] = token_type_ids
         if self.decoder_positions and "position_ids" not in inputs:
             inputs["position_ids"] = decoder_position_ids(attention_mask)  # (B, T)
+        if trunk_states is None and self.trunk is not None and not self.training:
+            from moerm.encoding.trunk import inference_states
+
+            cached = inference_states(self, inputs)  # None unless trunk_cache_at_inference() is active
+            trunk_states = cached[0] if cached is not None else None
         if trunk_states is not None:
             if self.trunk is None or self.trunk.like is None:
                 raise ValueError("trunk_states given to a backbone that has no trunk (model.tuning is not top)")

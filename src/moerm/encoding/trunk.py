@@ -15,8 +15,12 @@ the sequence's token ids, so it is computed once and cached:
   `Backbone.forward(trunk_states=...)` runs the model with the trunk's blocks replaced by pass-throughs
   (`modules.experts.fed_from_trunk`), so only the top blocks run, forward and backward.
 
-At inference nothing is cached: the backbone runs whole (the trunk's weights are the pretrained ones), so rewards do
-not depend on the cache. Training reads the trunk's states rounded to fp16, the documented price of the cache.
+At inference nothing is cached by default: the backbone runs whole (the trunk's weights are the pretrained ones), so
+rewards do not depend on the cache. Training reads the trunk's states rounded to fp16, the documented price of the
+cache. Scoring the same texts many times (the bench scores one held-out set with every system and seed) can opt in:
+inside `trunk_cache_at_inference()`, a `top`-tuned backbone in eval mode reads its trunk states from the same cache
+(computing, rounding to fp16 and caching the missing rows), so only its top blocks run. A row's reward is then the
+same whether its states were cached or just computed, and within fp16 rounding of the uncached reward.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -258,3 +263,94 @@ def padded_states(encoded: Sequence[dict[str, Any]], width: int, left: bool) -> 
         else:
             out[b, :n] = rows
     return out
+
+
+class InferenceTrunks:
+    """The trunk caches read while `trunk_cache_at_inference()` is active; rows computed in it wait in memory and
+    are written as shards when they reach SHARD_TOKENS tokens and when the context ends."""
+
+    def __init__(self) -> None:
+        self.caches: dict[tuple[str, str, int, int], TrunkCache] = {}
+        self.pending: dict[tuple[str, str, int, int], dict[str, torch.Tensor]] = {}  # new rows (T_i, H) fp16
+        self.hits = 0  # rows read from the cache
+        self.computed = 0  # rows the trunk ran for
+
+    def cache_of(self, spec: TrunkSpec, hidden: int) -> tuple[tuple[str, str, int, int], TrunkCache]:
+        key = (str(spec.cache_dir), spec.ident, spec.first, hidden)
+        if key not in self.caches:
+            self.caches[key] = TrunkCache(spec.cache_dir, spec.ident, spec.first, hidden)
+            self.pending[key] = {}
+        return key, self.caches[key]
+
+    def flush(self, key: tuple[str, str, int, int] | None = None) -> None:
+        for k in [key] if key is not None else list(self.pending):
+            rows = self.pending[k]
+            if rows:
+                self.caches[k].put(list(rows), list(rows.values()))
+                self.pending[k] = {}
+
+
+_ACTIVE: list[InferenceTrunks] = []
+
+
+@contextmanager
+def trunk_cache_at_inference() -> Iterator[InferenceTrunks]:
+    """While active, `top`-tuned backbones in eval mode score from cached trunk states (see the module docstring)."""
+    trunks = InferenceTrunks()
+    _ACTIVE.append(trunks)
+    try:
+        yield trunks
+    finally:
+        _ACTIVE.remove(trunks)
+        trunks.flush()
+
+
+@torch.no_grad()
+def inference_states(backbone: Any, inputs: dict[str, torch.Tensor], first: int | None = None
+                     ) -> tuple[torch.Tensor, Any] | None:
+    """The trunk states (B, T, H) of a padded batch (zero at padding) and the trunk's output form, from the active
+    inference cache; missing rows are computed and cached. None when no cache is active, the backbone is training,
+    has no trunk, or its trunk does not end at block `first` (when given)."""
+    spec: TrunkSpec | None = backbone.trunk
+    if not _ACTIVE or spec is None or backbone.training or (first is not None and first != spec.first):
+        return None
+    from moerm.modules.experts import transformer_blocks, trunk_states
+
+    trunks = _ACTIVE[-1]
+    key, cache = trunks.cache_of(spec, backbone.hidden_size)
+    pending = trunks.pending[key]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()  # (B, T)
+    types = inputs.get("token_type_ids")
+    keys = []
+    for b in range(ids.shape[0]):
+        enc: dict[str, Any] = {"input_ids": ids[b][mask[b]].cpu().numpy()}
+        if types is not None:
+            enc["token_type_ids"] = types[b][mask[b]].cpu().numpy()
+        keys.append(row_key(enc))
+    missing = [b for b, k in enumerate(keys) if k not in cache.index and k not in pending]
+    _, blocks = transformer_blocks(backbone.model)
+    if missing or spec.like is None:
+        rows = missing or [0]  # all cached but the trunk's output form unknown: run one row to learn it
+        hidden, like = trunk_states(backbone.model, blocks, spec.first, _rows_of(inputs, rows))
+        spec.like = spec.like if spec.like is not None else _form_of(like)
+        for j, b in enumerate(missing):
+            pending.setdefault(keys[b], hidden[j][mask[b]].to(torch.float16).cpu())  # (T_b, H)
+        trunks.computed += len(missing)
+        if sum(t.shape[0] for t in pending.values()) >= SHARD_TOKENS:
+            trunks.flush(key)
+            pending = trunks.pending[key]
+    out = torch.zeros(*ids.shape, backbone.hidden_size)  # (B, T, H)
+    for b, k in enumerate(keys):
+        if k in pending:
+            rows16 = pending[k]
+        else:
+            array, start, n = cache.index[k]
+            rows16 = torch.from_numpy(np.array(array[start : start + n]))
+        out[b, mask[b].cpu()] = rows16.float()
+    trunks.hits += ids.shape[0] - len(missing)
+    return out.to(ids.device), spec.like
+
+
+def _rows_of(inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The given rows of a batch's model inputs (tensors, and per-row lists such as peft's adapter_names)."""
+    return {k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in inputs.items()}

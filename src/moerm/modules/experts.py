@@ -28,6 +28,7 @@ from torch import nn
 
 from moerm.encoding import Backbone, decoder_position_ids, pooled
 from moerm.encoding.adapters import Rows, active_adapter, route_rows
+from moerm.encoding.trunk import inference_states
 from moerm.errors import UserError
 
 BLOCK_LIST_NAMES = ("layer", "layers", "h", "blocks", "block")
@@ -182,7 +183,8 @@ class ExpertBank(nn.Module):
         first = self.first_expert_layer
         repeated = {key: v.repeat_interleave(k, dim=0) for key, v in inputs.items()}  # (N*K, T)
         names = [name for _ in range(n) for name in self.experts]  # row i*K + j -> expert j
-        trunk, like = trunk_states(self.peft, blocks, first, inputs) if first > 0 else (None, None)  # (N, T, H)
+        cached = inference_states(self.backbone, inputs, first) if first > 0 else None  # trunk_cache_at_inference
+        trunk, like = cached or (trunk_states(self.peft, blocks, first, inputs) if first > 0 else (None, None))  # (N, T, H)
         trunk = trunk.repeat_interleave(k, dim=0) if trunk is not None else None  # (N*K, T, H)
 
         def run(rows: Rows, adapter_names: list[str] | None) -> torch.Tensor:

@@ -116,6 +116,9 @@ class RewardSystem(ABC):
     tunings: ClassVar[tuple[str, ...]] = ("full", "lora", "frozen", "top")  # the model.tuning modes it honours
     default_tuning: ClassVar[str] = "full"  # what model.tuning=auto means for it
     top_style: ClassVar[str] = "full"  # model.tuning=top: the top blocks train fully (full) or carry LoRA (lora)
+    # tuning mode -> the head's rate in the default recipe (the run sets no train.lr and no train.head_lr), where the
+    # system's head needs another rate than the tuning mode's (encoding.tuning.DEFAULT_HEAD_LR)
+    default_head_lr: ClassVar[dict[str, float]] = {}
     inference_modes: ClassVar[tuple[str, ...]] = ("default",)  # `score(mode=...)`; the first is the default
     routed: ClassVar[bool] = False  # whether `score` details carry Route.details() (router choice, fallback)
     # The components it trains, each with its train settings over the run's `train` (components.<kind>.train)
@@ -130,6 +133,7 @@ class RewardSystem(ABC):
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, tuning=tuning))
         if config.train.lr is None:  # the tuning mode's default recipe (the saved config records the value)
             lr, head_lr = default_lrs(tuning, self.top_style)
+            head_lr = self.default_head_lr.get(tuning, head_lr)
             head_lr = config.train.head_lr if config.train.head_lr is not None else head_lr
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr, head_lr=head_lr))
         self.config = config

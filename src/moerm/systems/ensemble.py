@@ -35,10 +35,18 @@ class EnsembleOptions:
     members: int = 3
     combine: str = "mean"  # mean | wco (minimum) | uwo (mean - uwo_lambda * variance)
     uwo_lambda: float = 1.0
+    # baseline runs (run or model folders) already trained to combine instead of training members: `fit` loads them
+    # and sets only the reward normalisation; `members` must match their number
+    member_runs: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.members < 1:
             raise UserError("options.members must be at least 1")
+        if self.member_runs and len(self.member_runs) != self.members:
+            raise UserError(f"options.member_runs names {len(self.member_runs)} runs but options.members is "
+                            f"{self.members}: give one run per member")
+        if len(set(self.member_runs)) != len(self.member_runs):
+            raise UserError(f"options.member_runs names a run twice: {self.member_runs}")
         if self.combine not in COMBINE:
             raise UserError(f"options.combine must be one of {', '.join(COMBINE)}; got {self.combine!r}")
 
@@ -55,6 +63,16 @@ def combine(rewards: torch.Tensor, how: str, uwo_lambda: float = 1.0, norm: torc
         var = rewards.var(0, unbiased=False) if rewards.shape[0] > 1 else torch.zeros(rewards.shape[1])
         return rewards.mean(0) - uwo_lambda * var
     raise ValueError(f"unknown combine {how!r}")
+
+
+def _train_seconds(run: Path) -> tuple[float, float | None]:
+    """A reused member's training time and epochs, from its run's train_summary.json (0 and None without one)."""
+    for summary in (run / "train_summary.json", run.parent / "train_summary.json"):
+        if summary.is_file():
+            info = json.loads(summary.read_text())
+            epochs = list((info.get("epochs_per_component") or {}).values())
+            return float(info.get("train_seconds", 0.0)), (epochs[0] if len(epochs) == 1 else None)
+    return 0.0, None
 
 
 @register
@@ -79,6 +97,13 @@ class EnsembleSystem(RewardSystem):
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         result = FitResult({})
         self.members = []
+        if self.opts.member_runs:
+            for i, run in enumerate(self.opts.member_runs):
+                self.members.append(self._trained_member(Path(run)))
+                result.seconds_per_component[f"member:{i}"], result.epochs_per_component[f"member:{i}"] = (
+                    _train_seconds(Path(run)))
+            self.norm = self._reward_stats(train)
+            return result
         for i in range(self.opts.members):
             rm = BaselineSystem(self._member_config(i))
             result.merge(rm.fit(train, eval, FitContext(ctx.out_dir / "components" / f"member-{i}", ctx.resume,
@@ -86,6 +111,20 @@ class EnsembleSystem(RewardSystem):
             self.members.append(rm)
         self.norm = self._reward_stats(train)
         return result
+
+    def _trained_member(self, run: Path) -> BaselineSystem:
+        """A member from options.member_runs: a saved baseline on this ensemble's backbone and max_length."""
+        if not run.exists():
+            raise UserError(f"options.member_runs: {run} does not exist")
+        member = load_system(run)
+        if not isinstance(member, BaselineSystem):
+            raise UserError(f"options.member_runs: {run} holds a {member.name!r} system; members are baseline RMs")
+        mine, theirs = self.config.model, member.config.model
+        for key in ("max_length",):
+            if getattr(mine, key) != getattr(theirs, key):
+                raise UserError(f"options.member_runs: {run} has model.{key}={getattr(theirs, key)!r}; this "
+                                f"ensemble has {getattr(mine, key)!r}")
+        return member
 
     def _reward_stats(self, train: Sequence[PreferencePair]) -> torch.Tensor:
         """(K, 2): each member's reward mean and std over the replies of a fixed sample of training pairs."""

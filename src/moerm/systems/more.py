@@ -54,6 +54,11 @@ class MoRESystem(BaselineSystem):
 
     name = "more"
     options_class = MoREOptions
+    # The regression reads LayerNormed features (unit scale per dimension, not the backbone's small pooled ones), so
+    # at the backbone's top rate (1e-3) its reward moves several times faster than the linear head's: on
+    # cpu-medium's data (100 pairs per domain, top-1) training diverged early (loss 1.47 at step 20) and ended at
+    # chance (50.0% held-out); with head_lr 1e-4, 57.2% (docs/RESULTS.md, the MoRE head rate).
+    default_head_lr = {"full": 1e-4, "top": 1e-4}
 
     @classmethod
     def make_head(cls, config: RunConfig, hidden_size: int) -> nn.Module:
