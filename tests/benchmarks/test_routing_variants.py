@@ -85,3 +85,47 @@ def test_rows_match_moerm_eval_and_ood_separates_the_left_out_domain(tiny_bert, 
     assert knn["left_out"]["fallback_rate"] >= 0.8 and knn["in_domain"]["fallback_rate"] <= 0.25
     assert knn["left_out"]["load"] >= 1.8  # a mixture fallback runs every domain RM (2 here)
     assert set(result["baseline"]) == {"in_domain", "left_out"}
+
+
+def test_trunk_router_reads_the_rms_trunk_states(tiny_bert, tmp_path):
+    from moerm.modules.experts import transformer_blocks, trunk_states
+
+    torch.manual_seed(0)
+    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40, tuning="top", trainable_layers=1,
+                                                      feature_cache=str(tmp_path / "cache"),
+                                                      trunk_cache=str(tmp_path / "trunk")),
+                    train=TrainConfig(lr=1e-2, batch_size=8, epochs=2, save_every=0),
+                    components={"router": {"train": {"epochs": 20, "lr": 1e-2}}})
+    system = build_system(cfg)
+    system.fit(domain_pairs("alpha", 32, 1) + domain_pairs("beta", 32, 2), None,
+               FitContext(tmp_path / "run", progress=False))
+    system.save(tmp_path / "run" / "model")
+    data = tmp_path / "data"
+    inside = domain_pairs("alpha", 16, 3) + domain_pairs("beta", 16, 4)
+    write_jsonl(inside[:16], data / "alpha" / "test.jsonl")
+    write_jsonl(inside[16:], data / "beta" / "test.jsonl")
+    mod = _load_script()
+    result = mod.main([str(tmp_path / "run"), "--data", str(data), "--lengths", "16", "--tunings", "frozen,trunk",
+                       "--modes", "hard", "--ood", "none"])
+    trunk = next(r for r in result["rows"] if r["router_tuning"] == "trunk")
+    assert trunk["router_accuracy"] >= 0.9  # the two domains' prompt prefixes differ
+
+    loaded = load_system(tmp_path / "run")
+    router, _, feats = mod.train_router(loaded, 16, "trunk", 0, tmp_path / "again")
+    assert feats.shape == (len(loaded.router_examples), router.backbone.hidden_size)
+    enc = router.encoder.encode_single(loaded.router_examples[0][0])
+    _, blocks = transformer_blocks(router.backbone.model)
+    batch = {k: torch.tensor([v]) for k, v in enc.items()}
+    router.backbone.eval()
+    with torch.no_grad():
+        hidden, _ = trunk_states(router.backbone.model, blocks, 1, batch)  # block 1's input: the trunk's output
+    torch.testing.assert_close(feats[0], hidden[0].mean(0), atol=1e-5, rtol=0)
+
+
+def test_trunk_router_needs_a_top_tuned_run(tiny_bert, tmp_path):
+    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40))
+    system = build_system(cfg)
+    mod = _load_script()
+    import pytest
+    with pytest.raises(SystemExit, match="model.tuning: top"):
+        mod.TrunkRouter(system.config, system.opts, ["alpha", "beta"])
