@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 RUN ?= runs/demo
 
-.PHONY: setup setup-dev demo test bench bench-medium clean
+.PHONY: setup setup-dev demo test bench bench-medium bench-small clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,14 +37,16 @@ demo: setup
 test: setup-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-## bench: every system side by side on a per-domain sample with the embedded MiniLM (docs/BENCH.md; ~45-60 min)
+## bench: every system x 3 seeds on 15 domains of ../shared/data, 500 pairs per domain, 2 epochs, top tuning, three
+## domain groups and the issue-12 targets (the cpu-medium preset; docs/BENCH.md; 80 min on 2 cores)
 bench: setup
-	HF_HUB_OFFLINE=1 $(BIN)/moerm bench --preset cpu-small --out runs/bench-cpu-small
-
-## bench-medium: every system x 3 seeds, 500 pairs per domain, 2 epochs, top tuning, three domain groups and the
-## issue-12 targets (docs/BENCH.md; about 3 h on 2 cores: configs/bench/cpu-medium.yaml has the budget)
-bench-medium: setup
 	HF_HUB_OFFLINE=1 $(BIN)/moerm bench --preset cpu-medium --out runs/bench-cpu-medium
+
+bench-medium: bench
+
+## bench-small: the quick preset, every system once per seed on a per-domain sample with full fine-tuning (~45-60 min)
+bench-small: setup
+	HF_HUB_OFFLINE=1 $(BIN)/moerm bench --preset cpu-small --out runs/bench-cpu-small
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """Routing that loses less (issue 12 section 3). On one trained RODOS run, with its domain RMs fixed: router variants
-(prompt length, router tuning, or a router on the RMs' trunk states) x routing modes (hard top-1, soft top-k mix, confidence-gated) x out-of-distribution
-detectors, with in-domain and left-out domains side by side.
+(prompt length; router tuning, a router on the trunk states among them) x routing modes (hard top-1, soft top-k mix,
+confidence-gated) x out-of-distribution detectors, with in-domain and left-out domains side by side.
 
     .venv/bin/python benchmarks/routing_variants.py runs/demo/rodos --data examples/data \\
         --left-out ../shared/data/rmbench_chat --left-out ../shared/data/rmbench_code \\
@@ -37,13 +37,11 @@ from typing import Any, Sequence
 import torch
 
 from moerm.data.readers import load_pairs
-from moerm.encoding.trunk import compute_trunk
-from moerm.encoding.tuning import set_trunk
 from moerm.data.schema import PreferencePair
 from moerm.systems import load_system
 from moerm.systems.base import FitContext
 from moerm.systems.routing import (
-    FeatureTexts, OODCheck, OODDetector, Route, Router, combine_rewards, decide_routes, rm_passes,
+    OODCheck, OODDetector, Route, Router, combine_rewards, decide_routes, rm_passes,
 )
 
 
@@ -128,44 +126,13 @@ def ood_checks(detector: OODDetector, quantile: float, inside: tuple[torch.Tenso
             OODCheck(detector.kind, s_out, s_out > detector.threshold, detector.threshold), info)
 
 
-class TrunkRouter(Router):
-    """A router on trunk states: the classifier reads the mean of the prompt's token states at the output of the
-    domain RMs' frozen trunk (`model.tuning: top`: the embeddings and the blocks below the trained top ones, whose
-    pretrained weights every domain RM shares) instead of the final layer's pooled output."""
-
-    def __init__(self, config: Any, opts: Any, domains: list[str]):
-        if config.model.tuning != "top":
-            raise SystemExit("--tunings trunk needs a RODOS run trained with model.tuning: top (its RMs' trunk)")
-        super().__init__(config, dataclasses.replace(opts, router_tuning="frozen"), domains)
-        set_trunk(self.backbone, config.model)
-
-    def trunk_features(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-        """(N, H): the mean over each prompt's tokens of its trunk states."""
-        encodings = [self.encoder.encode_single(p) for p in prompts]
-        states = compute_trunk(self.backbone, encodings, self.encoder, batch_size) if encodings else []
-        return torch.stack([s.mean(0) for s in states]) if states else torch.empty(0, self.backbone.hidden_size)
-
-    def _features(self, examples: Sequence[tuple[str, str]], ctx: Any, desc: str) -> FeatureTexts:
-        index = {d: i for i, d in enumerate(self.domains)}
-        return FeatureTexts(self.trunk_features([p for p, _ in examples], self.config.train.eval_batch_size),
-                            torch.tensor([index[d] for _, d in examples], dtype=torch.long))
-
-    def outputs(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        self.model.eval()
-        feats = self.trunk_features(prompts, batch_size)  # (N, H)
-        with torch.no_grad():
-            probs = torch.softmax(self.model.classifier(feats.to(self._device())).float(), -1).cpu()  # (N, D)
-        return probs, feats
-
-
 def train_router(system: Any, length: int, tuning: str, seed: int, tmp: Path) -> tuple[Router, float, torch.Tensor]:
     """A router retrained on the run's own router prompts; returns it, its training seconds and the training
-    prompts' features (a frozen or trunk router's: the ones its training read). `tuning` trunk: `TrunkRouter`."""
-    opts = dataclasses.replace(system.opts, router_max_length=length, ood="none", routing="hard", min_confidence=0.0,
-                               router_tuning="frozen" if tuning == "trunk" else tuning)
+    prompts' features (a frozen or trunk router's: the ones its training read)."""
+    opts = dataclasses.replace(system.opts, router_max_length=length, router_tuning=tuning, ood="none",
+                               routing="hard", min_confidence=0.0)
     torch.manual_seed(seed)
-    router = TrunkRouter(system.config, opts, system.domains) if tuning == "trunk" else Router(
-        system.config, opts, system.domains)
+    router = Router(system.config, opts, system.domains)
     ctx = FitContext(tmp, progress=False)
     t0 = time.perf_counter()
     router.fit(system.router_examples, tmp, ctx, system.train_config("router"))
@@ -183,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--left-out", action="append", default=[], help="pairs of domains the run was not trained on")
     ap.add_argument("--lengths", default="32,256", help="router prompt lengths (tokens) to retrain routers with")
     ap.add_argument("--tunings", default="frozen", help="router tunings: frozen, lora, full, trunk (a classifier on "
-                    "the prompt's mean trunk states; needs a top-tuned run)")
+                    "the prompt's mean states at the output of the frozen trunk: options.router_tuning=trunk)")
     ap.add_argument("--modes", default="hard,soft,gated")
     ap.add_argument("--top-k", type=int, default=2, help="soft/gated: domain RMs in the mix (0: all)")
     ap.add_argument("--min-confidence", type=float, default=0.6, help="gated: top-1 at or above this probability")

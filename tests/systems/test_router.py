@@ -52,3 +52,31 @@ def test_router_accuracy_is_measured_on_held_out_prompts(tiny_bert, tmp_path):
     assert result.metrics["router:eval_accuracy"] == by_hand
     _, no_eval = _fit(tiny_bert, tmp_path / "b")
     assert "router:eval_accuracy" not in no_eval.metrics  # no held-out prompts: no (training-set) number
+
+
+def test_trunk_router_routes_on_the_trunk_states_and_reloads(tiny_bert, tmp_path):
+    """options.router_tuning=trunk: a classifier on the prompt's mean trunk states (the input of the first of the top
+    model.trainable_layers blocks); it learns the easy prefix task, and the saved router gives the same probabilities."""
+    from moerm.modules.experts import transformer_blocks, trunk_states
+    from moerm.systems.routing import Router, RouterOptions
+
+    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40, trainable_layers=1),
+                    train=TrainConfig(lr=1e-2, batch_size=8, epochs=20, save_every=0))
+    examples = [(f"tell me about the topic {i}", "alpha") for i in range(24)] + [
+        (f"please explain why {i}", "beta") for i in range(24)]
+    opts = RouterOptions(router_tuning="trunk", router_max_length=16)
+    torch.manual_seed(0)
+    router = Router(cfg, opts, ["alpha", "beta"])
+    router.fit(examples, tmp_path / "router", FitContext(tmp_path, progress=False), cfg.train)
+    prompts = ["tell me about the topic x", "please explain why y"]
+    probs, feats = router.outputs(prompts)
+    assert probs.argmax(-1).tolist() == [0, 1]
+    enc = router.encoder.encode_single(prompts[0])
+    _, blocks = transformer_blocks(router.backbone.model)
+    router.backbone.eval()
+    with torch.no_grad():
+        hidden, _ = trunk_states(router.backbone.model, blocks, 1, {k: torch.tensor([v]) for k, v in enc.items()})
+    torch.testing.assert_close(feats[0], hidden[0].mean(0), atol=1e-5, rtol=0)  # block 1's input, not the output
+    router.save(tmp_path / "saved")
+    again = Router.load(tmp_path / "saved", cfg, opts, ["alpha", "beta"])
+    torch.testing.assert_close(again.outputs(prompts)[0], probs, atol=1e-6, rtol=0)

@@ -24,7 +24,8 @@ from moerm.data.schema import PreferencePair
 from moerm.encoding import Backbone, PairEncoder, backbone_kwargs, load_backbone, make_encoder
 from moerm.encoding.cache import frozen_features
 from moerm.errors import UserError
-from moerm.encoding.tuning import apply_tuning, restore_adapters, save_backbone, saved_backbone_path
+from moerm.encoding.trunk import compute_trunk
+from moerm.encoding.tuning import apply_tuning, restore_adapters, save_backbone, saved_backbone_path, set_trunk
 from moerm.modules.router import DomainClassifier
 from moerm.systems.components import ComponentFit, fit_component
 from moerm.train.checkpoint import atomic_save_safetensors
@@ -37,6 +38,7 @@ ROUTER_PROMPTS = "router_prompts.jsonl.gz"
 ROUTER_DEFAULTS = {"lr": 1e-3, "head_lr": None, "epochs": 3.0, "max_steps": None}  # head_lr None: = lr
 ROUTING_MODES = ("hard", "soft", "gated")
 OOD_KINDS = ("none", "entropy", "knn", "mahalanobis")
+ROUTER_TUNINGS = ("frozen", "full", "lora", "trunk")
 OOD_FILES = {"json": "ood.json", "tensors": "ood.safetensors"}  # inside the router folder: versioned with it
 
 
@@ -44,7 +46,10 @@ OOD_FILES = {"json": "ood.json", "tensors": "ood.safetensors"}  # inside the rou
 class RouterOptions:
     """Options shared by routed systems (set with --set options.KEY=VALUE)."""
 
-    router_tuning: str = "frozen"  # frozen: cached prompt features + linear classifier; full: fine-tune a backbone; lora: LoRA + classifier
+    # frozen: cached prompt features + linear classifier; full: fine-tune a backbone; lora: LoRA + classifier; trunk: a
+    # linear classifier on the mean of the prompt's states at the output of the frozen trunk (the pretrained lower
+    # blocks below the top model.trainable_layers: the trunk of `top` tuning), cheaper than the frozen router's pass
+    router_tuning: str = "frozen"
     min_confidence: float = 0.0  # below it the router's choice is not trusted: fall back
     fallback: str = "mixture"  # mixture: probability-weighted sum of the domain RMs; general: an RM on all domains
     max_router_prompts_per_domain: int = 2000
@@ -62,8 +67,8 @@ class RouterOptions:
     ood_quantile: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.router_tuning not in ("frozen", "full", "lora"):
-            raise UserError(f"options.router_tuning must be frozen, full or lora; got {self.router_tuning!r}")
+        if self.router_tuning not in ROUTER_TUNINGS:
+            raise UserError(f"options.router_tuning must be frozen, full, lora or trunk; got {self.router_tuning!r}")
         if self.fallback not in ("mixture", "general"):
             raise UserError(f"options.fallback must be 'mixture' or 'general'; got {self.fallback!r}")
         if not 0.0 <= self.min_confidence <= 1.0:
@@ -475,16 +480,20 @@ def rm_passes(routes: Sequence[Route]) -> float:
 
 
 class Router:
-    """A DomainClassifier over prompts: on a frozen backbone (cached features), fine-tuned fully, or with LoRA."""
+    """A DomainClassifier over prompts: on a frozen backbone (cached features), fine-tuned fully, with LoRA, or on the
+    frozen trunk's states (`trunk`)."""
 
     def __init__(self, config: RunConfig, opts: RouterOptions, domains: list[str], backbone: Backbone | None = None):
         self.config, self.opts, self.domains = config, opts, list(domains)
         m = config.model
+        self.tuning = "frozen" if opts.router_tuning == "trunk" else opts.router_tuning  # how its backbone is kept
         if backbone is None:
             backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
-            apply_tuning(backbone, opts.router_tuning, m)  # lora: only the adapter and the classifier train
-        elif opts.router_tuning == "frozen":
+            apply_tuning(backbone, self.tuning, m)  # lora: only the adapter and the classifier train
+        elif self.tuning == "frozen":
             backbone.requires_grad_(False)
+        if opts.router_tuning == "trunk":
+            set_trunk(backbone, m)  # its features: the trunk's output, model.trainable_layers below the top
         self.backbone = backbone
         self.model = DomainClassifier(self.backbone, self.backbone.hidden_size, len(self.domains))
         self.encoder = make_encoder(m.backbone, opts.router_max_length)
@@ -492,6 +501,11 @@ class Router:
         self.detector: OODDetector | None = None  # options.ood: fitted by `fit`, saved in the router folder
 
     def _features(self, examples: Sequence[tuple[str, str]], ctx: Any, desc: str) -> FeatureTexts:
+        if self.opts.router_tuning == "trunk":
+            index = {d: i for i, d in enumerate(self.domains)}
+            rows = [self.encoder.encode_single(p) for p, _ in examples]
+            return FeatureTexts(self._trunk_features(rows, self.config.train.eval_batch_size),
+                                torch.tensor([index[d] for _, d in examples], dtype=torch.long))
         feats = frozen_features(self.backbone, self.encoder, self.config.model, [p for p, _ in examples], None,
                                 self.config.train.eval_batch_size, desc, ctx.progress)  # (N, H)
         index = {d: i for i, d in enumerate(self.domains)}
@@ -501,7 +515,7 @@ class Router:
             eval_examples: Sequence[tuple[str, str]] = ()) -> ComponentFit:
         """Train on `examples`; `eval_examples` (held-out prompts, unknown domains dropped) give its eval accuracy."""
         held_out = [(p, d) for p, d in eval_examples if d in self.domains]
-        if self.opts.router_tuning == "frozen":
+        if self.tuning == "frozen":  # frozen and trunk: a classifier on precomputed features
             data: PromptTexts | FeatureTexts = self._features(examples, ctx, "features (router)")
             eval_data = self._features(held_out, ctx, "features (router eval)") if held_out else None
             module: nn.Module = DomainClassifier(None, self.backbone.hidden_size, len(self.domains))
@@ -563,10 +577,19 @@ class Router:
         device = self._device()
 
         def features(rows: list[dict[str, list[int]]]) -> torch.Tensor:
+            if self.opts.router_tuning == "trunk":
+                return self._trunk_features(rows, len(rows)).to(device)  # (b, H)
             b = {k: v.to(device) for k, v in self.encoder.pad(rows).items()}  # (b, T)
             return self.backbone(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))  # (b, H)
 
         return prompt_outputs(prompts, self.encoder, features, self.model.classifier, len(self.domains), batch_size)
+
+    def _trunk_features(self, rows: Sequence[dict[str, list[int]]], batch_size: int) -> torch.Tensor:
+        """(N, H): per encoded prompt, the mean over its tokens of the frozen trunk's output states."""
+        if not rows:
+            return torch.empty(0, self.backbone.hidden_size)
+        states = compute_trunk(self.backbone, list(rows), self.encoder, batch_size)  # (T_i, H) each
+        return torch.stack([s.mean(0) for s in states])
 
     def probs(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """(N, D) routing probabilities; each distinct prompt is classified once."""
@@ -589,16 +612,16 @@ class Router:
 
     def save(self, path: Path) -> None:
         atomic_save_safetensors(self.model.classifier.state_dict(), path / "classifier.safetensors")
-        save_backbone(self.backbone, self.opts.router_tuning, path, self.encoder.tokenizer)
+        save_backbone(self.backbone, self.tuning, path, self.encoder.tokenizer)
         if self.detector is not None:
             self.detector.save(path)
 
     @classmethod
     def load(cls, path: Path, config: RunConfig, opts: RouterOptions, domains: list[str]) -> "Router":
         m = config.model
-        backbone = load_backbone(saved_backbone_path(opts.router_tuning, path, m.backbone), m.pooling,
-                                 **backbone_kwargs(config))
-        restore_adapters(backbone, opts.router_tuning, path, trainable=False)
+        tuning = "frozen" if opts.router_tuning == "trunk" else opts.router_tuning
+        backbone = load_backbone(saved_backbone_path(tuning, path, m.backbone), m.pooling, **backbone_kwargs(config))
+        restore_adapters(backbone, tuning, path, trainable=False)
         router = cls(config, opts, domains, backbone=backbone)
         router.model.classifier.load_state_dict(load_file(str(path / "classifier.safetensors")))
         router.detector = OODDetector.load(path)
