@@ -43,20 +43,26 @@ def foreign_pairs(n, seed):
             for p in toy_pairs(n, seed, "zeta")]
 
 
-def test_rows_match_moerm_eval_and_ood_separates_the_left_out_domain(tiny_bert, tmp_path):
+def rodos_run(tiny_bert, tmp_path, lr=5e-4, router_epochs=3, trainable_layers=2):
+    """A tiny RODOS run in tmp_path/run, and the in-domain held-out pairs written to tmp_path/data."""
     torch.manual_seed(0)
-    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40,
+    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40, trainable_layers=trainable_layers,
                                                       feature_cache=str(tmp_path / "cache")),
-                    train=TrainConfig(lr=5e-4, batch_size=8, epochs=3, save_every=0),
-                    components={"router": {"train": {"epochs": 3, "lr": 1e-2}}})
+                    train=TrainConfig(lr=lr, batch_size=8, epochs=3, save_every=0),
+                    components={"router": {"train": {"epochs": router_epochs, "lr": 1e-2}}})
     system = build_system(cfg)
     system.fit(domain_pairs("alpha", 32, 1) + domain_pairs("beta", 32, 2), None,
                FitContext(tmp_path / "run", progress=False))
     system.save(tmp_path / "run" / "model")
-    data, left = tmp_path / "data", tmp_path / "left"
     inside = domain_pairs("alpha", 16, 3) + domain_pairs("beta", 16, 4)
-    write_jsonl(inside[:16], data / "alpha" / "test.jsonl")
-    write_jsonl(inside[16:], data / "beta" / "test.jsonl")
+    write_jsonl(inside[:16], tmp_path / "data" / "alpha" / "test.jsonl")
+    write_jsonl(inside[16:], tmp_path / "data" / "beta" / "test.jsonl")
+    return system, inside
+
+
+def test_rows_match_moerm_eval_and_ood_separates_the_left_out_domain(tiny_bert, tmp_path):
+    _, inside = rodos_run(tiny_bert, tmp_path)
+    data, left = tmp_path / "data", tmp_path / "left"
     write_jsonl(foreign_pairs(16, 5), left / "zeta" / "test.jsonl")
     out = tmp_path / "variants.json"
     mod = _load_script()
@@ -88,23 +94,10 @@ def test_rows_match_moerm_eval_and_ood_separates_the_left_out_domain(tiny_bert, 
 
 
 def test_trunk_router_rows(tiny_bert, tmp_path):
-    torch.manual_seed(0)
-    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40, tuning="top", trainable_layers=1,
-                                                      feature_cache=str(tmp_path / "cache"),
-                                                      trunk_cache=str(tmp_path / "trunk")),
-                    train=TrainConfig(lr=1e-2, batch_size=8, epochs=2, save_every=0),
-                    components={"router": {"train": {"epochs": 20, "lr": 1e-2}}})
-    system = build_system(cfg)
-    system.fit(domain_pairs("alpha", 32, 1) + domain_pairs("beta", 32, 2), None,
-               FitContext(tmp_path / "run", progress=False))
-    system.save(tmp_path / "run" / "model")
-    data = tmp_path / "data"
-    inside = domain_pairs("alpha", 16, 3) + domain_pairs("beta", 16, 4)
-    write_jsonl(inside[:16], data / "alpha" / "test.jsonl")
-    write_jsonl(inside[16:], data / "beta" / "test.jsonl")
+    system, _ = rodos_run(tiny_bert, tmp_path, router_epochs=20, trainable_layers=1)  # the trunk: block 0
     mod = _load_script()
-    result = mod.main([str(tmp_path / "run"), "--data", str(data), "--lengths", "16", "--tunings", "frozen,trunk",
-                       "--modes", "hard", "--ood", "none"])
+    result = mod.main([str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--lengths", "16",
+                       "--tunings", "frozen,trunk", "--modes", "hard", "--ood", "none"])
     trunk = next(r for r in result["rows"] if r["router_tuning"] == "trunk")
     assert trunk["router_accuracy"] >= 0.9  # the two domains' prompt prefixes differ
     router, _, feats = mod.train_router(load_system(tmp_path / "run"), 16, "trunk", 0, tmp_path / "again")
