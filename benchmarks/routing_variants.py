@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import shlex
 import sys
@@ -126,16 +127,19 @@ def ood_checks(detector: OODDetector, quantile: float, inside: tuple[torch.Tenso
             OODCheck(detector.kind, s_out, s_out > detector.threshold, detector.threshold), info)
 
 
-def train_router(system: Any, length: int, tuning: str, seed: int, tmp: Path) -> tuple[Router, float, torch.Tensor]:
-    """A router retrained on the run's own router prompts; returns it, its training seconds and the training
-    prompts' features (a frozen or trunk router's: the ones its training read)."""
+def train_router(system: Any, length: int, tuning: str, seed: int, tmp: Path, epochs: float | None = None
+                 ) -> tuple[Router, float, torch.Tensor]:
+    """A router retrained on the run's own router prompts (`epochs`: its training epochs, default the run's); returns
+    it, its training seconds and the training prompts' features (a frozen or trunk router's: the ones it read)."""
     opts = dataclasses.replace(system.opts, router_max_length=length, router_tuning=tuning, ood="none",
                                routing="hard", min_confidence=0.0)
     torch.manual_seed(seed)
     router = Router(system.config, opts, system.domains)
     ctx = FitContext(tmp, progress=False)
     t0 = time.perf_counter()
-    router.fit(system.router_examples, tmp, ctx, system.train_config("router"))
+    train_cfg = system.train_config("router")
+    router.fit(system.router_examples, tmp, ctx,
+               train_cfg if epochs is None else dataclasses.replace(train_cfg, epochs=epochs))
     seconds = time.perf_counter() - t0
     prompts = [p for p, _ in system.router_examples]
     feats = (router._features(system.router_examples, ctx, "features (router)").features
@@ -151,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lengths", default="32,256", help="router prompt lengths (tokens) to retrain routers with")
     ap.add_argument("--tunings", default="frozen", help="router tunings: frozen, lora, full, trunk (a classifier on "
                     "the prompt's mean states at the output of the frozen trunk: options.router_tuning=trunk)")
+    ap.add_argument("--router-epochs", default="", help="comma-separated router training epochs to retrain with "
+                    "(default: the run's own components.router.train.epochs)")
     ap.add_argument("--modes", default="hard,soft,gated")
     ap.add_argument("--top-k", type=int, default=2, help="soft/gated: domain RMs in the mix (0: all)")
     ap.add_argument("--min-confidence", type=float, default=0.6, help="gated: top-1 at or above this probability")
@@ -210,35 +216,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     labels = torch.tensor([index[d] for _, d in system.router_examples])
     modes = args.modes.split(",")
     kinds = args.ood.split(",")
-    for tuning in args.tunings.split(","):
-        for length in (int(x) for x in args.lengths.split(",")):
-            with tempfile.TemporaryDirectory() as tmp:
-                router, seconds, train_feats = train_router(system, length, tuning, args.seed, Path(tmp))
-            out_in = router.outputs(p_in, args.batch_size)
-            out_out = router.outputs(p_out, args.batch_size) if p_out else (torch.empty(0, len(domains)),
-                                                                             torch.empty(0, train_feats.shape[-1]))
-            router_acc = sum(domains[int(j)] == p.domain for j, p in zip(out_in[0].argmax(-1), inside)) / len(inside)
-            routed_to = defaultdict(lambda: defaultdict(int))
-            for j, p in zip(out_out[0].argmax(-1), outside):
-                routed_to[p.domain][domains[int(j)]] += 1
-            checks: dict[str, tuple[OODCheck | None, OODCheck | None, dict[str, Any]]] = {"none": (None, None, {})}
+    epochs_list: list[float | None] = [float(x) for x in args.router_epochs.split(",") if x] or [None]
+    for tuning, length, epochs in itertools.product(args.tunings.split(","), (int(x) for x in args.lengths.split(",")),
+                                                    epochs_list):
+        with tempfile.TemporaryDirectory() as tmp:
+            router, seconds, train_feats = train_router(system, length, tuning, args.seed, Path(tmp), epochs)
+        out_in = router.outputs(p_in, args.batch_size)
+        out_out = router.outputs(p_out, args.batch_size) if p_out else (torch.empty(0, len(domains)),
+                                                                         torch.empty(0, train_feats.shape[-1]))
+        router_acc = sum(domains[int(j)] == p.domain for j, p in zip(out_in[0].argmax(-1), inside)) / len(inside)
+        routed_to = defaultdict(lambda: defaultdict(int))
+        for j, p in zip(out_out[0].argmax(-1), outside):
+            routed_to[p.domain][domains[int(j)]] += 1
+        checks: dict[str, tuple[OODCheck | None, OODCheck | None, dict[str, Any]]] = {"none": (None, None, {})}
+        for kind in kinds:
+            if kind != "none":
+                detector = OODDetector.fit(kind, train_feats, labels, len(domains))
+                checks[kind] = ood_checks(detector, args.ood_quantile, out_in, fold, out_out)
+        for mode in modes:
+            opts = dataclasses.replace(system.opts, routing=mode, routing_top_k=args.top_k, ood="none",
+                                       min_confidence=args.min_confidence if mode == "gated" else 0.0)
             for kind in kinds:
-                if kind != "none":
-                    detector = OODDetector.fit(kind, train_feats, labels, len(domains))
-                    checks[kind] = ood_checks(detector, args.ood_quantile, out_in, fold, out_out)
-            for mode in modes:
-                opts = dataclasses.replace(system.opts, routing=mode, routing_top_k=args.top_k, ood="none",
-                                           min_confidence=args.min_confidence if mode == "gated" else 0.0)
-                for kind in kinds:
-                    c_in, c_out, info = checks[kind]
-                    row = {"router_tuning": tuning, "router_max_length": length, "routing": mode, "ood": kind,
-                           "top_k": args.top_k if mode != "hard" else 1,
-                           "min_confidence": opts.min_confidence, "router_accuracy": router_acc,
-                           "router_train_seconds": seconds, **({"ood_threshold": info} if info else {}),
-                           "in_domain": evaluate(decide_routes(out_in[0], domains, None, opts, c_in), s_in, inside),
-                           "left_out": evaluate(decide_routes(out_out[0], domains, None, opts, c_out), s_out, outside),
-                           "left_out_routed_to": {d: dict(v) for d, v in sorted(routed_to.items())}}
-                    result["rows"].append(row)
+                c_in, c_out, info = checks[kind]
+                row = {"router_tuning": tuning, "router_max_length": length, "routing": mode, "ood": kind,
+                       "top_k": args.top_k if mode != "hard" else 1,
+                       "min_confidence": opts.min_confidence, "router_accuracy": router_acc,
+                       "router_epochs": epochs if epochs is not None else system.train_config("router").epochs,
+                       "router_train_seconds": seconds, **({"ood_threshold": info} if info else {}),
+                       "in_domain": evaluate(decide_routes(out_in[0], domains, None, opts, c_in), s_in, inside),
+                       "left_out": evaluate(decide_routes(out_out[0], domains, None, opts, c_out), s_out, outside),
+                       "left_out_routed_to": {d: dict(v) for d, v in sorted(routed_to.items())}}
+                result["rows"].append(row)
     print_tables(result)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +280,7 @@ def print_tables(result: dict[str, Any]) -> None:
         mode += f" p>={row['min_confidence']}" if row["routing"] == "gated" else ""
         right = (f"{_pct(o['macro_accuracy'])} | {_pct(o['fallback_rate'])} | {o['load']:.2f} |" if o
                  else "- | - | - |")
-        print(f"| {row['router_tuning']} {row['router_max_length']} | {mode} | {row['ood']} | "
+        print(f"| {row['router_tuning']} {row['router_max_length']}, {row['router_epochs']:g} ep | {mode} | {row['ood']} | "
               f"{_pct(row['router_accuracy'])} | {_pct(i['macro_accuracy'])} | {_pct(i['fallback_rate'])} | "
               f"{i['load']:.2f} | " + right)
 

@@ -97,8 +97,9 @@ def test_trunk_router_rows(tiny_bert, tmp_path):
     system, _ = rodos_run(tiny_bert, tmp_path, router_epochs=20, trainable_layers=1)  # the trunk: block 0
     mod = _load_script()
     result = mod.main([str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--lengths", "16",
-                       "--tunings", "frozen,trunk", "--modes", "hard", "--ood", "none"])
-    trunk = next(r for r in result["rows"] if r["router_tuning"] == "trunk")
-    assert trunk["router_accuracy"] >= 0.9  # the two domains' prompt prefixes differ
+                       "--tunings", "frozen,trunk", "--router-epochs", "20,1", "--modes", "hard", "--ood", "none"])
+    rows = {(r["router_tuning"], r["router_epochs"]): r for r in result["rows"]}
+    assert set(rows) == {("frozen", 20), ("frozen", 1), ("trunk", 20), ("trunk", 1)}
+    assert rows[("trunk", 20)]["router_accuracy"] >= 0.9  # the two domains' prompt prefixes differ
     router, _, feats = mod.train_router(load_system(tmp_path / "run"), 16, "trunk", 0, tmp_path / "again")
     assert router.opts.router_tuning == "trunk" and feats.shape[0] == len(system.router_examples)
