@@ -16,11 +16,11 @@ training (train_summary.json + model/) is only evaluated; a killed one continues
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
 import json
 import shutil
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

@@ -198,10 +198,7 @@ class BenchConfig:
                                   f"{len(self.seeds)} seeds of {src}; give more seeds or fewer members")
 
     def ensemble_members(self) -> int:
-        from moerm.systems.ensemble import EnsembleOptions
-
-        options = (self.per_system.get("ensemble") or {}).get("options") or {}
-        return int(options.get("members", EnsembleOptions.members))
+        return ensemble_members(self.per_system)
 
     def ensemble_member_seeds(self, seed: int) -> list[int]:
         """With ensemble_members_from: the seeds of the cells that the ensemble cell of `seed` combines."""
@@ -385,6 +382,14 @@ def system_domains(cfg: BenchConfig, system: str) -> list[str] | None:
             raise ConfigError(f"per_system.{system}.domains[{i}]: {entry!r} is neither a group "
                               f"({', '.join(groups) or 'none'}) nor one of the bench's domains")
     return out
+
+
+def ensemble_members(per_system: dict[str, Any]) -> int:
+    """How many members the bench's ensemble has: per_system.ensemble.options.members, else the system's default."""
+    from moerm.systems.ensemble import EnsembleOptions
+
+    options = (per_system.get("ensemble") or {}).get("options") or {}
+    return int(options.get("members", EnsembleOptions.members))
 
 
 def run_config(cfg: BenchConfig, system: str, seed: int, backbone: str, train: list[str],

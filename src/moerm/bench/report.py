@@ -14,7 +14,7 @@ from typing import Any
 from moerm.bench.bon import best_of_n_markdown, write_best_of_n_plot
 from moerm.bench.data import Prepared
 from moerm.bench.measure import environment
-from moerm.bench.presets import ALL_SYSTEMS, BEST_ROUTED, BenchConfig, Target
+from moerm.bench.presets import ALL_SYSTEMS, BEST_ROUTED, BenchConfig, Target, ensemble_members
 from moerm.eval.metrics import aggregate_subsets
 from moerm.eval.report import matrix_table
 from moerm.train.checkpoint import atomic_write_text
@@ -734,7 +734,7 @@ def report_markdown(res: dict[str, Any]) -> str:
     if b.get("ensemble_members_from") and "ensemble" in res["systems"]:
         out += ["", f"The ensemble trains no members of its own: the ensemble of seed s combines the finished "
                 f"`{b['ensemble_members_from']}` cells of "
-                f"{((b.get('per_system') or {}).get('ensemble') or {}).get('options', {}).get('members', 3)} "
+                f"{ensemble_members(b.get('per_system') or {})} "
                 "consecutive seeds from s on "
                 "(cyclic), so their training is counted once, in those cells; its train seconds are theirs."]
     if res["failed"]:

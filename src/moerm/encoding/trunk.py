@@ -272,6 +272,7 @@ class InferenceTrunks:
     def __init__(self) -> None:
         self.caches: dict[tuple[str, str, int, int], TrunkCache] = {}
         self.pending: dict[tuple[str, str, int, int], dict[str, torch.Tensor]] = {}  # new rows (T_i, H) fp16
+        self.pending_tokens: dict[tuple[str, str, int, int], int] = {}  # tokens in `pending`, per cache
         self.hits = 0  # rows read from the cache
         self.computed = 0  # rows the trunk ran for
 
@@ -279,7 +280,7 @@ class InferenceTrunks:
         key = (str(spec.cache_dir), spec.ident, spec.first, hidden)
         if key not in self.caches:
             self.caches[key] = TrunkCache(spec.cache_dir, spec.ident, spec.first, hidden)
-            self.pending[key] = {}
+            self.pending[key], self.pending_tokens[key] = {}, 0
         return key, self.caches[key]
 
     def flush(self, key: tuple[str, str, int, int] | None = None) -> None:
@@ -287,7 +288,7 @@ class InferenceTrunks:
             rows = self.pending[k]
             if rows:
                 self.caches[k].put(list(rows), list(rows.values()))
-                self.pending[k] = {}
+                self.pending[k], self.pending_tokens[k] = {}, 0
 
 
 _ACTIVE: list[InferenceTrunks] = []
@@ -328,15 +329,17 @@ def inference_states(backbone: Any, inputs: dict[str, torch.Tensor], first: int 
             enc["token_type_ids"] = types[b][mask[b]].cpu().numpy()
         keys.append(row_key(enc))
     missing = [b for b, k in enumerate(keys) if k not in cache.index and k not in pending]
-    _, blocks = transformer_blocks(backbone.model)
     if missing or spec.like is None:
         rows = missing or [0]  # all cached but the trunk's output form unknown: run one row to learn it
+        _, blocks = transformer_blocks(backbone.model)
         hidden, like = trunk_states(backbone.model, blocks, spec.first, _rows_of(inputs, rows))
         spec.like = spec.like if spec.like is not None else _form_of(like)
         for j, b in enumerate(missing):
-            pending.setdefault(keys[b], hidden[j][mask[b]].to(torch.float16).cpu())  # (T_b, H)
+            if keys[b] not in pending:  # a batch may hold the same text twice
+                pending[keys[b]] = hidden[j][mask[b]].to(torch.float16).cpu()  # (T_b, H)
+                trunks.pending_tokens[key] += pending[keys[b]].shape[0]
         trunks.computed += len(missing)
-        if sum(t.shape[0] for t in pending.values()) >= SHARD_TOKENS:
+        if trunks.pending_tokens[key] >= SHARD_TOKENS:
             trunks.flush(key)
             pending = trunks.pending[key]
     out = torch.zeros(*ids.shape, backbone.hidden_size)  # (B, T, H)

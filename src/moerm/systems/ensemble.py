@@ -113,17 +113,15 @@ class EnsembleSystem(RewardSystem):
         return result
 
     def _trained_member(self, run: Path) -> BaselineSystem:
-        """A member from options.member_runs: a saved baseline on this ensemble's backbone and max_length."""
+        """A member from options.member_runs: a saved baseline with this ensemble's max_length."""
         if not run.exists():
             raise UserError(f"options.member_runs: {run} does not exist")
         member = load_system(run)
         if not isinstance(member, BaselineSystem):
             raise UserError(f"options.member_runs: {run} holds a {member.name!r} system; members are baseline RMs")
-        mine, theirs = self.config.model, member.config.model
-        for key in ("max_length",):
-            if getattr(mine, key) != getattr(theirs, key):
-                raise UserError(f"options.member_runs: {run} has model.{key}={getattr(theirs, key)!r}; this "
-                                f"ensemble has {getattr(mine, key)!r}")
+        mine, theirs = self.config.model.max_length, member.config.model.max_length
+        if mine != theirs:
+            raise UserError(f"options.member_runs: {run} has model.max_length={theirs!r}; this ensemble has {mine!r}")
         return member
 
     def _reward_stats(self, train: Sequence[PreferencePair]) -> torch.Tensor:

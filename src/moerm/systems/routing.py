@@ -479,6 +479,11 @@ def rm_passes(routes: Sequence[Route]) -> float:
     return sum(1 if r.general else len(r.weights) for r in routes) / max(1, len(routes))
 
 
+def backbone_tuning(router_tuning: str) -> str:
+    """How a router's own backbone is kept and saved: a trunk router's is frozen (only its classifier trains)."""
+    return "frozen" if router_tuning == "trunk" else router_tuning
+
+
 class Router:
     """A DomainClassifier over prompts: on a frozen backbone (cached features), fine-tuned fully, with LoRA, or on the
     frozen trunk's states (`trunk`)."""
@@ -486,7 +491,7 @@ class Router:
     def __init__(self, config: RunConfig, opts: RouterOptions, domains: list[str], backbone: Backbone | None = None):
         self.config, self.opts, self.domains = config, opts, list(domains)
         m = config.model
-        self.tuning = "frozen" if opts.router_tuning == "trunk" else opts.router_tuning  # how its backbone is kept
+        self.tuning = backbone_tuning(opts.router_tuning)
         if backbone is None:
             backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
             apply_tuning(backbone, self.tuning, m)  # lora: only the adapter and the classifier train
@@ -619,7 +624,7 @@ class Router:
     @classmethod
     def load(cls, path: Path, config: RunConfig, opts: RouterOptions, domains: list[str]) -> "Router":
         m = config.model
-        tuning = "frozen" if opts.router_tuning == "trunk" else opts.router_tuning
+        tuning = backbone_tuning(opts.router_tuning)
         backbone = load_backbone(saved_backbone_path(tuning, path, m.backbone), m.pooling, **backbone_kwargs(config))
         restore_adapters(backbone, tuning, path, trainable=False)
         router = cls(config, opts, domains, backbone=backbone)
