@@ -5,7 +5,9 @@
 Each system is built through its real `fit` with one optimizer step per component (`train.max_steps=1`): the
 weights' values do not change the arithmetic, so throughput is measured without hours of training. Every system then
 scores the chosen and rejected replies of the same pairs (shuffled so domains are mixed in each batch); the median of
-`--repeats` timed runs (interleaved across systems) is reported as pairs per second, with ratios to Baseline and ARLISS-batched / ARLISS-switch.
+`--repeats` timed runs (interleaved across systems) is reported as pairs per second, with ratios to Baseline and ARLISS-batched / ARLISS-switch. `--arliss-routers lora,frozen` times ARLISS with
+each router (frozen: a linear head on the prompt's pretrained states after `options.router_layer` blocks), rows
+`arliss-<router>-*`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", default="baseline,more,rodos,arliss")
+    ap.add_argument("--arliss-routers", default="lora",
+                    help="ARLISS's options.router_tuning values to time, comma-separated: lora (the paper's router "
+                         "adapter, a pass through every block), frozen (a head on the first options.router_layer "
+                         "blocks' pretrained states)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override for every system, e.g. --set options.router_max_length=32")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -67,12 +73,16 @@ def main() -> None:
     runs: dict[str, Callable[[], Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems.split(","):
-            system = build(name, common + (router if name in ("rodos", "arliss") else []), train, Path(tmp))
             if name == "arliss":
-                for mode in ("switch", "batched"):
-                    runs[f"arliss-{mode}"] = (lambda s=system, m=mode: s.score(prompts, responses,
-                                                                               batch_size=args.batch_size, mode=m))
+                routers = args.arliss_routers.split(",")
+                for r in routers:
+                    system = build(name, [*common, *router, f"options.router_tuning={r}"], train, Path(tmp) / r)
+                    tag = "arliss" if routers == ["lora"] else f"arliss-{r}"
+                    for mode in ("switch", "batched"):
+                        runs[f"{tag}-{mode}"] = (lambda s=system, m=mode: s.score(prompts, responses,
+                                                                                  batch_size=args.batch_size, mode=m))
             else:
+                system = build(name, common + (router if name == "rodos" else []), train, Path(tmp))
                 runs[name] = lambda s=system: s.score(prompts, responses, batch_size=args.batch_size)
         rows = {k: statistics.median(v) for k, v in timed_round_robin(runs, args.repeats).items()}
 
@@ -86,8 +96,9 @@ def main() -> None:
     for name, sec in rows.items():
         ratio = f"{base / sec:.2f}x" if base else ""
         print(f"| {name} | {sec / n * 1000:.1f} ms | {n / sec:.2f} | {ratio} |")
-    if "arliss-switch" in rows and "arliss-batched" in rows:
-        print(f"\nARLISS batched / switch: {rows['arliss-switch'] / rows['arliss-batched']:.2f}x")
+    for tag in sorted({k.rsplit("-", 1)[0] for k in rows if k.startswith("arliss")}):
+        if f"{tag}-switch" in rows and f"{tag}-batched" in rows:
+            print(f"\n{tag} batched / switch: {rows[f'{tag}-switch'] / rows[f'{tag}-batched']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"command": command, "pairs": n, "seconds": rows}, indent=2))
 

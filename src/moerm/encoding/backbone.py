@@ -7,6 +7,7 @@ so nothing is fetched from the Hub.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -129,15 +130,38 @@ class Backbone(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                trunk_states: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        """`trunk_states` (B, T, H): the cached output of a `top`-tuned backbone's frozen trunk for these tokens;
-        then only the blocks above the trunk run (see `encoding.trunk`)."""
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                **kw: Any) -> dict[str, Any]:
+        """The model's keyword inputs for a padded batch (decoders: positions counted from the mask)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **kw}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         if self.decoder_positions and "position_ids" not in inputs:
             inputs["position_ids"] = decoder_position_ids(attention_mask)  # (B, T)
+        return inputs
+
+    @torch.no_grad()
+    def early_states(self, blocks: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states (B, T, H) after the embeddings and the first `blocks` transformer blocks, with the pretrained
+        weights (a peft model's adapters disabled); only those blocks run. A frozen router's cheap features."""
+        from moerm.errors import UserError
+        from moerm.modules.experts import transformer_blocks, trunk_states
+
+        _, layers = transformer_blocks(self.model)
+        if not 1 <= blocks < len(layers):
+            raise UserError(f"options.router_layer must be within 1..{len(layers) - 1} for this backbone "
+                            f"({len(layers)} transformer blocks); got {blocks}")
+        inputs = self._inputs(input_ids, attention_mask, token_type_ids)
+        with self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext():
+            hidden, _ = trunk_states(self.model, layers, blocks, inputs)  # block `blocks`'s input: (B, T, H)
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                trunk_states: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        """`trunk_states` (B, T, H): the cached output of a `top`-tuned backbone's frozen trunk for these tokens;
+        then only the blocks above the trunk run (see `encoding.trunk`)."""
+        inputs = self._inputs(input_ids, attention_mask, token_type_ids, **kw)
         if trunk_states is None and self.trunk is not None and not self.training:
             from moerm.encoding.trunk import inference_states
 

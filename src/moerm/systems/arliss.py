@@ -10,7 +10,10 @@ head. Two inference modes:
   architecture cannot mix them, e.g. DeBERTa-v3). Fallback rows are duplicated once per domain in the same pass and
   mixed with the router's probabilities (`combine_rewards`); so are soft/gated mixes (`options.routing`).
 
-The router is always a LoRA adapter on the shared base (`options.router_tuning` must be lora).
+The router reads the prompt's first `options.router_max_length` tokens. `options.router_tuning=lora` (the paper's):
+a LoRA adapter and a linear head on the shared base, a pass through every block. `frozen`: a linear head on the mean
+of those tokens' pretrained states after the first `options.router_layer` blocks (adapters off), so only those
+blocks run for it; no router adapter is trained or saved.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moerm.encoding import Backbone, backbone_kwargs, load_backbone, make_encoder
-from moerm.config import ConfigError, RunConfig
+from moerm.encoding.backbone import pooled
+from moerm.config import ConfigError, RunConfig, from_dict
 from moerm.data.schema import PreferencePair
 from moerm.encoding.adapters import encode_through, lora_parameters
 from moerm.errors import UserError
@@ -43,9 +47,9 @@ from moerm.systems.components import ComponentFit, fit_component
 from moerm.modules.heads import RewardHead
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, PromptTexts, Route, RouterOptions, remove_router_files, require_routes,
-    router_files, combine_rewards,
-    decide_routes, load_router_examples, new_domain_of, prompt_probs, router_examples, save_router_examples,
+    ROUTER_DEFAULTS, FeatureTexts, PromptTexts, Route, RouterOptions, combine_rewards, decide_routes,
+    load_router_examples, new_domain_of, prompt_outputs, prompt_probs, remove_router_files, require_routes,
+    router_examples, router_files, save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
 from moerm.train.pairwise import TokenPairs
@@ -55,20 +59,28 @@ ROUTER_WHERE = {"dir": "adapters", "head": "heads", "prompts": ""}  # where a ro
 ROUTER = "router"
 RESERVED = {ROUTER, "default", "__base__"}  # peft's default folder name / its "no adapter" marker
 INFERENCE_MODES = ("batched", "switch")
+ARLISS_ROUTERS = ("lora", "frozen")
 
 
 @dataclass
 class ARLISSOptions(RouterOptions):
-    """Router options plus the inference mode; the router is always a LoRA adapter on the shared base."""
+    """Router options plus the inference mode; the router is a LoRA adapter on the shared base (the paper's), or a
+    classifier on its pretrained early states."""
 
+    # lora: a LoRA adapter + linear head on the shared base (the paper); frozen: a linear head on the mean of the
+    # prompt tokens' pretrained states after the first `router_layer` blocks, adapters off (only those blocks run)
     router_tuning: str = "lora"
+    router_layer: int = 1  # frozen router: how many blocks its features pass through (1..blocks - 1)
     inference: str = "batched"  # batched: peft mixed-adapter batches; switch: set_adapter per input (the paper)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.router_tuning != "lora":
-            raise ConfigError(f"arliss's router is a LoRA adapter on the shared base: options.router_tuning must be "
-                              f"lora, got {self.router_tuning!r} (a frozen or fully tuned router is a rodos option)")
+        if self.router_tuning not in ARLISS_ROUTERS:
+            raise ConfigError(f"arliss's router is a LoRA adapter on the shared base (lora) or a classifier on its "
+                              f"pretrained early states (frozen): options.router_tuning must be lora or frozen, got "
+                              f"{self.router_tuning!r} (a fully tuned or trunk router is a rodos option)")
+        if isinstance(self.router_layer, bool) or not isinstance(self.router_layer, int) or self.router_layer < 1:
+            raise ConfigError(f"options.router_layer must be an integer >= 1; got {self.router_layer!r}")
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"options.inference must be batched or switch; got {self.inference!r}")
         if self.fallback != "mixture":
@@ -135,6 +147,10 @@ class ARLISSSystem(RewardSystem):
         self._domains = list(value)
 
     @property
+    def frozen_router(self) -> bool:
+        return self.opts.router_tuning == "frozen"
+
+    @property
     def default_mode(self) -> str:
         return self.opts.inference
 
@@ -189,6 +205,8 @@ class ARLISSSystem(RewardSystem):
     def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None) -> ComponentFit:
         """(Re)build the router adapter and head from scratch for the current domains, and train them; its accuracy
         is measured on the held-out pairs' prompts (`eval`), never on its training prompts."""
+        if self.frozen_router:
+            return self._train_frozen_router(ctx, eval)
         model, t = self._require(), self.train_config("router")
         if ROUTER in model.peft.peft_config:
             model.peft.delete_adapter(ROUTER)
@@ -204,6 +222,39 @@ class ARLISSSystem(RewardSystem):
         return fit_component("router", path, data, t, ctx, ctx.out_dir / "components" / "router",
                              [(model.backbone, t.lr), (model.router_head, t.head_lr or t.lr)], eval_data,
                              kind="classification")
+
+    def _train_frozen_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None) -> ComponentFit:
+        """(Re)build the router head and train it on the prompts' early-state features (`_router_features`)."""
+        model, t = self._require(), self.train_config("router")
+        torch.manual_seed(self.config.train.seed)
+        model.router_head = nn.Linear(model.backbone.hidden_size, len(self.domains)).to(self.device)
+        model.heads.requires_grad_(False)
+        held_out = [(p, d) for p, d in router_examples(eval or [], self.opts.max_router_prompts_per_domain)
+                    if d in self.domains]
+        data, eval_data = (self._feature_texts(ex) if ex else None for ex in (self.router_examples, held_out))
+        path = DomainClassifier(None, model.backbone.hidden_size, len(self.domains), classifier=model.router_head)
+        return fit_component("router", path, data, t, ctx, ctx.out_dir / "components" / "router",
+                             [(model.router_head, t.head_lr or t.lr)], eval_data, kind="classification")
+
+    def _feature_texts(self, examples: Sequence[tuple[str, str]]) -> FeatureTexts:
+        index = {d: i for i, d in enumerate(self.domains)}
+        feats = prompt_outputs([p for p, _ in examples], self.router_encoder, self._router_features,
+                               self._require().router_head, len(self.domains), self.config.train.eval_batch_size)[1]
+        return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
+
+    def _router_features(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
+        """(b, H) frozen-router features: the mean over each prompt's tokens of its pretrained states after the
+        first `options.router_layer` blocks (only they run)."""
+        model = self._require()
+        batch = {k: v.to(self.device) for k, v in self.router_encoder.pad(rows).items()}  # (b, T)
+        was_training = model.backbone.training
+        model.backbone.eval()
+        try:
+            states = model.backbone.early_states(self.opts.router_layer, batch["input_ids"], batch["attention_mask"],
+                                                 batch.get("token_type_ids"))  # (b, T, H)
+        finally:
+            model.backbone.train(was_training)
+        return pooled(states, batch["attention_mask"], "mean")
 
     # -- training
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
@@ -271,12 +322,15 @@ class ARLISSSystem(RewardSystem):
         return encode_through(model.backbone, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                               names)
 
-    def _router_probs(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-        """(N, D) router probabilities, every row through the router adapter; each distinct prompt once."""
+    def _router_logits(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
+        """(b, D) router logits of encoded prompts: through the router adapter (lora), or on early states (frozen)."""
         model = self._require()
-        return prompt_probs(prompts, self.router_encoder,
-                            lambda rows: model.router_head(self._forward(rows, [ROUTER] * len(rows))),  # (b, H) -> (b, D)
-                            len(self.domains), batch_size)
+        feats = self._router_features(rows) if self.frozen_router else self._forward(rows, [ROUTER] * len(rows))
+        return model.router_head(feats)  # (b, H) -> (b, D)
+
+    def _router_probs(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+        """(N, D) router probabilities; each distinct prompt once."""
+        return prompt_probs(prompts, self.router_encoder, self._router_logits, len(self.domains), batch_size)
 
     def _score_batched(self, prompts: Sequence[str], responses: Sequence[str], hints: Sequence[str | None] | None,
                        batch_size: int) -> tuple[torch.Tensor, list[Route]]:
@@ -306,8 +360,13 @@ class ARLISSSystem(RewardSystem):
         rewards = torch.zeros(len(prompts))
         routes: list[Route] = []
         for i, (p, resp) in enumerate(zip(prompts, responses)):
-            model.peft.set_adapter(ROUTER)
-            probs = torch.softmax(model.router_head(self._forward([self.router_encoder.encode_single(p)], None)).float(), -1)
+            prompt = [self.router_encoder.encode_single(p)]
+            if self.frozen_router:
+                logits = self._router_logits(prompt)  # (1, D): the router's blocks only, no adapter to switch to
+            else:
+                model.peft.set_adapter(ROUTER)
+                logits = model.router_head(self._forward(prompt, None))  # (1, D)
+            probs = torch.softmax(logits.float(), -1)
             (route,) = decide_routes(probs.cpu(), self.domains, [hints[i]] if hints is not None else None, self.opts)
             enc = self.encoder.encode(p, resp)
 
@@ -326,7 +385,8 @@ class ARLISSSystem(RewardSystem):
         for d, name in self.adapters.items():
             comps[f"adapter:{d}"] = ParamView(lora_parameters(model.peft, name))
             comps[f"head:{d}"] = model.heads[name]
-        comps[f"adapter:{ROUTER}"] = ParamView(lora_parameters(model.peft, ROUTER))
+        if not self.frozen_router:
+            comps[f"adapter:{ROUTER}"] = ParamView(lora_parameters(model.peft, ROUTER))
         comps[f"head:{ROUTER}"] = model.router_head
         return comps
 
@@ -336,7 +396,8 @@ class ARLISSSystem(RewardSystem):
             files[f"adapter:{d}"] = [f"adapters/{name}"]
             files[f"head:{d}"] = [f"heads/{name}.safetensors"]
         r = router_files(self.router_version)
-        files[f"adapter:{ROUTER}"] = [f"adapters/{r['dir']}"]
+        if not self.frozen_router:
+            files[f"adapter:{ROUTER}"] = [f"adapters/{r['dir']}"]
         files[f"head:{ROUTER}"] = [f"heads/{r['head']}", r["prompts"]]
         return files
 
@@ -348,20 +409,22 @@ class ARLISSSystem(RewardSystem):
             atomic_save_safetensors(model.heads[name].state_dict(), path / "heads" / f"{name}.safetensors")
 
     def _save_router_and_index(self, path: Path) -> None:
-        """The router adapter, head and prompts at this router version's names, then the index, last."""
+        """The router adapter (lora), head and prompts at this router version's names, then the index, last."""
         model = self._require()
         files = router_files(self.router_version)
         remove_router_files(path, self.router_version, ROUTER_WHERE)  # leftovers of a killed add-domain
-        staging = path / f".router-staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        model.peft.save_pretrained(str(staging), selected_adapters=[ROUTER], safe_serialization=True)
-        (path / "adapters").mkdir(parents=True, exist_ok=True)
-        os.replace(staging / ROUTER, path / "adapters" / files["dir"])
-        shutil.rmtree(staging, ignore_errors=True)
+        if not self.frozen_router:
+            staging = path / f".router-staging-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            model.peft.save_pretrained(str(staging), selected_adapters=[ROUTER], safe_serialization=True)
+            (path / "adapters").mkdir(parents=True, exist_ok=True)
+            os.replace(staging / ROUTER, path / "adapters" / files["dir"])
+            shutil.rmtree(staging, ignore_errors=True)
         atomic_save_safetensors(model.router_head.state_dict(), path / "heads" / files["head"])
         save_router_examples(self.router_examples, path / files["prompts"])
-        index = {"domains": self.domains, "adapters": self.adapters, "router_adapter": ROUTER,
-                 "router_version": self.router_version}
+        index = {"domains": self.domains, "adapters": self.adapters, "router_version": self.router_version,
+                 "router_tuning": self.opts.router_tuning,
+                 **({} if self.frozen_router else {"router_adapter": ROUTER})}
         atomic_write_text(path / ARLISS_FILE, json.dumps(index, indent=2))
 
     def save_components(self, path: Path) -> None:
@@ -379,8 +442,13 @@ class ARLISSSystem(RewardSystem):
             set_trunk(backbone, m)
         names = [adapters[d] for d in domains]
         files = router_files(int(index.get("router_version", 0)))
+        saved = index.get("router_tuning", "lora")
+        if saved != from_dict(ARLISSOptions, config.options, "options").router_tuning:
+            raise UserError(f"{path / ARLISS_FILE} holds a router with options.router_tuning={saved}, which its "
+                            "config does not say: a router cannot be switched without retraining it")
         # is_trainable keeps the adapters trainable so `add_domain` can run on a loaded system.
-        for name, folder in [*((n, n) for n in names), (ROUTER, files["dir"])]:
+        router = [(ROUTER, files["dir"])] if saved == "lora" else []
+        for name, folder in [*((n, n) for n in names), *router]:
             load_adapter(backbone, path / "adapters" / folder, name, trainable=True)
         system = cls(config, domains=domains, examples=load_router_examples(path / files["prompts"]))
         system.router_version = int(index.get("router_version", 0))
@@ -400,4 +468,5 @@ class ARLISSSystem(RewardSystem):
         info = super().describe(path)
         info["domains"] = self.domains
         info["adapters"] = self.adapters
+        info["router_tuning"] = self.opts.router_tuning
         return info
