@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 # huggingface_hub reads these once, at import: set them before anything imports it.
@@ -9,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import random
+import types
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,13 @@ def reward_trainer(backbone_path: str, out: Path, cfg, train_pairs: list[Prefere
     return model, Trainer(model, make_pairwise_step(), data, data.collate, cfg, out,
                           eval_fn=(lambda m: pairwise_eval(m, ev)) if ev is not None else None, progress=False,
                           stop_after_steps=stop)
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """A script of benchmarks/ (they are not a package) loaded as a module, so tests can call its functions."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -3,14 +3,13 @@ router after one block routes the toy domains (their prompts' first words tell t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_benchmark
 from moerm.config import ModelConfig, RunConfig, TrainConfig
 from moerm.data.readers import write_jsonl
 from moerm.eval.metrics import evaluate_system
@@ -20,14 +19,8 @@ from moerm.systems.base import FitContext
 
 from test_routing_variants import domain_pairs
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "arliss_router.py"
-
-
 def _load_script():
-    spec = importlib.util.spec_from_file_location("arliss_router", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("arliss_router")
 
 
 def test_rows_match_eval_and_a_one_block_router_routes(tiny_bert, tmp_path, monkeypatch, capsys):

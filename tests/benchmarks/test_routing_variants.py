@@ -4,30 +4,24 @@ routing options, and the OOD columns separate a left-out domain from the trained
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import torch
 
-from conftest import toy_pairs
+from conftest import load_benchmark, toy_pairs
 from moerm.config import ModelConfig, RunConfig, TrainConfig
 from moerm.data.readers import write_jsonl
 from moerm.eval.metrics import evaluate_system
 from moerm.systems import build_system, load_system
 from moerm.systems.base import FitContext
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "routing_variants.py"
 PREFIX = {"alpha": "tell me about the topic", "beta": "please explain why"}
 FOREIGN = "quantum zebra orchestra volcano saxophone glacier pyramid lantern meadow comet harbor violin".split()
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("routing_variants", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("routing_variants")
 
 
 def domain_pairs(domain, n, seed):

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from conftest import toy_pairs
+from conftest import load_benchmark, toy_pairs
 
 from moerm.data.readers import write_jsonl
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("vs_trl", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("vs_trl")
 
 
 @pytest.mark.parametrize("trl_model", ["seqcls", "mean"])
