@@ -145,6 +145,8 @@ class Backbone(nn.Module):
                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token states (B, T, H) after the embeddings and the first `blocks` transformer blocks, with the pretrained
         weights (a peft model's adapters disabled); only those blocks run. A frozen router's cheap features."""
+        from peft import PeftModel
+
         from moerm.errors import UserError
         from moerm.modules.experts import transformer_blocks, trunk_states
 
@@ -153,7 +155,7 @@ class Backbone(nn.Module):
             raise UserError(f"options.router_layer must be within 1..{len(layers) - 1} for this backbone "
                             f"({len(layers)} transformer blocks); got {blocks}")
         inputs = self._inputs(input_ids, attention_mask, token_type_ids)
-        with self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext():
+        with self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext():
             hidden, _ = trunk_states(self.model, layers, blocks, inputs)  # block `blocks`'s input: (B, T, H)
         return hidden
 
