@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 from moerm.config import ModelConfig, RunConfig, TrainConfig
@@ -80,3 +81,51 @@ def test_trunk_router_routes_on_the_trunk_states_and_reloads(tiny_bert, tmp_path
     router.save(tmp_path / "saved")
     again = Router.load(tmp_path / "saved", cfg, opts, ["alpha", "beta"])
     torch.testing.assert_close(again.outputs(prompts)[0], probs, atol=1e-6, rtol=0)
+
+
+def test_frozen_router_after_k_blocks_reads_the_early_states_and_runs_only_those(tiny_bert, tmp_path):
+    """options.router_layer=1: a frozen router on the mean of the prompt's pretrained states after block 0 (the
+    model's hidden_states[1]); only block 0 runs for it; it learns the prefix task, reloads, and RODOS routes with it."""
+    from moerm.encoding import load_backbone
+    from moerm.errors import UserError
+    from moerm.modules.experts import transformer_blocks
+    from moerm.systems.routing import Router, RouterOptions
+
+    cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40),
+                    train=TrainConfig(lr=1e-2, batch_size=8, epochs=20, save_every=0))
+    examples = [(f"tell me about the topic {i}", "alpha") for i in range(24)] + [
+        (f"please explain why {i}", "beta") for i in range(24)]
+    opts = RouterOptions(router_tuning="frozen", router_layer=1, router_max_length=16)
+    torch.manual_seed(0)
+    router = Router(cfg, opts, ["alpha", "beta"])
+    router.fit(examples, tmp_path / "router", FitContext(tmp_path, progress=False), cfg.train)
+    prompts = ["tell me about the topic x", "please explain why y"]
+    _, blocks = transformer_blocks(router.backbone.model)
+    calls = [0] * len(blocks)
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(blocks)]
+    try:
+        probs, feats = router.outputs(prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [1, 0] and probs.argmax(-1).tolist() == [0, 1]
+    fresh = load_backbone(tiny_bert).eval()
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            enc = {k: torch.tensor([v]) for k, v in router.encoder.encode_single(p).items()}
+            hidden = fresh.model(**enc, output_hidden_states=True).hidden_states[1]  # after block 0
+            torch.testing.assert_close(feats[i], hidden[0].mean(0), atol=1e-5, rtol=0)
+    router.save(tmp_path / "saved")
+    again = Router.load(tmp_path / "saved", cfg, opts, ["alpha", "beta"])
+    torch.testing.assert_close(again.outputs(prompts)[0], probs, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="router_layer is a frozen router's option"):
+        Router(cfg, RouterOptions(router_tuning="lora", router_layer=1), ["alpha", "beta"])
+    with pytest.raises(UserError, match="router_layer must be an integer"):
+        RouterOptions(router_layer=0)
+    # RODOS end to end: its router trains on these features and routes the held-out prompts.
+    system, result = _fit(tiny_bert, tmp_path / "rodos", router_layer=1)
+    test = domain_pairs("alpha", 8, 5) + domain_pairs("beta", 8, 6)
+    out = system.score([p.prompt for p in test], [p.chosen for p in test])
+    right = [d["router_top"] == p.domain for d, p in zip(out.details, test)]  # gated: low confidence mixes
+    assert sum(right) >= 0.75 * len(test), right  # (its router trains only 3 epochs here)

@@ -33,7 +33,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moerm.encoding import Backbone, backbone_kwargs, load_backbone, make_encoder
-from moerm.encoding.backbone import pooled
 from moerm.config import ConfigError, RunConfig, from_dict
 from moerm.data.schema import PreferencePair
 from moerm.encoding.adapters import encode_through, lora_parameters
@@ -48,7 +47,7 @@ from moerm.modules.heads import RewardHead
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.routing import (
     ROUTER_DEFAULTS, FeatureTexts, PromptTexts, Route, RouterOptions, combine_rewards, decide_routes,
-    load_router_examples, new_domain_of, prompt_outputs, prompt_probs, remove_router_files, require_routes,
+    early_features, load_router_examples, new_domain_of, prompt_outputs, prompt_probs, remove_router_files, require_routes,
     router_examples, router_files, save_router_examples,
 )
 from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
@@ -79,8 +78,8 @@ class ARLISSOptions(RouterOptions):
             raise ConfigError(f"arliss's router is a LoRA adapter on the shared base (lora) or a classifier on its "
                               f"pretrained early states (frozen): options.router_tuning must be lora or frozen, got "
                               f"{self.router_tuning!r} (a fully tuned or trunk router is a rodos option)")
-        if isinstance(self.router_layer, bool) or not isinstance(self.router_layer, int) or self.router_layer < 1:
-            raise ConfigError(f"options.router_layer must be an integer >= 1; got {self.router_layer!r}")
+        if self.router_tuning == "frozen" and self.router_layer is None:
+            raise ConfigError("arliss's frozen router reads the states after options.router_layer blocks; set it")
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"options.inference must be batched or switch; got {self.inference!r}")
         if self.fallback != "mixture":
@@ -243,18 +242,9 @@ class ARLISSSystem(RewardSystem):
         return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
 
     def _router_features(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
-        """(b, H) frozen-router features: the mean over each prompt's tokens of its pretrained states after the
-        first `options.router_layer` blocks (only they run)."""
-        model = self._require()
-        batch = {k: v.to(self.device) for k, v in self.router_encoder.pad(rows).items()}  # (b, T)
-        was_training = model.backbone.training
-        model.backbone.eval()
-        try:
-            states = model.backbone.early_states(self.opts.router_layer, batch["input_ids"], batch["attention_mask"],
-                                                 batch.get("token_type_ids"))  # (b, T, H)
-        finally:
-            model.backbone.train(was_training)
-        return pooled(states, batch["attention_mask"], "mean")
+        """(b, H) frozen-router features: the mean of the prompt tokens' pretrained states after the first
+        `options.router_layer` blocks (only they run)."""
+        return early_features(self._require().backbone, self.router_encoder, rows, self.opts.router_layer)
 
     # -- training
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:

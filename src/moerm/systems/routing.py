@@ -22,6 +22,7 @@ from torch import nn
 from moerm.config import RunConfig, TrainConfig
 from moerm.data.schema import PreferencePair
 from moerm.encoding import Backbone, PairEncoder, backbone_kwargs, load_backbone, make_encoder
+from moerm.encoding.backbone import pooled
 from moerm.encoding.cache import frozen_features
 from moerm.errors import UserError
 from moerm.encoding.trunk import compute_trunk
@@ -50,6 +51,9 @@ class RouterOptions:
     # linear classifier on the mean of the prompt's states at the output of the frozen trunk (the pretrained lower
     # blocks below the top model.trainable_layers: the trunk of `top` tuning), cheaper than the frozen router's pass
     router_tuning: str = "frozen"
+    # frozen router: read the prompt's pretrained states after this many blocks (their mean; only those blocks run)
+    # instead of the whole backbone's pooled output (None)
+    router_layer: int | None = None
     min_confidence: float = 0.0  # below it the router's choice is not trusted: fall back
     fallback: str = "mixture"  # mixture: probability-weighted sum of the domain RMs; general: an RM on all domains
     max_router_prompts_per_domain: int = 2000
@@ -69,6 +73,9 @@ class RouterOptions:
     def __post_init__(self) -> None:
         if self.router_tuning not in ROUTER_TUNINGS:
             raise UserError(f"options.router_tuning must be frozen, full, lora or trunk; got {self.router_tuning!r}")
+        if self.router_layer is not None and (isinstance(self.router_layer, bool) or not isinstance(
+                self.router_layer, int) or self.router_layer < 1):
+            raise UserError(f"options.router_layer must be an integer >= 1 (or unset); got {self.router_layer!r}")
         if self.fallback not in ("mixture", "general"):
             raise UserError(f"options.fallback must be 'mixture' or 'general'; got {self.fallback!r}")
         if not 0.0 <= self.min_confidence <= 1.0:
@@ -258,6 +265,22 @@ def prompt_outputs(prompts: Sequence[str], encoder: PairEncoder,
     where = {p: i for i, p in enumerate(unique)}
     pos = torch.tensor([where[p] for p in prompts], dtype=torch.long)
     return probs[pos], feats[pos]
+
+
+def early_features(backbone: Backbone, encoder: PairEncoder, rows: Sequence[dict[str, list[int]]],
+                   blocks: int) -> torch.Tensor:
+    """(b, H) frozen-router features of encoded prompts: the mean over each prompt's tokens of its pretrained states
+    after the first `blocks` blocks (`Backbone.early_states`: only they run, adapters off)."""
+    device = next(backbone.parameters()).device
+    batch = {k: v.to(device) for k, v in encoder.pad(rows).items()}  # (b, T)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        states = backbone.early_states(blocks, batch["input_ids"], batch["attention_mask"],
+                                       batch.get("token_type_ids"))  # (b, T, H)
+    finally:
+        backbone.train(was_training)
+    return pooled(states, batch["attention_mask"], "mean")
 
 
 def prompt_probs(prompts: Sequence[str], encoder: PairEncoder, logits: Callable[[list[dict[str, list[int]]]], torch.Tensor],
@@ -492,6 +515,9 @@ class Router:
         self.config, self.opts, self.domains = config, opts, list(domains)
         m = config.model
         self.tuning = backbone_tuning(opts.router_tuning)
+        if opts.router_layer is not None and opts.router_tuning != "frozen":
+            raise UserError(f"options.router_layer is a frozen router's option; options.router_tuning is "
+                            f"{opts.router_tuning!r}")
         if backbone is None:
             backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
             apply_tuning(backbone, self.tuning, m)  # lora: only the adapter and the classifier train
@@ -511,6 +537,11 @@ class Router:
             rows = [self.encoder.encode_single(p) for p, _ in examples]
             return FeatureTexts(self._trunk_features(rows, self.config.train.eval_batch_size),
                                 torch.tensor([index[d] for _, d in examples], dtype=torch.long))
+        if self.opts.router_layer is not None:  # after a few blocks: cheap enough not to cache
+            index = {d: i for i, d in enumerate(self.domains)}
+            feats = prompt_outputs([p for p, _ in examples], self.encoder, self._early_features, self.model.classifier,
+                                   len(self.domains), self.config.train.eval_batch_size)[1]
+            return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
         feats = frozen_features(self.backbone, self.encoder, self.config.model, [p for p, _ in examples], None,
                                 self.config.train.eval_batch_size, desc, ctx.progress)  # (N, H)
         index = {d: i for i, d in enumerate(self.domains)}
@@ -584,10 +615,15 @@ class Router:
         def features(rows: list[dict[str, list[int]]]) -> torch.Tensor:
             if self.opts.router_tuning == "trunk":
                 return self._trunk_features(rows, len(rows)).to(device)  # (b, H)
+            if self.opts.router_layer is not None:
+                return self._early_features(rows)  # (b, H)
             b = {k: v.to(device) for k, v in self.encoder.pad(rows).items()}  # (b, T)
             return self.backbone(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))  # (b, H)
 
         return prompt_outputs(prompts, self.encoder, features, self.model.classifier, len(self.domains), batch_size)
+
+    def _early_features(self, rows: Sequence[dict[str, list[int]]]) -> torch.Tensor:
+        return early_features(self.backbone, self.encoder, rows, int(self.opts.router_layer or 0))  # (b, H)
 
     def _trunk_features(self, rows: Sequence[dict[str, list[int]]], batch_size: int) -> torch.Tensor:
         """(N, H): per encoded prompt, the mean over its tokens of the frozen trunk's output states."""
