@@ -153,7 +153,7 @@ def test_add_domain_retrains_the_head_for_the_new_domain(trained, tmp_path):
 def test_options_are_checked(tiny_bert, tmp_path):
     with pytest.raises(ConfigError, match="lora or frozen"):
         ARLISSSystem(_cfg(tiny_bert, "top", tmp_path, router_tuning="trunk"))
-    with pytest.raises(ConfigError, match="router_layer blocks; set it"):
+    with pytest.raises(ConfigError, match="router_layer: expected an integer"):
         ARLISSSystem(_cfg(tiny_bert, "top", tmp_path, router_layer=None))
     with pytest.raises(UserError, match="router_layer must be an integer"):
         ARLISSSystem(_cfg(tiny_bert, "top", tmp_path, router_layer=0))

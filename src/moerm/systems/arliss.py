@@ -78,8 +78,6 @@ class ARLISSOptions(RouterOptions):
             raise ConfigError(f"arliss's router is a LoRA adapter on the shared base (lora) or a classifier on its "
                               f"pretrained early states (frozen): options.router_tuning must be lora or frozen, got "
                               f"{self.router_tuning!r} (a fully tuned or trunk router is a rodos option)")
-        if self.router_tuning == "frozen" and self.router_layer is None:
-            raise ConfigError("arliss's frozen router reads the states after options.router_layer blocks; set it")
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"options.inference must be batched or switch; got {self.inference!r}")
         if self.fallback != "mixture":
