@@ -234,10 +234,9 @@ class ARLISSSystem(RewardSystem):
                              [(model.router_head, t.head_lr or t.lr)], eval_data, kind="classification")
 
     def _feature_texts(self, examples: Sequence[tuple[str, str]]) -> FeatureTexts:
-        index = {d: i for i, d in enumerate(self.domains)}
         feats = prompt_outputs([p for p, _ in examples], self.router_encoder, self._router_features,
                                self._require().router_head, len(self.domains), self.config.train.eval_batch_size)[1]
-        return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
+        return FeatureTexts.labelled(feats, examples, self.domains)
 
     def _router_features(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
         """(b, H) frozen-router features: the mean of the prompt tokens' pretrained states after the first

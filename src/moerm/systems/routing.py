@@ -207,6 +207,13 @@ class FeatureTexts:
     features: torch.Tensor
     labels: torch.Tensor
 
+    @classmethod
+    def labelled(cls, features: torch.Tensor, examples: Sequence[tuple[str, str]],
+                 domains: Sequence[str]) -> "FeatureTexts":
+        """Features (N, H) of (prompt, domain) examples, labelled by each domain's index in `domains`."""
+        index = {d: i for i, d in enumerate(domains)}
+        return cls(features, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
+
     def __len__(self) -> int:
         return self.features.shape[0]
 
@@ -532,20 +539,17 @@ class Router:
         self.detector: OODDetector | None = None  # options.ood: fitted by `fit`, saved in the router folder
 
     def _features(self, examples: Sequence[tuple[str, str]], ctx: Any, desc: str) -> FeatureTexts:
+        prompts = [p for p, _ in examples]
+        bs = self.config.train.eval_batch_size
         if self.opts.router_tuning == "trunk":
-            index = {d: i for i, d in enumerate(self.domains)}
-            rows = [self.encoder.encode_single(p) for p, _ in examples]
-            return FeatureTexts(self._trunk_features(rows, self.config.train.eval_batch_size),
-                                torch.tensor([index[d] for _, d in examples], dtype=torch.long))
-        if self.opts.router_layer is not None:  # after a few blocks: cheap enough not to cache
-            index = {d: i for i, d in enumerate(self.domains)}
-            feats = prompt_outputs([p for p, _ in examples], self.encoder, self._early_features, self.model.classifier,
-                                   len(self.domains), self.config.train.eval_batch_size)[1]
-            return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
-        feats = frozen_features(self.backbone, self.encoder, self.config.model, [p for p, _ in examples], None,
-                                self.config.train.eval_batch_size, desc, ctx.progress)  # (N, H)
-        index = {d: i for i, d in enumerate(self.domains)}
-        return FeatureTexts(feats, torch.tensor([index[d] for _, d in examples], dtype=torch.long))
+            feats = self._trunk_features([self.encoder.encode_single(p) for p in prompts], bs)
+        elif self.opts.router_layer is not None:  # after a few blocks: cheap enough not to cache
+            feats = prompt_outputs(prompts, self.encoder, self._early_features, self.model.classifier,
+                                   len(self.domains), bs)[1]
+        else:
+            feats = frozen_features(self.backbone, self.encoder, self.config.model, prompts, None, bs, desc,
+                                    ctx.progress)  # (N, H)
+        return FeatureTexts.labelled(feats, examples, self.domains)
 
     def fit(self, examples: Sequence[tuple[str, str]], out_dir: Path, ctx: Any, train_cfg: TrainConfig,
             eval_examples: Sequence[tuple[str, str]] = ()) -> ComponentFit:
@@ -623,7 +627,8 @@ class Router:
         return prompt_outputs(prompts, self.encoder, features, self.model.classifier, len(self.domains), batch_size)
 
     def _early_features(self, rows: Sequence[dict[str, list[int]]]) -> torch.Tensor:
-        return early_features(self.backbone, self.encoder, rows, int(self.opts.router_layer or 0))  # (b, H)
+        assert self.opts.router_layer is not None  # only called for a router_layer router
+        return early_features(self.backbone, self.encoder, rows, self.opts.router_layer)  # (b, H)
 
     def _trunk_features(self, rows: Sequence[dict[str, list[int]]], batch_size: int) -> torch.Tensor:
         """(N, H): per encoded prompt, the mean over its tokens of the frozen trunk's output states."""
