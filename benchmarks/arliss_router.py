@@ -59,7 +59,7 @@ def evaluate(system: ARLISSSystem, test: Sequence[PreferencePair], table: dict[s
     n = len(test)
     system._require().eval()
     with torch.no_grad():
-        probs = system._router_probs([p.prompt for p in test], batch_size)  # (N, D)
+        probs = system.router.probs([p.prompt for p in test], batch_size)  # (N, D)
     routes = decide_routes(probs, system.domains, None, system.opts)
     chosen = combine_rewards(routes, lambda d, rows: table[d][rows], n)
     rejected = combine_rewards(routes, lambda d, rows: table[d][[n + i for i in rows]], n)
@@ -109,7 +109,7 @@ def main() -> None:
     for k in (int(x) for x in args.layers.split(",")):
         system.opts.router_layer = k
         with tempfile.TemporaryDirectory() as tmp:
-            fit = system._train_frozen_router(FitContext(Path(tmp), progress=False), None)
+            fit = system._train_router(FitContext(Path(tmp), progress=False), None)  # frozen now: a new head
         rows.append({"router": "frozen", "blocks": k, **evaluate(system, test, table, args.batch_size),
                      "train_seconds": fit.seconds})
         print(f"frozen router after {k} blocks: done", file=sys.stderr)

@@ -87,7 +87,7 @@ def test_router_reads_the_pretrained_states_after_its_blocks_and_runs_only_those
     hooks = [blk.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, blk in enumerate(blocks)]
     try:
-        probs = system._router_probs(prompts, batch_size=len(prompts))  # (N, D)
+        probs = system.router.probs(prompts, batch_size=len(prompts))  # (N, D)
     finally:
         for h in hooks:
             h.remove()

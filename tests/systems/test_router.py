@@ -59,7 +59,7 @@ def test_trunk_router_routes_on_the_trunk_states_and_reloads(tiny_bert, tmp_path
     """options.router_tuning=trunk: a classifier on the prompt's mean trunk states (the input of the first of the top
     model.trainable_layers blocks); it learns the easy prefix task, and the saved router gives the same probabilities."""
     from moerm.modules.experts import transformer_blocks, trunk_states
-    from moerm.systems.routing import Router, RouterOptions
+    from moerm.systems.routing import Router, RouterLayout, RouterOptions
 
     cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40, trainable_layers=1),
                     train=TrainConfig(lr=1e-2, batch_size=8, epochs=20, save_every=0))
@@ -78,8 +78,9 @@ def test_trunk_router_routes_on_the_trunk_states_and_reloads(tiny_bert, tmp_path
     with torch.no_grad():
         hidden, _ = trunk_states(router.backbone.model, blocks, 1, {k: torch.tensor([v]) for k, v in enc.items()})
     torch.testing.assert_close(feats[0], hidden[0].mean(0), atol=1e-5, rtol=0)  # block 1's input, not the output
-    router.save(tmp_path / "saved")
-    again = Router.load(tmp_path / "saved", cfg, opts, ["alpha", "beta"])
+    paths = RouterLayout().paths(tmp_path / "saved", 0)
+    router.save(paths)
+    again = Router.load(paths, cfg, opts, ["alpha", "beta"])
     torch.testing.assert_close(again.outputs(prompts)[0], probs, atol=1e-6, rtol=0)
 
 
@@ -89,7 +90,7 @@ def test_frozen_router_after_k_blocks_reads_the_early_states_and_runs_only_those
     from moerm.encoding import load_backbone
     from moerm.errors import UserError
     from moerm.modules.experts import transformer_blocks
-    from moerm.systems.routing import Router, RouterOptions
+    from moerm.systems.routing import Router, RouterLayout, RouterOptions
 
     cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40),
                     train=TrainConfig(lr=1e-2, batch_size=8, epochs=20, save_every=0))
@@ -116,8 +117,9 @@ def test_frozen_router_after_k_blocks_reads_the_early_states_and_runs_only_those
             enc = {k: torch.tensor([v]) for k, v in router.encoder.encode_single(p).items()}
             hidden = fresh.model(**enc, output_hidden_states=True).hidden_states[1]  # after block 0
             torch.testing.assert_close(feats[i], hidden[0].mean(0), atol=1e-5, rtol=0)
-    router.save(tmp_path / "saved")
-    again = Router.load(tmp_path / "saved", cfg, opts, ["alpha", "beta"])
+    paths = RouterLayout().paths(tmp_path / "saved", 0)
+    router.save(paths)
+    again = Router.load(paths, cfg, opts, ["alpha", "beta"])
     torch.testing.assert_close(again.outputs(prompts)[0], probs, atol=1e-6, rtol=0)
     with pytest.raises(UserError, match="router_layer is a frozen router's option"):
         Router(cfg, RouterOptions(router_tuning="lora", router_layer=1), ["alpha", "beta"])

@@ -13,7 +13,7 @@ from moerm.config import ModelConfig, RunConfig, TrainConfig
 from moerm.errors import UserError
 from moerm.systems import build_system
 from moerm.systems.base import FitContext
-from moerm.systems.routing import RouterOptions, combine_rewards, decide_routes, rm_passes, top_k_weights
+from moerm.systems.routing import FallbackOptions as RouterOptions, combine_rewards, decide_routes, rm_passes, top_k_weights
 
 DOMAINS = ["a", "b", "c"]
 PROBS = torch.tensor([[0.70, 0.20, 0.10],   # confident in a
@@ -191,5 +191,5 @@ def test_arliss_soft_routing_batched_equals_switch_equals_hand(tiny_bert, tmp_pa
         assert det["adapter"] is None and set(det["weights"]) == {"alpha", "beta"}
         expected = sum(det["router_probs"][d] * per[d][i] for d in system.domains)
         assert abs(batched.rewards[i] - expected) < 1e-5
-    with pytest.raises(UserError, match="rodos/dmoerm option"):
+    with pytest.raises(UserError, match="arliss supports options.ood=none only"):
         build_system(dataclasses.replace(cfg, options={"ood": "knn"}))

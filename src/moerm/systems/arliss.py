@@ -18,11 +18,8 @@ blocks run for it; no router adapter is trained or saved.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,20 +38,18 @@ from moerm.encoding.tuning import (
     ParamView, adapter_config, add_adapter, base_parameters, load_adapter, set_trainable_adapter, set_trunk,
 )
 from moerm.modules.reward_model import RewardModel
-from moerm.modules.router import DomainClassifier
 from moerm.systems.components import ComponentFit, fit_component
 from moerm.modules.heads import RewardHead
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, FeatureTexts, PromptTexts, Route, RouterOptions, combine_rewards, decide_routes,
-    early_features, load_router_examples, new_domain_of, prompt_outputs, prompt_probs, remove_router_files, require_routes,
-    router_examples, router_files, save_router_examples,
+    ROUTER_DEFAULTS, EarlyLayers, Route, Router, RouterLayout, RouterOptions, RouterPaths, RouterStore, SharedAdapter,
+    combine_rewards, decide_routes, load_router_examples, new_domain_of, require_routes, router_examples, safe_name,
 )
-from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
+from moerm.train.checkpoint import atomic_save_safetensors
 from moerm.train.pairwise import TokenPairs
 
 ARLISS_FILE = "arliss.json"
-ROUTER_WHERE = {"dir": "adapters", "head": "heads", "prompts": ""}  # where a router version's files live
+ROUTER_LAYOUT = RouterLayout(dir_parent="adapters", head_parent="heads")  # adapters/router[-vN], heads/router[-vN]
 ROUTER = "router"
 RESERVED = {ROUTER, "default", "__base__"}  # peft's default folder name / its "no adapter" marker
 INFERENCE_MODES = ("batched", "switch")
@@ -72,27 +67,23 @@ class ARLISSOptions(RouterOptions):
     router_layer: int = 1  # frozen router: how many blocks its features pass through (1..blocks - 1)
     inference: str = "batched"  # batched: peft mixed-adapter batches; switch: set_adapter per input (the paper)
 
+    router_tunings = ARLISS_ROUTERS
+    # earlier releases took these keys and refused other values (fallback, ood) or ignored them (ood_quantile)
+    legacy = {"fallback": "mixture", "ood": "none", "ood_quantile": ...}
+
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.router_tuning not in ARLISS_ROUTERS:
             raise ConfigError(f"arliss's router is a LoRA adapter on the shared base (lora) or a classifier on its "
                               f"pretrained early states (frozen): options.router_tuning must be lora or frozen, got "
                               f"{self.router_tuning!r} (a fully tuned or trunk router is a rodos option)")
+        super().__post_init__()
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"options.inference must be batched or switch; got {self.inference!r}")
-        if self.fallback != "mixture":
-            raise UserError("arliss supports options.fallback=mixture only (a general fallback RM is a rodos option)")
-        if self.ood != "none":
-            raise UserError("options.ood is a rodos/dmoerm option for now: arliss's router adapter keeps no training "
-                            "prompt features to compare with")
 
 
 def adapter_name(domain: str) -> str:
     """A peft/ModuleDict-safe adapter name: the domain itself when safe, else a sanitised name plus a short hash."""
-    safe = re.sub(r"[^A-Za-z0-9_]", "_", domain)[:60] or "d"
-    if safe == domain and domain not in RESERVED:
-        return safe
-    return f"{safe}_{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
+    return safe_name(domain, allowed="A-Za-z0-9_", sep="_", reserved=frozenset(RESERVED))
 
 
 class ARLISSModel(nn.Module):
@@ -130,7 +121,8 @@ class ARLISSSystem(RewardSystem):
         self.model = model
         self.domains = list(domains)  # router label order
         self.router_examples: list[tuple[str, str]] = list(examples)
-        self.router_version = 0  # which router_files() version the saved folder uses (add-domain moves it on)
+        self.router_version = 0  # which RouterStore version the saved folder uses (add-domain moves it on)
+        self.router: Router | None = None if model is None else self._router_on(model)
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
         # The router reads only the prompt's first tokens (options.router_max_length), as in RODOS.
         self.router_encoder = make_encoder(config.model.backbone, self.opts.router_max_length)
@@ -199,49 +191,31 @@ class ARLISSSystem(RewardSystem):
         return fit_component(f"rm:{domain}", path, data, t, ctx, ctx.out_dir / "components" / f"rm-{name}",
                              [(model.backbone, t.lr), (model.heads[name], t.head_lr or t.lr)], eval_data)
 
+    def _router_on(self, model: ARLISSModel) -> Router:
+        """The router on the shared base: its LoRA adapter (lora), or the pretrained early states (frozen), under
+        `model.router_head`."""
+        backend = (EarlyLayers(model.backbone, self.router_encoder, self.opts.router_layer) if self.frozen_router
+                   else SharedAdapter(model.backbone, self.router_encoder, ROUTER))
+        return Router.on(backend, model.router_head, self.config, self.opts, self.domains)
+
     def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None) -> ComponentFit:
-        """(Re)build the router adapter and head from scratch for the current domains, and train them; its accuracy
-        is measured on the held-out pairs' prompts (`eval`), never on its training prompts."""
+        """(Re)build the router (its adapter, unless frozen, and its head) from scratch for the current domains, and
+        train it; its accuracy is measured on the held-out pairs' prompts (`eval`), never on its training prompts."""
+        model = self._require()
+        if not self.frozen_router:
+            if ROUTER in model.peft.peft_config:
+                model.peft.delete_adapter(ROUTER)
+            self._add_adapter(model.backbone, ROUTER)
+        torch.manual_seed(self.config.train.seed)
+        model.router_head = nn.Linear(model.backbone.hidden_size, len(self.domains)).to(self.device)
         if self.frozen_router:
-            return self._train_frozen_router(ctx, eval)
-        model, t = self._require(), self.train_config("router")
-        if ROUTER in model.peft.peft_config:
-            model.peft.delete_adapter(ROUTER)
-        self._add_adapter(model.backbone, ROUTER)
-        torch.manual_seed(self.config.train.seed)
-        model.router_head = nn.Linear(model.backbone.hidden_size, len(self.domains)).to(self.device)
-        self._activate(ROUTER)
-        data = PromptTexts.build(self.router_examples, self.domains, self.router_encoder)
-        held_out = [(p, d) for p, d in router_examples(eval or [], self.opts.max_router_prompts_per_domain)
-                    if d in self.domains]
-        eval_data = PromptTexts.build(held_out, self.domains, self.router_encoder) if held_out else None
-        path = DomainClassifier(model.backbone, model.backbone.hidden_size, len(self.domains), classifier=model.router_head)
-        return fit_component("router", path, data, t, ctx, ctx.out_dir / "components" / "router",
-                             [(model.backbone, t.lr), (model.router_head, t.head_lr or t.lr)], eval_data,
-                             kind="classification")
-
-    def _train_frozen_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None) -> ComponentFit:
-        """(Re)build the router head and train it on the prompts' early-state features (`_router_features`)."""
-        model, t = self._require(), self.train_config("router")
-        torch.manual_seed(self.config.train.seed)
-        model.router_head = nn.Linear(model.backbone.hidden_size, len(self.domains)).to(self.device)
-        model.heads.requires_grad_(False)
-        held_out = [(p, d) for p, d in router_examples(eval or [], self.opts.max_router_prompts_per_domain)
-                    if d in self.domains]
-        data, eval_data = (self._feature_texts(ex) if ex else None for ex in (self.router_examples, held_out))
-        path = DomainClassifier(None, model.backbone.hidden_size, len(self.domains), classifier=model.router_head)
-        return fit_component("router", path, data, t, ctx, ctx.out_dir / "components" / "router",
-                             [(model.router_head, t.head_lr or t.lr)], eval_data, kind="classification")
-
-    def _feature_texts(self, examples: Sequence[tuple[str, str]]) -> FeatureTexts:
-        feats = prompt_outputs([p for p, _ in examples], self.router_encoder, self._router_features,
-                               self._require().router_head, len(self.domains), self.config.train.eval_batch_size)[1]
-        return FeatureTexts.labelled(feats, examples, self.domains)
-
-    def _router_features(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
-        """(b, H) frozen-router features: the mean of the prompt tokens' pretrained states after the first
-        `options.router_layer` blocks (only they run)."""
-        return early_features(self._require().backbone, self.router_encoder, rows, self.opts.router_layer)
+            model.heads.requires_grad_(False)
+        else:
+            self._activate(ROUTER)
+        self.router = self._router_on(model)
+        held_out = router_examples(eval or [], self.opts.max_router_prompts_per_domain)
+        return self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx,
+                               self.train_config("router"), held_out)
 
     # -- training
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
@@ -279,10 +253,9 @@ class ARLISSSystem(RewardSystem):
         # Write only what changed: the new adapter and head, a new router version, then the index (the switch), last.
         # The other adapters' folders and heads stay byte-identical; a kill before the index leaves the old system.
         self._save_adapters(model_dir, [name])
-        old, self.router_version = self.router_version, self.router_version + 1
-        self._save_router_and_index(model_dir)
-        self.write_system_file(model_dir)
-        remove_router_files(model_dir, old, ROUTER_WHERE)
+        self.router_version = self._store(model_dir).swap(
+            self.router_version, self._save_router, self.router_examples, self._index(),
+            before_retire=lambda: self.write_system_file(model_dir))
         return result
 
     # -- inference
@@ -309,20 +282,16 @@ class ARLISSSystem(RewardSystem):
         return encode_through(model.backbone, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                               names)
 
-    def _router_logits(self, rows: list[dict[str, list[int]]]) -> torch.Tensor:
-        """(b, D) router logits of encoded prompts: through the router adapter (lora), or on early states (frozen)."""
-        model = self._require()
-        feats = self._router_features(rows) if self.frozen_router else self._forward(rows, [ROUTER] * len(rows))
-        return model.router_head(feats)  # (b, H) -> (b, D)
-
-    def _router_probs(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-        """(N, D) router probabilities; each distinct prompt once."""
-        return prompt_probs(prompts, self.router_encoder, self._router_logits, len(self.domains), batch_size)
+    def _routes(self, prompts: Sequence[str], hints: Sequence[str | None] | None, batch_size: int) -> list[Route]:
+        """One router pass over the batch's distinct prompts, then `decide_routes`."""
+        if self.router is None:
+            self.router = self._router_on(self._require())
+        return self.router.routes(prompts, hints, batch_size)
 
     def _score_batched(self, prompts: Sequence[str], responses: Sequence[str], hints: Sequence[str | None] | None,
                        batch_size: int) -> tuple[torch.Tensor, list[Route]]:
         model = self._require()
-        routes = decide_routes(self._router_probs(prompts, batch_size), self.domains, hints, self.opts)
+        routes = self._routes(prompts, hints, batch_size)
         # One job per (input, domain RM) its route weighs: top-1 inputs once, mixed inputs once per mixed domain.
         jobs = [(i, d) for i, r in enumerate(routes) for d in r.weights]
         encoded = [self.encoder.encode(p, r) for p, r in zip(prompts, responses)]
@@ -348,8 +317,9 @@ class ARLISSSystem(RewardSystem):
         routes: list[Route] = []
         for i, (p, resp) in enumerate(zip(prompts, responses)):
             prompt = [self.router_encoder.encode_single(p)]
-            if self.frozen_router:
-                logits = self._router_logits(prompt)  # (1, D): the router's blocks only, no adapter to switch to
+            if self.frozen_router:  # (1, D): the router's blocks only, no adapter to switch to
+                logits = model.router_head(EarlyLayers(model.backbone, self.router_encoder,
+                                                       self.opts.router_layer).features(prompt))
             else:
                 model.peft.set_adapter(ROUTER)
                 logits = model.router_head(self._forward(prompt, None))  # (1, D)
@@ -382,11 +352,19 @@ class ARLISSSystem(RewardSystem):
         for d, name in self.adapters.items():
             files[f"adapter:{d}"] = [f"adapters/{name}"]
             files[f"head:{d}"] = [f"heads/{name}.safetensors"]
-        r = router_files(self.router_version)
+        r = self._store(Path()).relative(self.router_version)
         if not self.frozen_router:
-            files[f"adapter:{ROUTER}"] = [f"adapters/{r['dir']}"]
-        files[f"head:{ROUTER}"] = [f"heads/{r['head']}", r["prompts"]]
+            files[f"adapter:{ROUTER}"] = [r["dir"]]
+        files[f"head:{ROUTER}"] = [r["head"], r["prompts"]]
         return files
+
+    @staticmethod
+    def _store(path: Path) -> RouterStore:
+        return RouterStore(path, ARLISS_FILE, ROUTER_LAYOUT)
+
+    def _index(self) -> dict[str, Any]:
+        return {"domains": self.domains, "adapters": self.adapters, "router_tuning": self.opts.router_tuning,
+                **({} if self.frozen_router else {"router_adapter": ROUTER})}
 
     def _save_adapters(self, path: Path, names: list[str]) -> None:
         """One subfolder per domain adapter (safetensors) and its head beside it in heads/<name>.safetensors."""
@@ -395,32 +373,27 @@ class ARLISSSystem(RewardSystem):
         for name in names:
             atomic_save_safetensors(model.heads[name].state_dict(), path / "heads" / f"{name}.safetensors")
 
-    def _save_router_and_index(self, path: Path) -> None:
-        """The router adapter (lora), head and prompts at this router version's names, then the index, last."""
+    def _save_router(self, paths: RouterPaths) -> None:
+        """The router adapter (lora; peft writes it under its own name, so through a staging folder) and its head."""
         model = self._require()
-        files = router_files(self.router_version)
-        remove_router_files(path, self.router_version, ROUTER_WHERE)  # leftovers of a killed add-domain
         if not self.frozen_router:
-            staging = path / f".router-staging-{os.getpid()}"
+            staging = paths.dir.parent / f".router-staging-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             model.peft.save_pretrained(str(staging), selected_adapters=[ROUTER], safe_serialization=True)
-            (path / "adapters").mkdir(parents=True, exist_ok=True)
-            os.replace(staging / ROUTER, path / "adapters" / files["dir"])
+            os.replace(staging / ROUTER, paths.dir)
             shutil.rmtree(staging, ignore_errors=True)
-        atomic_save_safetensors(model.router_head.state_dict(), path / "heads" / files["head"])
-        save_router_examples(self.router_examples, path / files["prompts"])
-        index = {"domains": self.domains, "adapters": self.adapters, "router_version": self.router_version,
-                 "router_tuning": self.opts.router_tuning,
-                 **({} if self.frozen_router else {"router_adapter": ROUTER})}
-        atomic_write_text(path / ARLISS_FILE, json.dumps(index, indent=2))
+        if self.router is None:
+            self.router = self._router_on(model)
+        self.router.save(paths)
 
     def save_components(self, path: Path) -> None:
         self._save_adapters(path, list(self.adapters.values()))
-        self._save_router_and_index(path)
+        self._store(path).write(self.router_version, self._save_router, self.router_examples, self._index())
 
     @classmethod
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "ARLISSSystem":
-        index = json.loads((path / ARLISS_FILE).read_text())
+        store = cls._store(path)
+        index = store.read_index()
         domains: list[str] = index["domains"]
         adapters: dict[str, str] = index["adapters"]
         m = config.model
@@ -428,24 +401,27 @@ class ARLISSSystem(RewardSystem):
         if m.tuning == "top":
             set_trunk(backbone, m)
         names = [adapters[d] for d in domains]
-        files = router_files(int(index.get("router_version", 0)))
+        version = store.version()
+        paths = store.paths(version)
         saved = index.get("router_tuning", "lora")
-        if saved != from_dict(ARLISSOptions, config.options, "options").router_tuning:
-            raise UserError(f"{path / ARLISS_FILE} holds a router with options.router_tuning={saved}, which its "
+        if saved != from_dict(ARLISSOptions, ARLISSOptions.without_legacy(config.options, cls.name),
+                              "options").router_tuning:
+            raise UserError(f"{store.index_path} holds a router with options.router_tuning={saved}, which its "
                             "config does not say: a router cannot be switched without retraining it")
         # is_trainable keeps the adapters trainable so `add_domain` can run on a loaded system.
-        router = [(ROUTER, files["dir"])] if saved == "lora" else []
-        for name, folder in [*((n, n) for n in names), *router]:
-            load_adapter(backbone, path / "adapters" / folder, name, trainable=True)
-        system = cls(config, domains=domains, examples=load_router_examples(path / files["prompts"]))
-        system.router_version = int(index.get("router_version", 0))
+        for name in names:
+            load_adapter(backbone, path / "adapters" / name, name, trainable=True)
+        if saved == "lora":
+            load_adapter(backbone, paths.dir, ROUTER, trainable=True)
+        system = cls(config, domains=domains, examples=load_router_examples(paths.prompts))
+        system.router_version = version
         heads: dict[str, nn.Module] = {}
         for name in names:
             heads[name] = system._new_head(backbone.hidden_size)
             heads[name].load_state_dict(load_file(str(path / "heads" / f"{name}.safetensors")))
-        router_head = nn.Linear(backbone.hidden_size, len(domains))
-        router_head.load_state_dict(load_file(str(path / "heads" / files["head"])))
-        system.model = ARLISSModel(backbone, heads, router_head)
+        system.model = ARLISSModel(backbone, heads, nn.Linear(backbone.hidden_size, len(domains)))
+        system.router = system._router_on(system.model)
+        system.router.load_head(paths)
         if device is not None:
             system.model.to(device)
         system.model.eval()

@@ -140,7 +140,10 @@ class RewardSystem(ABC):
         check_component_config(config, self.component_defaults, self.name)
         if self.options_class is None and config.options:
             raise ConfigError(f"system {self.name!r} takes no options; got options.{sorted(config.options)[0]}")
-        self.options = from_dict(self.options_class, config.options, "options") if self.options_class else None
+        raw = config.options
+        if self.options_class is not None and hasattr(self.options_class, "without_legacy"):
+            raw = self.options_class.without_legacy(raw, self.name)  # keys of options it never honoured, old runs
+        self.options = from_dict(self.options_class, raw, "options") if self.options_class else None
 
     def train_config(self, kind: str) -> TrainConfig:
         """The train settings of component `kind`: `train`, this system's defaults for it, `components.<kind>.train`."""

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from moerm.config import ConfigError, RunConfig, TrainConfig, from_dict
+from moerm.train.classification import classification_eval, classification_step
 from moerm.train.pairwise import make_pairwise_step, pairwise_eval
 from moerm.train.trainer import Trainer
 
@@ -73,7 +74,6 @@ def fit_component(name: str, module: nn.Module, data: Any, cfg: TrainConfig, ctx
     `eval_every` steps), sharded over processes.
     """
     from moerm.encoding.trunk import attach_trunk
-    from moerm.systems.routing import classification_eval, classification_step
 
     attach_trunk(module, (data, eval_data), cfg.eval_batch_size, ctx.progress)  # `top` tuning: cached trunk states
 

@@ -51,12 +51,11 @@ from moerm.systems.base import BenchPlan, FitContext, FitResult, RewardSystem, S
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit, fit_component
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, ROUTER_PROMPTS, Router, RouterOptions, combine_rewards, load_router_examples, router_examples,
-    save_router_examples,
+    ROUTER_DEFAULTS, OODOptions, Router, RouterStore, combine_rewards, load_router_examples, router_examples,
 )
 from moerm.systems.tasks import TaskSpec, load_tasks_file, parse_tasks, task_of_domain, tasks_to_dict
 from moerm.train import distributed
-from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
+from moerm.train.checkpoint import atomic_save_safetensors
 from moerm.train.pairwise import FeaturePairs, TokenPairs
 
 DMOERM_FILE = "dmoerm.json"
@@ -64,8 +63,10 @@ INFERENCE_MODES = ("batched", "sequential")
 
 
 @dataclass
-class DMoERMOptions(RouterOptions):
+class DMoERMOptions(OODOptions):
     """Tasks and the three training phases (set with --set options.KEY=VALUE)."""
+
+    legacy = {"fallback": "mixture"}  # earlier releases took the key and refused any other value
 
     tasks: dict[str, Any] | None = None  # inline {task: {domains, capabilities}}; see systems/tasks.py
     tasks_file: str | None = None  # or a YAML file of the same shape (copied inline into the saved config)
@@ -83,8 +84,6 @@ class DMoERMOptions(RouterOptions):
             raise UserError("options.split_a must be strictly between 0 and 1")
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"options.inference must be batched or sequential; got {self.inference!r}")
-        if self.fallback != "mixture":
-            raise UserError("dmoerm supports options.fallback=mixture only")
         if self.aggregator_init not in ("experts", "random"):
             raise UserError(f"options.aggregator_init must be experts or random; got {self.aggregator_init!r}")
 
@@ -531,7 +530,8 @@ class DMoERMSystem(RewardSystem):
         return comps
 
     def component_files(self) -> dict[str, list[str]]:
-        files: dict[str, list[str]] = {"router": ["router", ROUTER_PROMPTS]}
+        where = RouterStore(Path(), DMOERM_FILE).relative(0)
+        files: dict[str, list[str]] = {"router": [where["dir"], where["prompts"]]}
         for name, model in self.models.items():
             files[f"{name}:base"] = [f"tasks/{name}/backbone"]
             for cap in model.capabilities:
@@ -541,8 +541,6 @@ class DMoERMSystem(RewardSystem):
 
     def save_components(self, path: Path) -> None:
         assert self.router is not None
-        self.router.save(path / "router")
-        save_router_examples(self.router_examples, path / ROUTER_PROMPTS)
         index: dict[str, Any] = {"tasks": tasks_to_dict(self.tasks), "order": self.task_names, "first_expert_layer": {}}
         for name, model in self.models.items():
             folder = path / "tasks" / name
@@ -560,7 +558,8 @@ class DMoERMSystem(RewardSystem):
             state.update({f"aggregator.{k}": v for k, v in model.aggregator.state_dict().items()})
             atomic_save_safetensors({k: v.contiguous() for k, v in state.items()}, folder / "heads.safetensors")
             index["first_expert_layer"][name] = model.bank.first_expert_layer
-        atomic_write_text(path / DMOERM_FILE, json.dumps(index, indent=2))
+        # the task models first, then the router (one version: DMoERM has no add-domain) and the index, last
+        RouterStore(path, DMOERM_FILE).write(0, self.router.save, self.router_examples, index)
 
     @classmethod
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "DMoERMSystem":
@@ -591,11 +590,12 @@ class DMoERMSystem(RewardSystem):
             model.requires_grad_(False)
             system.models[task.name] = model.to(device) if device is not None else model
             system.models[task.name].eval()
-        system.router = Router.load(path / "router", config, system.opts, system.task_names)
+        paths = RouterStore(path, DMOERM_FILE).paths(0)
+        system.router = Router.load(paths, config, system.opts, system.task_names)
         system.router.model.requires_grad_(False)
         if device is not None:
             system.router.model.to(device)
-        system.router_examples = load_router_examples(path / ROUTER_PROMPTS)
+        system.router_examples = load_router_examples(paths.prompts)
         return system
 
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:

@@ -7,7 +7,6 @@ classifier over the prompt. A new domain means one new RM and a retrained router
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,17 +22,16 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, Router, RouterOptions, domain_dir, remove_router_files, require_routes, router_files, combine_rewards, load_router_examples, new_domain_of, router_examples,
-    save_router_examples,
+    ROUTER_DEFAULTS, FallbackOptions, Router, RouterStore, combine_rewards, domain_dir, load_router_examples,
+    new_domain_of, require_routes, router_examples,
 )
-from moerm.train.checkpoint import atomic_write_text
 
 RODOS_FILE = "rodos.json"
 GENERAL_DIR = "general_rm"  # the general fallback RM (options.fallback=general), beside rms/, never a domain name
 
 
 @dataclass
-class RODOSOptions(RouterOptions):
+class RODOSOptions(FallbackOptions):
     """Router options; the domain RMs use the run's model config (tuning auto = full) and `components.rm.train`.
 
     Routing defaults to `gated`: the top-1 domain RM when the router is at least 60% sure, else the probability-
@@ -62,7 +60,7 @@ class RODOSSystem(RewardSystem):
         self.general: BaselineSystem | None = None  # options.fallback=general: one RM trained on every domain
         self.router = router
         self.router_examples: list[tuple[str, str]] = []
-        self.router_version = 0  # which router_files() version the saved folder uses (add-domain moves it on)
+        self.router_version = 0  # which RouterStore version the saved folder uses (add-domain moves it on)
 
     @property
     def domains(self) -> list[str]:
@@ -137,10 +135,9 @@ class RODOSSystem(RewardSystem):
         # Write only what changed: the new RM, a new router version, then the index (the switch), last. Other RMs'
         # files stay byte-identical; a kill before the index leaves the old system loadable.
         self.rms[domain].save(model_dir / "rms" / domain_dir(domain))
-        old, self.router_version = self.router_version, self.router_version + 1
-        self._save_router_and_index(model_dir)
-        self.write_system_file(model_dir)
-        remove_router_files(model_dir, old)
+        self.router_version = self._store(model_dir).swap(
+            self.router_version, self.router.save, self.router_examples, self._index(),
+            before_retire=lambda: self.write_system_file(model_dir))
         return result
 
     # -- inference
@@ -183,37 +180,38 @@ class RODOSSystem(RewardSystem):
         files = {f"rm:{d}": [f"rms/{domain_dir(d)}"] for d in self.rms}
         if self.general is not None:
             files["rm:general"] = [GENERAL_DIR]
-        files["router"] = [router_files(self.router_version)["dir"], router_files(self.router_version)["prompts"]]
+        where = self._store(Path()).relative(self.router_version)
+        files["router"] = [where["dir"], where["prompts"]]
         return files
 
-    def _save_router_and_index(self, path: Path) -> None:
+    @staticmethod
+    def _store(path: Path) -> RouterStore:
+        return RouterStore(path, RODOS_FILE)  # router[-vN]/ (its classifier inside) and router_prompts[-vN] on top
+
+    def _index(self) -> dict[str, Any]:
         assert self.router is not None
-        files = router_files(self.router_version)
-        remove_router_files(path, self.router_version)  # leftovers of a killed add-domain
-        self.router.save(path / files["dir"])
-        save_router_examples(self.router_examples, path / files["prompts"])
-        index = {"domains": self.router.domains, "dirs": {d: domain_dir(d) for d in self.rms},
-                 "router_version": self.router_version}
-        atomic_write_text(path / RODOS_FILE, json.dumps(index, indent=2))
+        return {"domains": self.router.domains, "dirs": {d: domain_dir(d) for d in self.rms}}
 
     def save_components(self, path: Path) -> None:
         for d, rm in self.rms.items():
             rm.save(path / "rms" / domain_dir(d))
         if self.general is not None:
             self.general.save(path / GENERAL_DIR)
-        self._save_router_and_index(path)
+        assert self.router is not None
+        self._store(path).write(self.router_version, self.router.save, self.router_examples, self._index())
 
     @classmethod
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "RODOSSystem":
-        index = json.loads((path / RODOS_FILE).read_text())
+        store = cls._store(path)
+        index = store.read_index()
         rms = {d: load_system(path / "rms" / sub, device) for d, sub in index["dirs"].items()}
         system = cls(config, rms=rms)  # type: ignore[arg-type]
-        system.router_version = int(index.get("router_version", 0))
-        files = router_files(system.router_version)
-        system.router = Router.load(path / files["dir"], config, system.opts, index["domains"])
+        system.router_version = store.version()
+        paths = store.paths(system.router_version)
+        system.router = Router.load(paths, config, system.opts, index["domains"])
         if device is not None:
             system.router.model.to(device)
-        system.router_examples = load_router_examples(path / files["prompts"])
+        system.router_examples = load_router_examples(paths.prompts)
         if (path / GENERAL_DIR / SYSTEM_FILE).exists():
             system.general = load_system(path / GENERAL_DIR, device)  # type: ignore[assignment]
         system._share_trunks()
