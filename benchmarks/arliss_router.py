@@ -30,7 +30,7 @@ import torch
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.encoding.trunk import trunk_cache_at_inference
-from moerm.modules.experts import transformer_blocks
+from moerm.encoding.blocks import transformer_blocks
 from moerm.systems import load_system
 from moerm.systems.arliss import ARLISSSystem
 from moerm.systems.base import FitContext
@@ -48,7 +48,7 @@ def reward_table(system: ARLISSSystem, test: Sequence[PreferencePair], batch_siz
     """Per domain adapter, the rewards (2N,) of every held-out chosen then rejected reply."""
     prompts = [p.prompt for p in test] * 2
     replies = [p.chosen for p in test] + [p.rejected for p in test]
-    with trunk_cache_at_inference():  # top tuning: the trunk once per reply, as the bench's evaluation does
+    with trunk_cache_at_inference(system):  # top tuning: the trunk once per reply, as the bench's evaluation does
         return {d: torch.tensor(system.score(prompts, replies, [d] * len(prompts), batch_size).rewards)
                 for d in system.domains}
 

@@ -77,7 +77,7 @@ def lora_sites(model: torch.nn.Module) -> set[tuple[int, str]]:
     """(block index, module name) of every LoRA layer inside the model's transformer blocks."""
     from peft.tuners.lora import LoraLayer
 
-    from moerm.modules.experts import transformer_blocks
+    from moerm.encoding.blocks import transformer_blocks
 
     _, blocks = transformer_blocks(model)
     return {(i, name.rsplit(".", 1)[-1]) for i, block in enumerate(blocks) for name, m in block.named_modules()

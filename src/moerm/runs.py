@@ -24,7 +24,7 @@ from moerm.eval.metrics import aggregate_runs, evaluate_system
 from moerm.eval.report import accuracy_table, aggregate_table
 from moerm.systems.base import FitContext, build_system, find_model_dir, load_system
 from moerm.train import distributed
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_write_text
 
 
 def cap_per_domain(pairs: Sequence[PreferencePair], cap: int | None, seed: int) -> list[PreferencePair]:

@@ -181,7 +181,7 @@ def test_ensemble_reuses_the_baseline_cells_and_eval_reads_the_trunk_cache(tmp_p
                                torch.tensor([b.score(prompts, replies).rewards for b in base]).mean(0))
     # the bench scored the held-out pairs from its trunk cache: scoring them again computes no trunk state
     test = [json.loads(line) for line in _held_out_lines(out)]
-    with trunk_cache_at_inference() as trunks:
+    with trunk_cache_at_inference(base[0]) as trunks:
         base[0].score([t["prompt"] for t in test], [t["chosen"] for t in test])
     assert trunks.computed == 0 and trunks.hits == len(test)
     assert "ensemble trains no members of its own" in (out / "report.md").read_text()

@@ -17,7 +17,7 @@ from moerm.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from moerm.data.schema import PreferencePair
 from moerm.encoding import load_backbone
 from moerm.errors import UserError
-from moerm.modules.experts import transformer_blocks
+from moerm.encoding.blocks import transformer_blocks
 from moerm.systems.arliss import ROUTER, ARLISSSystem, adapter_name
 from moerm.systems.base import FitContext, load_system
 

@@ -357,9 +357,9 @@ def test_scores_from_the_inference_trunk_cache_within_fp16_of_the_uncached(train
     system, pairs = trained.system, TEST[::4]
     for domains in (True, False):
         plain = torch.cat(_score(system, pairs, domains))
-        with trunk_cache_at_inference() as first:
+        with trunk_cache_at_inference(system) as first:
             computed = torch.cat(_score(system, pairs, domains))
-        with trunk_cache_at_inference() as second:
+        with trunk_cache_at_inference(system) as second:
             read = torch.cat(_score(system, pairs, domains))
         if trained.tuning != "top":
             assert first.hits == first.computed == second.hits == second.computed == 0

@@ -58,7 +58,7 @@ def test_router_accuracy_is_measured_on_held_out_prompts(tiny_bert, tmp_path):
 def test_trunk_router_routes_on_the_trunk_states_and_reloads(tiny_bert, tmp_path):
     """options.router_tuning=trunk: a classifier on the prompt's mean trunk states (the input of the first of the top
     model.trainable_layers blocks); it learns the easy prefix task, and the saved router gives the same probabilities."""
-    from moerm.modules.experts import transformer_blocks, trunk_states
+    from moerm.encoding.blocks import transformer_blocks, trunk_states
     from moerm.systems.routing import Router, RouterLayout, RouterOptions
 
     cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40, trainable_layers=1),
@@ -89,7 +89,7 @@ def test_frozen_router_after_k_blocks_reads_the_early_states_and_runs_only_those
     model's hidden_states[1]); only block 0 runs for it; it learns the prefix task, reloads, and RODOS routes with it."""
     from moerm.encoding import load_backbone
     from moerm.errors import UserError
-    from moerm.modules.experts import transformer_blocks
+    from moerm.encoding.blocks import transformer_blocks
     from moerm.systems.routing import Router, RouterLayout, RouterOptions
 
     cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=40),

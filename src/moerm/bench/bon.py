@@ -19,7 +19,7 @@ from rich.console import Console
 
 from moerm.bench.presets import BenchConfig
 from moerm.eval.bon import DomainSets, bon_markdown, bon_results, build_candidate_sets, plot_bon, score_candidates
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_write_text
 
 REWARDS_FILE = "bon_rewards.json"
 PLOT = "best_of_n"

@@ -23,7 +23,7 @@ from moerm.config import ConfigError
 from moerm.data.readers import DataError, load_pairs, write_jsonl
 from moerm.data.schema import PreferencePair
 from moerm.runs import cap_per_domain
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_write_text
 
 WORDS_POS = "good great helpful correct clear kind".split()
 WORDS_NEG = "bad awful wrong rude useless unclear".split()

@@ -40,7 +40,7 @@ from moerm.encoding.trunk import trunk_cache_at_inference
 from moerm.eval.metrics import evaluate_system
 from moerm.runs import train_run
 from moerm.systems.base import SYSTEM_FILE, find_model_dir, load_system
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_write_text
 from moerm.train.trainer import TrainingInterrupted
 
 CELL_FILE = "cell.json"
@@ -119,7 +119,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, prepared: Prepared, out: Path, progre
         atomic_write_text(params_path, json.dumps(params, indent=2))
     model_dir = find_model_dir(d)
     system = load_system(model_dir, device=cfg.resolved_device())
-    with trunk_cache_at_inference() if cfg.eval_trunk_cache else nullcontext():  # top tuning: the trunk once
+    with trunk_cache_at_inference(system) if cfg.eval_trunk_cache else nullcontext():  # top tuning: the trunk once
         evals = evaluate_cell(cfg, system, prepared.test_pairs(cell.system))
     info = system.describe(model_dir)
     if info.get("backbone") == prepared.backbone:  # the backbone as the bench config names it, not this machine's path

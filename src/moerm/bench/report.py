@@ -17,7 +17,7 @@ from moerm.bench.measure import environment
 from moerm.bench.presets import ALL_SYSTEMS, BEST_ROUTED, BenchConfig, Target, ensemble_members
 from moerm.eval.metrics import aggregate_subsets
 from moerm.eval.report import matrix_table
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_write_text
 
 PLOTS = {"accuracy_per_domain": "accuracy per domain, grouped by system",
          "accuracy_vs_params": "average accuracy against total parameters",

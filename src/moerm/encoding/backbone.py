@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from peft import PeftModel
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from moerm.encoding.blocks import fed_from_trunk, transformer_blocks
+from moerm.encoding.blocks import trunk_states as states_before_block
+from moerm.errors import UserError
 
 if TYPE_CHECKING:
     from moerm.config import RunConfig
@@ -145,18 +150,13 @@ class Backbone(nn.Module):
                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token states (B, T, H) after the embeddings and the first `blocks` transformer blocks, with the pretrained
         weights (a peft model's adapters disabled); only those blocks run. A frozen router's cheap features."""
-        from peft import PeftModel
-
-        from moerm.errors import UserError
-        from moerm.modules.experts import transformer_blocks, trunk_states
-
         _, layers = transformer_blocks(self.model)
         if not 1 <= blocks < len(layers):
             raise UserError(f"options.router_layer must be within 1..{len(layers) - 1} for this backbone "
                             f"({len(layers)} transformer blocks); got {blocks}")
         inputs = self._inputs(input_ids, attention_mask, token_type_ids)
         with self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext():
-            hidden, _ = trunk_states(self.model, layers, blocks, inputs)  # block `blocks`'s input: (B, T, H)
+            hidden, _ = states_before_block(self.model, layers, blocks, inputs)  # block `blocks`'s input: (B, T, H)
         return hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
@@ -164,16 +164,12 @@ class Backbone(nn.Module):
         """`trunk_states` (B, T, H): the cached output of a `top`-tuned backbone's frozen trunk for these tokens;
         then only the blocks above the trunk run (see `encoding.trunk`)."""
         inputs = self._inputs(input_ids, attention_mask, token_type_ids, **kw)
-        if trunk_states is None and self.trunk is not None and not self.training:
-            from moerm.encoding.trunk import inference_states
-
-            cached = inference_states(self, inputs)  # None unless trunk_cache_at_inference() is active
-            trunk_states = cached[0] if cached is not None else None
+        if trunk_states is None and self.trunk is not None and self.trunk.inference is not None and not self.training:
+            # trunk_cache_at_inference(system) gave this backbone's trunk a cache to score from
+            trunk_states = self.trunk.inference.states(self, inputs)[0]
         if trunk_states is not None:
             if self.trunk is None or self.trunk.like is None:
                 raise ValueError("trunk_states given to a backbone that has no trunk (model.tuning is not top)")
-            from moerm.modules.experts import fed_from_trunk, transformer_blocks
-
             _, blocks = transformer_blocks(self.model)
             dtype = next(self.model.parameters()).dtype
             with fed_from_trunk(blocks, self.trunk.first, trunk_states.to(dtype), self.trunk.like):
@@ -246,3 +242,31 @@ def backbone_kwargs(config: RunConfig) -> dict[str, Any]:
 # a huge line (a 20 MB response would otherwise take a minute to tokenise). The cut is moved to a whitespace so
 # the kept side tokenises as in the full text, and if the cut text does not overflow the budget (its first/last
 # token, next to the cut, could be kept) it is redone with 4x as many characters, up to the whole text.
+
+
+def find_backbones(obj: Any) -> list[Backbone]:
+    """Every distinct `Backbone` reachable from `obj`: its attributes, nn.Modules' submodules, dicts, lists, tuples."""
+    seen: set[int] = set()
+    found: dict[int, Backbone] = {}
+
+    def walk(o: Any, depth: int) -> None:
+        if id(o) in seen or depth > 6:
+            return
+        seen.add(id(o))
+        if isinstance(o, nn.Module):
+            for m in o.modules():
+                if isinstance(m, Backbone):
+                    found.setdefault(id(m), m)
+            return
+        if isinstance(o, dict):
+            for v in o.values():
+                walk(v, depth + 1)
+        elif isinstance(o, (list, tuple, set)):
+            for v in o:
+                walk(v, depth + 1)
+        elif hasattr(o, "__dict__") and type(o).__module__.startswith("moerm"):
+            for v in vars(o).values():
+                walk(v, depth + 1)
+
+    walk(obj, 0)
+    return list(found.values())

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from moerm.encoding.backbone import Backbone
+from moerm.encoding.backbone import Backbone, find_backbones
 from moerm.errors import UserError
 
 QUANTIZE_MODES = ("none", "int8")
@@ -40,34 +40,6 @@ def check_quantize_device(mode: str | None, device: str | torch.device | None) -
         kind = torch.device(device).type
         raise UserError(f"--quantize {mode} is CPU-only (torch's int8 dynamic quantization has no {kind} kernels); "
                         "load on the CPU (--device cpu) or drop --quantize (on a GPU use model.dtype=bfloat16)")
-
-
-def find_backbones(obj: Any) -> list[Backbone]:
-    """Every distinct `Backbone` reachable from `obj`: its attributes, nn.Modules' submodules, dicts, lists, tuples."""
-    seen: set[int] = set()
-    found: dict[int, Backbone] = {}
-
-    def walk(o: Any, depth: int) -> None:
-        if id(o) in seen or depth > 6:
-            return
-        seen.add(id(o))
-        if isinstance(o, nn.Module):
-            for m in o.modules():
-                if isinstance(m, Backbone):
-                    found.setdefault(id(m), m)
-            return
-        if isinstance(o, dict):
-            for v in o.values():
-                walk(v, depth + 1)
-        elif isinstance(o, (list, tuple, set)):
-            for v in o:
-                walk(v, depth + 1)
-        elif hasattr(o, "__dict__") and type(o).__module__.startswith("moerm"):
-            for v in vars(o).values():
-                walk(v, depth + 1)
-
-    walk(obj, 0)
-    return list(found.values())
 
 
 def _int8(linear: nn.Linear) -> nn.Module:

@@ -13,12 +13,12 @@ the sequence's token ids, so it is computed once and cached:
 - `attach_trunk`: before a component trains, every encoding of its datasets gets a reference to its cached states
   (computing what is missing); `PairEncoder.pad` pads them into `trunk_states` (B, T, H) beside the token ids, and
   `Backbone.forward(trunk_states=...)` runs the model with the trunk's blocks replaced by pass-throughs
-  (`modules.experts.fed_from_trunk`), so only the top blocks run, forward and backward.
+  (`encoding.blocks.fed_from_trunk`), so only the top blocks run, forward and backward.
 
 At inference nothing is cached by default: the backbone runs whole (the trunk's weights are the pretrained ones), so
 rewards do not depend on the cache. Training reads the trunk's states rounded to fp16, the documented price of the
 cache. Scoring the same texts many times (the bench scores one held-out set with every system and seed) can opt in:
-inside `trunk_cache_at_inference()`, a `top`-tuned backbone in eval mode reads its trunk states from the same cache
+inside `trunk_cache_at_inference(system)`, each of its `top`-tuned backbones in eval mode reads its trunk states from the same cache
 (computing, rounding to fp16 and caching the missing rows), so only its top blocks run. A row's reward is then the
 same whether its states were cached or just computed, and within fp16 rounding of the uncached reward.
 """
@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moerm.encoding.backbone import Backbone, decoder_position_ids, find_backbones
+from moerm.encoding.blocks import transformer_blocks, trunk_states
 from moerm.errors import UserError
 
 INDEX_VERSION = 1
@@ -57,6 +59,8 @@ class TrunkSpec:
     ident: str  # backbone identity (content hash, dtype) the cache is keyed by
     cache_dir: Path
     like: Any = field(default=None, repr=False)  # what block `first - 1` returns (the form its stand-in returns)
+    # set only inside trunk_cache_at_inference(owner): the cache this backbone scores from in eval mode
+    inference: "InferenceTrunks | None" = field(default=None, repr=False, compare=False)
 
 
 def first_trained_block(num_blocks: int, trainable_layers: int, backbone: str) -> int:
@@ -134,8 +138,6 @@ class TrunkCache:
 
 def backbones_with_trunk(module: nn.Module) -> list[Any]:
     """The distinct `top`-tuned Backbones inside `module` (usually one)."""
-    from moerm.encoding.backbone import Backbone
-
     out: list[Any] = []
     for m in module.modules():
         if isinstance(m, Backbone) and m.trunk is not None and all(m is not o for o in out):
@@ -155,8 +157,6 @@ def encodings_of(dataset: Any) -> Iterator[dict[str, Any]]:
 def compute_trunk(backbone: Any, encodings: Sequence[dict[str, Any]], encoder: Any, batch_size: int
                   ) -> list[torch.Tensor]:
     """Trunk states (T_i, H) of each encoding, in order (the model stops at the first trained block)."""
-    from moerm.encoding.backbone import decoder_position_ids
-    from moerm.modules.experts import transformer_blocks, trunk_states
 
     spec: TrunkSpec = backbone.trunk
     _, blocks = transformer_blocks(backbone.model)
@@ -290,68 +290,73 @@ class InferenceTrunks:
                 self.caches[k].put(list(rows), list(rows.values()))
                 self.pending[k], self.pending_tokens[k] = {}, 0
 
-
-_ACTIVE: list[InferenceTrunks] = []
+    @torch.no_grad()
+    def states(self, backbone: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """The trunk states (B, T, H) of a padded batch (zero at padding) and the trunk's output form; missing rows are
+        computed and cached."""
+        spec: TrunkSpec = backbone.trunk
+        key, cache = self.cache_of(spec, backbone.hidden_size)
+        pending = self.pending[key]
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()  # (B, T)
+        types = inputs.get("token_type_ids")
+        keys = []
+        for b in range(ids.shape[0]):
+            enc: dict[str, Any] = {"input_ids": ids[b][mask[b]].cpu().numpy()}
+            if types is not None:
+                enc["token_type_ids"] = types[b][mask[b]].cpu().numpy()
+            keys.append(row_key(enc))
+        missing = [b for b, k in enumerate(keys) if k not in cache.index and k not in pending]
+        if missing or spec.like is None:
+            rows = missing or [0]  # all cached but the trunk's output form unknown: run one row to learn it
+            _, blocks = transformer_blocks(backbone.model)
+            hidden, like = trunk_states(backbone.model, blocks, spec.first, _rows_of(inputs, rows))
+            spec.like = spec.like if spec.like is not None else _form_of(like)
+            for j, b in enumerate(missing):
+                if keys[b] not in pending:  # a batch may hold the same text twice
+                    pending[keys[b]] = hidden[j][mask[b]].to(torch.float16).cpu()  # (T_b, H)
+                    self.pending_tokens[key] += pending[keys[b]].shape[0]
+            self.computed += len(missing)
+            if self.pending_tokens[key] >= SHARD_TOKENS:
+                self.flush(key)
+                pending = self.pending[key]
+        out = torch.zeros(*ids.shape, backbone.hidden_size)  # (B, T, H)
+        for b, k in enumerate(keys):
+            if k in pending:
+                rows16 = pending[k]
+            else:
+                array, start, n = cache.index[k]
+                rows16 = torch.from_numpy(np.array(array[start : start + n]))
+            out[b, mask[b].cpu()] = rows16.float()
+        self.hits += ids.shape[0] - len(missing)
+        return out.to(ids.device), spec.like
 
 
 @contextmanager
-def trunk_cache_at_inference() -> Iterator[InferenceTrunks]:
-    """While active, `top`-tuned backbones in eval mode score from cached trunk states (see the module docstring)."""
+def trunk_cache_at_inference(owner: Any) -> Iterator[InferenceTrunks]:
+    """While active, the `top`-tuned backbones reachable from `owner` (a system, a module) score in eval mode from
+    cached trunk states (see the module docstring); nothing else changes. The cache is set on each backbone's
+    `TrunkSpec`, never process-wide."""
     trunks = InferenceTrunks()
-    _ACTIVE.append(trunks)
+    specs = [b.trunk for b in find_backbones(owner) if b.trunk is not None]
+    before = [s.inference for s in specs]
+    for s in specs:
+        s.inference = trunks
     try:
         yield trunks
     finally:
-        _ACTIVE.remove(trunks)
+        for s, old in zip(specs, before):
+            s.inference = old
         trunks.flush()
 
 
-@torch.no_grad()
 def inference_states(backbone: Any, inputs: dict[str, torch.Tensor], first: int | None = None
                      ) -> tuple[torch.Tensor, Any] | None:
-    """The trunk states (B, T, H) of a padded batch (zero at padding) and the trunk's output form, from the active
-    inference cache; missing rows are computed and cached. None when no cache is active, the backbone is training,
-    has no trunk, or its trunk does not end at block `first` (when given)."""
+    """The trunk states of a padded batch from the backbone's inference cache (`InferenceTrunks.states`); None when
+    it has none, is training, has no trunk, or its trunk does not end at block `first` (when given)."""
     spec: TrunkSpec | None = backbone.trunk
-    if not _ACTIVE or spec is None or backbone.training or (first is not None and first != spec.first):
+    if spec is None or spec.inference is None or backbone.training or (first is not None and first != spec.first):
         return None
-    from moerm.modules.experts import transformer_blocks, trunk_states
-
-    trunks = _ACTIVE[-1]
-    key, cache = trunks.cache_of(spec, backbone.hidden_size)
-    pending = trunks.pending[key]
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()  # (B, T)
-    types = inputs.get("token_type_ids")
-    keys = []
-    for b in range(ids.shape[0]):
-        enc: dict[str, Any] = {"input_ids": ids[b][mask[b]].cpu().numpy()}
-        if types is not None:
-            enc["token_type_ids"] = types[b][mask[b]].cpu().numpy()
-        keys.append(row_key(enc))
-    missing = [b for b, k in enumerate(keys) if k not in cache.index and k not in pending]
-    if missing or spec.like is None:
-        rows = missing or [0]  # all cached but the trunk's output form unknown: run one row to learn it
-        _, blocks = transformer_blocks(backbone.model)
-        hidden, like = trunk_states(backbone.model, blocks, spec.first, _rows_of(inputs, rows))
-        spec.like = spec.like if spec.like is not None else _form_of(like)
-        for j, b in enumerate(missing):
-            if keys[b] not in pending:  # a batch may hold the same text twice
-                pending[keys[b]] = hidden[j][mask[b]].to(torch.float16).cpu()  # (T_b, H)
-                trunks.pending_tokens[key] += pending[keys[b]].shape[0]
-        trunks.computed += len(missing)
-        if trunks.pending_tokens[key] >= SHARD_TOKENS:
-            trunks.flush(key)
-            pending = trunks.pending[key]
-    out = torch.zeros(*ids.shape, backbone.hidden_size)  # (B, T, H)
-    for b, k in enumerate(keys):
-        if k in pending:
-            rows16 = pending[k]
-        else:
-            array, start, n = cache.index[k]
-            rows16 = torch.from_numpy(np.array(array[start : start + n]))
-        out[b, mask[b].cpu()] = rows16.float()
-    trunks.hits += ids.shape[0] - len(missing)
-    return out.to(ids.device), spec.like
+    return spec.inference.states(backbone, inputs)
 
 
 def _rows_of(inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:

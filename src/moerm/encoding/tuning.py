@@ -1,45 +1,42 @@
 """Tuning modes, in one place below the systems: which backbone weights train, and what a saved system keeps.
 
-    full    every backbone weight trains; the whole backbone is saved
-    lora    the backbone is frozen and carries one or more named LoRA adapters; only the adapters are saved
-    frozen  nothing in the backbone trains; its pooled features are cached once (`encoding.cache`) and only heads train
-    top     the embeddings and lower blocks form a frozen trunk whose token states are cached (`encoding.trunk`); only
-            the top `model.trainable_layers` blocks train: fully (`style="full"`, those blocks' weights are saved) or
-            with LoRA adapters restricted to them (`style="lora"`, the adapters are saved)
+Each mode is a registered `TuningMode` object (peft's pattern: what a method does lives on its object); systems ask
+the mode (`tuning_mode(name, style)`) and never branch on its name:
+
+    full       every backbone weight trains; the whole backbone is saved
+    lora       the backbone is frozen and carries one or more named LoRA adapters; only the adapters are saved
+    frozen     nothing in the backbone trains; its pooled features are cached once (`encoding.cache`), only heads train
+    top        the embeddings and lower blocks form a frozen trunk whose token states are cached (`encoding.trunk`);
+               only the top `model.trainable_layers` blocks train: fully (`top:full`, those blocks' weights are
+               saved) or with LoRA adapters restricted to them (`top:lora`, the adapters are saved). A system's
+               `top_style` says which.
 
 A system declares the modes it can honour (`RewardSystem.tunings`) and its default; `resolve_tuning` turns the
-config's `auto` into that default and rejects a mode the system cannot honour, when the system is built.
+config's `auto` into that default and rejects a mode the system cannot honour, when the system is built. A new mode
+is one subclass of `TuningMode` with `@register_tuning` in this file; nothing else branches on it.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
-from peft import LoraConfig, PeftModel, get_peft_model
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 from moerm.config import ConfigError, ModelConfig
 from moerm.encoding.backbone import Backbone
+from moerm.encoding.blocks import transformer_blocks
+from moerm.encoding.cache import backbone_id
+from moerm.encoding.trunk import TrunkSpec, default_trunk_dir, first_trained_block
+from moerm.atomic import atomic_save_safetensors
 
 TUNING_MODES = ("full", "lora", "frozen", "top")
 TOP_FILE = "top.safetensors"  # top tuning, full style: the trained blocks' weights
 _LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
-
-
-# Default learning rates by tuning mode (and, for `top`, by how the top blocks train), used when the run's
-# `train.lr` / `train.head_lr` are not set; set from the sweep in docs/RESULTS.md ("Default recipes").
-DEFAULT_LR: dict[str, float] = {"full": 1e-4, "top:full": 1e-3, "lora": 2e-3, "top:lora": 2e-3, "frozen": 1e-3}
-DEFAULT_HEAD_LR: dict[str, float | None] = {"full": None, "top:full": None, "lora": None, "top:lora": None,
-                                            "frozen": 1e-3}  # None: the same as lr
-
-
-def default_lrs(mode: str, style: str = "full") -> tuple[float, float | None]:
-    """(lr, head_lr) a system trains with under tuning `mode` when the run sets neither (head_lr None: = lr)."""
-    key = f"top:{style}" if mode == "top" else mode
-    return DEFAULT_LR[key], DEFAULT_HEAD_LR[key]
 
 
 def resolve_tuning(requested: str, supported: Sequence[str], default: str, system: str) -> str:
@@ -75,30 +72,13 @@ def add_adapter(backbone: Backbone, name: str, config: LoraConfig) -> None:
 
 def top_blocks(backbone: Backbone, model: ModelConfig) -> list[int]:
     """`top` tuning: the indices of the blocks that train (the top `model.trainable_layers`)."""
-    from moerm.encoding.trunk import first_trained_block
-    from moerm.modules.experts import transformer_blocks
-
     _, blocks = transformer_blocks(backbone.model)
     first = first_trained_block(len(blocks), model.trainable_layers, model.backbone)
     return list(range(first, len(blocks)))
 
 
-def adapter_config(backbone: Backbone, model: ModelConfig) -> LoraConfig:
-    """The LoRA settings of a new adapter on this backbone: on every block, or under `top` tuning on the top blocks
-    only (so the trunk below them is shared by every adapter and cached)."""
-    if model.tuning != "top":
-        return lora_config(model)
-    from moerm.modules.experts import transformer_blocks
-
-    pattern = transformer_blocks(backbone.model)[0].rsplit(".", 1)[-1]
-    return lora_config(model, top_blocks(backbone, model), pattern)
-
-
 def set_trunk(backbone: Backbone, model: ModelConfig) -> None:
     """Mark the blocks below the top `model.trainable_layers` as this backbone's cached trunk (`top` tuning)."""
-    from moerm.encoding.cache import backbone_id
-    from moerm.encoding.trunk import TrunkSpec, default_trunk_dir
-
     first = top_blocks(backbone, model)[0]
     root = Path(model.trunk_cache) if model.trunk_cache else default_trunk_dir()
     backbone.trunk = TrunkSpec(first, backbone_id(model.backbone, model.dtype), root)
@@ -106,41 +86,9 @@ def set_trunk(backbone: Backbone, model: ModelConfig) -> None:
 
 def top_parameter_names(backbone: Backbone, model: ModelConfig) -> list[str]:
     """`backbone.model` parameter names inside the top blocks (those `top` tuning trains and saves, full style)."""
-    from moerm.modules.experts import transformer_blocks
-
     name, _ = transformer_blocks(backbone.model)
     prefixes = tuple(f"{name}.{i}." for i in top_blocks(backbone, model))
     return [n for n, _ in backbone.model.named_parameters() if n.startswith(prefixes)]
-
-
-def apply_tuning(backbone: Backbone, mode: str, model: ModelConfig, adapters: Sequence[str] = ("default",),
-                 style: str = "full") -> None:
-    """Freeze the backbone or make it trainable, or wrap it with the named LoRA adapters (base frozen by peft).
-
-    `top`: the trunk is frozen and marked for caching; `style` says how the top blocks train (full or lora).
-    """
-    if mode not in TUNING_MODES:
-        raise ConfigError(f"model.tuning must be one of {', '.join(TUNING_MODES)}; got {mode!r}")
-    if mode == "full":
-        backbone.requires_grad_(True)
-    elif mode == "frozen":
-        backbone.requires_grad_(False)
-    elif mode == "top":
-        set_trunk(backbone, model)
-        if style == "full":
-            backbone.requires_grad_(False)
-            top = set(top_parameter_names(backbone, model))
-            for n, p in backbone.model.named_parameters():
-                p.requires_grad_(n in top)
-        elif style == "lora":
-            if not isinstance(backbone.model, PeftModel):
-                for name in adapters:
-                    add_adapter(backbone, name, adapter_config(backbone, model))
-        else:
-            raise ValueError(f"top tuning style must be full or lora; got {style!r}")
-    elif not isinstance(backbone.model, PeftModel):
-        for name in adapters:
-            add_adapter(backbone, name, lora_config(model))
 
 
 def set_trainable_adapter(model: nn.Module, adapter: str | None) -> None:
@@ -165,59 +113,6 @@ class ParamView(nn.Module):
     def __init__(self, params: Sequence[nn.Parameter]):
         super().__init__()
         self.params = nn.ParameterList(list(params))
-
-
-def save_backbone(backbone: Backbone, mode: str, path: Path, tokenizer=None) -> list[str]:
-    """Write only what tuning changed into `path`: the whole backbone (full), the adapter(s) (lora), nothing (frozen).
-
-    Returns the sub-folders written (relative to `path`), for size-on-disk reports.
-    """
-    if mode == "full":
-        backbone.model.save_pretrained(path / "backbone", safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path / "backbone")
-        return ["backbone"]
-    if mode == "lora" or (mode == "top" and isinstance(backbone.model, PeftModel)):
-        backbone.model.save_pretrained(str(path / "adapter"), safe_serialization=True)
-        return ["adapter"]
-    if mode == "top":  # full style: only the trained top blocks; the trunk is the base model's
-        from moerm.train.checkpoint import atomic_save_safetensors
-
-        trained = {n: p.detach() for n, p in backbone.model.named_parameters() if p.requires_grad}
-        if not trained:
-            raise ValueError("top tuning (full style) has no trainable block to save")
-        atomic_save_safetensors(trained, path / TOP_FILE)
-        return [TOP_FILE]
-    return []
-
-
-def saved_backbone_path(mode: str, path: Path, base: str) -> str:
-    """Where the backbone's weights load from: the saved copy (full) or the base model (lora, frozen)."""
-    return str(path / "backbone") if mode == "full" else base
-
-
-def restore_adapters(backbone: Backbone, mode: str, path: Path, trainable: bool = True,
-                     model: ModelConfig | None = None) -> None:
-    """After loading the base: put back the saved adapter (lora, top with LoRA) or the trained top blocks (top, full
-    style; `model` is then required); nothing to do for full and frozen."""
-    if mode == "lora" or (mode == "top" and (path / "adapter").is_dir()):
-        load_adapter(backbone, path / "adapter", None, trainable)
-    if mode == "top":
-        if model is None:
-            raise ValueError("restoring a top-tuned backbone needs the model config")
-        set_trunk(backbone, model)
-        if (path / TOP_FILE).is_file():
-            from safetensors.torch import load_file
-
-            expected = set(top_parameter_names(backbone, model))
-            saved = load_file(str(path / TOP_FILE))
-            if set(saved) != expected:
-                raise ValueError(f"{path / TOP_FILE}: holds {len(saved)} tensors, not the {len(expected)} of the top "
-                                 f"{model.trainable_layers} blocks of {model.backbone} (another trainable_layers?)")
-            backbone.model.load_state_dict(saved, strict=False)
-            backbone.requires_grad_(False)
-            for n, p in backbone.model.named_parameters():
-                p.requires_grad_(trainable and n in expected)
 
 
 def load_adapter(backbone: Backbone, folder: Path, name: str | None = None, trainable: bool = True) -> None:
@@ -256,3 +151,198 @@ def share_trunk(backbones: Sequence[Backbone], model: ModelConfig) -> int:
             setattr(parent, attr, src)
             freed += p.numel()
     return freed
+
+
+class TuningMode:
+    """What one tuning mode does: what trains (`apply`), its default learning rates, what a saved system keeps of the
+    backbone (`save`, `saved_files`) and how it comes back (`backbone_path`, `restore`)."""
+
+    name: ClassVar[str]  # the model.tuning value
+    key: ClassVar[str]  # the registry key: the name, or top:<style>
+    lr: ClassVar[float]  # default learning rates when the run sets none (docs/RESULTS.md, "Default recipes")
+    head_lr: ClassVar[float | None] = None  # None: the same as lr
+    trains_backbone: ClassVar[bool] = True  # False: the backbone is frozen and heads train on its cached features
+    trunk: ClassVar[bool] = False  # a frozen trunk below the trained blocks, its token states cached
+    shared_trunk: ClassVar[bool] = False  # models of one base may share the trunk's parameters in memory
+    saves_backbone: ClassVar[bool] = False  # the saved folder holds the whole backbone (and its tokenizer)
+
+    def apply(self, backbone: Backbone, model: ModelConfig, adapters: Sequence[str] = ("default",)) -> None:
+        """Freeze the backbone or make (part of) it trainable, or give it the named LoRA adapters."""
+        raise NotImplementedError
+
+    def adapter_config(self, backbone: Backbone, model: ModelConfig) -> LoraConfig:
+        """The LoRA settings of an adapter a system adds on this backbone (ARLISS's per-domain adapters)."""
+        return lora_config(model)
+
+    def saved_files(self) -> list[str]:
+        """What `save` writes, relative to the saved folder (for size-on-disk reports)."""
+        return []
+
+    def save(self, backbone: Backbone, path: Path, tokenizer: Any = None) -> list[str]:
+        """Write only what tuning changed into `path`; returns `saved_files()`."""
+        return []
+
+    def backbone_path(self, path: Path, base: str) -> str:
+        """Where the backbone's weights load from: the base model, unless the mode saved a copy."""
+        return base
+
+    def restore(self, backbone: Backbone, path: Path, model: ModelConfig, trainable: bool = True) -> None:
+        """After loading `backbone_path`: put back what `save` kept (adapters, trained blocks)."""
+
+    def mark_trunk(self, backbone: Backbone, model: ModelConfig) -> None:
+        """A base the system adapts itself (ARLISS): mark its cached trunk, where the mode has one."""
+        if self.trunk:
+            set_trunk(backbone, model)
+
+
+TUNINGS: dict[str, TuningMode] = {}
+TUNING_MODES = ("full", "lora", "frozen", "top")  # the model.tuning values (top has two styles)
+
+
+def register_tuning(cls: type[TuningMode]) -> type[TuningMode]:
+    TUNINGS[cls.key] = cls()
+    return cls
+
+
+def tuning_mode(name: str, style: str = "full") -> TuningMode:
+    """The mode object of model.tuning `name` (`style`: how a system trains the top blocks under `top`)."""
+    key = f"top:{style}" if name == "top" else name
+    if key not in TUNINGS:
+        known = ", ".join(TUNING_MODES)
+        raise ConfigError(f"model.tuning must be one of {known}; got {name!r}" if name not in TUNING_MODES
+                          else f"top tuning style must be full or lora; got {style!r}")
+    return TUNINGS[key]
+
+
+def default_lrs(mode: str, style: str = "full") -> tuple[float, float | None]:
+    """(lr, head_lr) a system trains with under tuning `mode` when the run sets neither (head_lr None: = lr)."""
+    m = tuning_mode(mode, style)
+    return m.lr, m.head_lr
+
+
+def apply_tuning(backbone: Backbone, mode: str, model: ModelConfig, adapters: Sequence[str] = ("default",),
+                 style: str = "full") -> None:
+    """`tuning_mode(mode, style).apply(...)`: freeze, unfreeze or adapt the backbone."""
+    tuning_mode(mode, style).apply(backbone, model, adapters)
+
+
+def _add_missing_adapters(backbone: Backbone, adapters: Sequence[str], config: LoraConfig) -> None:
+    if not isinstance(backbone.model, PeftModel):
+        for name in adapters:
+            add_adapter(backbone, name, config)
+
+
+@register_tuning
+class Full(TuningMode):
+    name = key = "full"
+    lr = 1e-4
+    saves_backbone = True
+
+    def apply(self, backbone: Backbone, model: ModelConfig, adapters: Sequence[str] = ("default",)) -> None:
+        backbone.requires_grad_(True)
+
+    def saved_files(self) -> list[str]:
+        return ["backbone"]
+
+    def save(self, backbone: Backbone, path: Path, tokenizer: Any = None) -> list[str]:
+        backbone.model.save_pretrained(path / "backbone", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path / "backbone")
+        return self.saved_files()
+
+    def backbone_path(self, path: Path, base: str) -> str:
+        return str(path / "backbone")
+
+
+@register_tuning
+class LoRA(TuningMode):
+    name = key = "lora"
+    lr = 2e-3
+
+    def apply(self, backbone: Backbone, model: ModelConfig, adapters: Sequence[str] = ("default",)) -> None:
+        _add_missing_adapters(backbone, adapters, lora_config(model))
+
+    def saved_files(self) -> list[str]:
+        return ["adapter"]
+
+    def save(self, backbone: Backbone, path: Path, tokenizer: Any = None) -> list[str]:
+        backbone.model.save_pretrained(str(path / "adapter"), safe_serialization=True)
+        return self.saved_files()
+
+    def restore(self, backbone: Backbone, path: Path, model: ModelConfig, trainable: bool = True) -> None:
+        load_adapter(backbone, path / "adapter", None, trainable)
+
+
+@register_tuning
+class Frozen(TuningMode):
+    name = key = "frozen"
+    lr = 1e-3
+    head_lr = 1e-3
+    trains_backbone = False
+
+    def apply(self, backbone: Backbone, model: ModelConfig, adapters: Sequence[str] = ("default",)) -> None:
+        backbone.requires_grad_(False)
+
+
+@register_tuning
+class TopFull(TuningMode):
+    """The top blocks train fully; their weights alone are saved (the trunk is the base model's)."""
+
+    name, key = "top", "top:full"
+    lr = 1e-3
+    trunk = shared_trunk = True
+
+    def apply(self, backbone: Backbone, model: ModelConfig, adapters: Sequence[str] = ("default",)) -> None:
+        set_trunk(backbone, model)
+        backbone.requires_grad_(False)
+        top = set(top_parameter_names(backbone, model))
+        for n, p in backbone.model.named_parameters():
+            p.requires_grad_(n in top)
+
+    def saved_files(self) -> list[str]:
+        return [TOP_FILE]
+
+    def save(self, backbone: Backbone, path: Path, tokenizer: Any = None) -> list[str]:
+        trained = {n: p.detach() for n, p in backbone.model.named_parameters() if p.requires_grad}
+        if not trained:
+            raise ValueError("top tuning (full style) has no trainable block to save")
+        atomic_save_safetensors(trained, path / TOP_FILE)
+        return self.saved_files()
+
+    def restore(self, backbone: Backbone, path: Path, model: ModelConfig, trainable: bool = True) -> None:
+        set_trunk(backbone, model)
+        expected = set(top_parameter_names(backbone, model))
+        saved = load_file(str(path / TOP_FILE))
+        if set(saved) != expected:
+            raise ValueError(f"{path / TOP_FILE}: holds {len(saved)} tensors, not the {len(expected)} of the top "
+                             f"{model.trainable_layers} blocks of {model.backbone} (another trainable_layers?)")
+        backbone.model.load_state_dict(saved, strict=False)
+        backbone.requires_grad_(False)
+        for n, p in backbone.model.named_parameters():
+            p.requires_grad_(trainable and n in expected)
+
+
+@register_tuning
+class TopLoRA(LoRA):
+    """LoRA adapters on the top blocks only, so the trunk below them is shared by every adapter and cached."""
+
+    name, key = "top", "top:lora"
+    lr = 2e-3
+    trunk = True
+
+    def adapter_config(self, backbone: Backbone, model: ModelConfig) -> LoraConfig:
+        pattern = transformer_blocks(backbone.model)[0].rsplit(".", 1)[-1]
+        return lora_config(model, top_blocks(backbone, model), pattern)
+
+    def apply(self, backbone: Backbone, model: ModelConfig, adapters: Sequence[str] = ("default",)) -> None:
+        set_trunk(backbone, model)
+        _add_missing_adapters(backbone, adapters, self.adapter_config(backbone, model))
+
+    def restore(self, backbone: Backbone, path: Path, model: ModelConfig, trainable: bool = True) -> None:
+        super().restore(backbone, path, model, trainable)
+        set_trunk(backbone, model)
+
+
+# The default learning rates by registry key, read off the modes (docs/RESULTS.md, "Default recipes").
+DEFAULT_LR: dict[str, float] = {key: mode.lr for key, mode in TUNINGS.items()}
+DEFAULT_HEAD_LR: dict[str, float | None] = {key: mode.head_lr for key, mode in TUNINGS.items()}

@@ -444,7 +444,7 @@ def evaluate_bon_runs(runs: Sequence[str | Path], data: Sequence[str], out: str 
     from moerm.data.readers import load_pairs
     from moerm.runs import _expand_runs
     from moerm.systems.base import load_system
-    from moerm.train.checkpoint import atomic_write_text
+    from moerm.atomic import atomic_write_text
 
     pairs, _ = load_pairs([str(p) for p in data], split=split, on_invalid=on_invalid)
     domains, skipped = build_candidate_sets(pairs, criteria)

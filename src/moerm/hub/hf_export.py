@@ -147,7 +147,7 @@ def export_run(run: str | Path, out: str | Path, domain: str | None = None, comm
     """Write the RM of `run` (or its rodos domain `domain`) to `out` as a Hugging Face model folder."""
     from moerm.modules.heads import HFScoreHead
     from moerm.systems.base import find_model_dir, load_system
-    from moerm.train.checkpoint import atomic_write_text
+    from moerm.atomic import atomic_write_text
 
     model_dir = find_model_dir(run)
     system = load_system(model_dir, device="cpu", quantize="none")

@@ -218,7 +218,7 @@ def write_atomically(out: Path, fill) -> Path:
 
 def import_hf(path: str | Path, out: str | Path, max_length: int | None = None, command: str = "") -> dict[str, Any]:
     """Make the run folder `out` (config.yaml, command.txt, import.json, model/) from the HF reward model at `path`."""
-    from moerm.train.checkpoint import atomic_write_text
+    from moerm.atomic import atomic_write_text
 
     system = load_hf_reward_model(path, max_length)
     info = inspect_hf_rm(path)

@@ -35,7 +35,7 @@ from moerm.data.schema import PreferencePair
 from moerm.encoding.adapters import encode_through, lora_parameters
 from moerm.errors import UserError
 from moerm.encoding.tuning import (
-    ParamView, adapter_config, add_adapter, base_parameters, load_adapter, set_trainable_adapter, set_trunk,
+    ParamView, add_adapter, base_parameters, load_adapter, set_trainable_adapter, tuning_mode,
 )
 from moerm.modules.reward_model import RewardModel
 from moerm.systems.components import ComponentFit, fit_component
@@ -45,7 +45,7 @@ from moerm.systems.routing import (
     ROUTER_DEFAULTS, EarlyLayers, Route, Router, RouterLayout, RouterOptions, RouterPaths, RouterStore, SharedAdapter,
     combine_rewards, decide_routes, load_router_examples, new_domain_of, require_routes, router_examples, safe_name,
 )
-from moerm.train.checkpoint import atomic_save_safetensors
+from moerm.atomic import atomic_save_safetensors
 from moerm.train.pairwise import TokenPairs
 
 ARLISS_FILE = "arliss.json"
@@ -165,7 +165,7 @@ class ARLISSSystem(RewardSystem):
     def _add_adapter(self, backbone: Backbone, name: str) -> None:
         """One more LoRA adapter on the shared base; seeded for repeatability."""
         torch.manual_seed(self.config.train.seed)
-        add_adapter(backbone, name, adapter_config(backbone, self.config.model))  # top tuning: top blocks only
+        add_adapter(backbone, name, self.tuning.adapter_config(backbone, self.config.model))  # top: top blocks only
 
     def _activate(self, name: str) -> None:
         """Make adapter `name` active and the only trainable LoRA; only its head (or the router head) trains.
@@ -223,8 +223,7 @@ class ARLISSSystem(RewardSystem):
         self.domains = sorted({p.domain for p in train})
         require_routes(self.domains, self.name)
         backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(self.config))
-        if m.tuning == "top":
-            set_trunk(backbone, m)
+        self.tuning.mark_trunk(backbone, m)
         heads: dict[str, nn.Module] = {}
         for d in self.domains:
             self._add_adapter(backbone, adapter_name(d))
@@ -398,8 +397,7 @@ class ARLISSSystem(RewardSystem):
         adapters: dict[str, str] = index["adapters"]
         m = config.model
         backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
-        if m.tuning == "top":
-            set_trunk(backbone, m)
+        tuning_mode(m.tuning, cls.top_style).mark_trunk(backbone, m)
         names = [adapters[d] for d in domains]
         version = store.version()
         paths = store.paths(version)

@@ -21,10 +21,10 @@ from torch import nn
 from moerm.config import ConfigError, RunConfig, TrainConfig, from_dict
 from moerm.data.schema import PreferencePair
 from moerm.encoding.cache import backbone_id
-from moerm.encoding.tuning import default_lrs, resolve_tuning
+from moerm.encoding.tuning import TuningMode, resolve_tuning, tuning_mode
 from moerm.errors import UnsupportedError, UserError
 from moerm.systems.components import ComponentFit, check_component_config, component_train_config
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_write_text
 
 SYSTEM_FILE = "system.json"
 FORMAT_VERSION = 1
@@ -132,8 +132,8 @@ class RewardSystem(ABC):
         if tuning != config.model.tuning:  # the saved config says what really trained, never `auto`
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, tuning=tuning))
         if config.train.lr is None:  # the tuning mode's default recipe (the saved config records the value)
-            lr, head_lr = default_lrs(tuning, self.top_style)
-            head_lr = self.default_head_lr.get(tuning, head_lr)
+            mode = tuning_mode(tuning, self.top_style)
+            lr, head_lr = mode.lr, self.default_head_lr.get(tuning, mode.head_lr)
             head_lr = config.train.head_lr if config.train.head_lr is not None else head_lr
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr, head_lr=head_lr))
         self.config = config
@@ -144,6 +144,11 @@ class RewardSystem(ABC):
         if self.options_class is not None and hasattr(self.options_class, "without_legacy"):
             raw = self.options_class.without_legacy(raw, self.name)  # keys of options it never honoured, old runs
         self.options = from_dict(self.options_class, raw, "options") if self.options_class else None
+
+    @property
+    def tuning(self) -> TuningMode:
+        """The tuning mode this system trains with (`model.tuning`, `top` in this system's `top_style`)."""
+        return tuning_mode(self.config.model.tuning, self.top_style)
 
     def train_config(self, kind: str) -> TrainConfig:
         """The train settings of component `kind`: `train`, this system's defaults for it, `components.<kind>.train`."""

@@ -18,14 +18,14 @@ from moerm.config import RunConfig
 from moerm.data.schema import PreferencePair
 from moerm.encoding import Backbone, backbone_kwargs, load_backbone, load_config, make_encoder
 from moerm.encoding.cache import frozen_features
-from moerm.encoding.tuning import DEFAULT_HEAD_LR, TOP_FILE, apply_tuning, restore_adapters, save_backbone, saved_backbone_path
+from moerm.encoding.tuning import tuning_mode
 from moerm.inference import batched_forward
 from moerm.modules.heads import HFScoreHead, RewardHead
 from moerm.modules.reward_model import RewardModel
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
 from moerm.systems.components import fit_component
 from moerm.train import distributed
-from moerm.train.checkpoint import atomic_save_safetensors
+from moerm.atomic import atomic_save_safetensors
 from moerm.train.pairwise import FeaturePairs, TokenPairs
 
 
@@ -43,8 +43,8 @@ class BaselineSystem(RewardSystem):
         self.backbone = backbone if backbone is not None else load_backbone(m.backbone, m.pooling, **backbone_kwargs(self.config))
         self.head = head if head is not None else self.make_head(self.config, self.backbone.hidden_size)
         if backbone is None:
-            apply_tuning(self.backbone, m.tuning, m, style=self.top_style)
-        elif m.tuning == "frozen":
+            self.tuning.apply(self.backbone, m)
+        elif not self.tuning.trains_backbone:
             self.backbone.requires_grad_(False)
         self.model = RewardModel(self.backbone, self.head)
         self.encoder = make_encoder(tokenizer_path or m.backbone, m.max_length)
@@ -73,11 +73,11 @@ class BaselineSystem(RewardSystem):
 
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         t = self.train_config("reward_model")
-        if self.config.model.tuning == "frozen":
+        if not self.tuning.trains_backbone:  # heads on the frozen backbone's cached features
             data: TokenPairs | FeaturePairs = self._feature_pairs(train, ctx.progress, "features (train)")
             eval_data = self._feature_pairs(eval, ctx.progress, "features (eval)") if eval else None
             module: nn.Module = RewardModel(None, self.head)
-            groups = [(self.head, t.head_lr or DEFAULT_HEAD_LR["frozen"])]
+            groups = [(self.head, t.head_lr or self.tuning.head_lr or t.lr)]
         else:
             data = TokenPairs.build(train, self.encoder, progress=ctx.progress)
             eval_data = TokenPairs.build(eval, self.encoder) if eval else None
@@ -103,27 +103,25 @@ class BaselineSystem(RewardSystem):
 
     def component_files(self) -> dict[str, list[str]]:
         files = {"head": ["head.safetensors"]}
-        tuning = self.config.model.tuning
-        if tuning == "top":
-            files["backbone"] = ["adapter" if self.top_style == "lora" else TOP_FILE]
-        elif tuning != "frozen":
-            files["backbone"] = ["backbone" if tuning == "full" else "adapter"]
+        if self.tuning.saved_files():
+            files["backbone"] = self.tuning.saved_files()
         return files
 
     def save_components(self, path: Path) -> None:
         atomic_save_safetensors(self.head.state_dict(), path / "head.safetensors")
         # The reward head lives outside the (PEFT) backbone and is saved beside it.
-        save_backbone(self.backbone, self.config.model.tuning, path, self.encoder.tokenizer)
+        self.tuning.save(self.backbone, path, self.encoder.tokenizer)
 
     @classmethod
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "BaselineSystem":
         m = config.model
-        backbone = load_backbone(saved_backbone_path(m.tuning, path, m.backbone), m.pooling, **backbone_kwargs(config))
-        restore_adapters(backbone, m.tuning, path, model=m)
+        mode = tuning_mode(m.tuning, cls.top_style)
+        backbone = load_backbone(mode.backbone_path(path, m.backbone), m.pooling, **backbone_kwargs(config))
+        mode.restore(backbone, path, m)
         head = cls.make_head(config, backbone.hidden_size)
         head.load_state_dict(load_file(str(path / "head.safetensors")))
         system = cls(config, backbone=backbone, head=head,
-                     tokenizer_path=str(path / "backbone") if m.tuning == "full" else None)
+                     tokenizer_path=mode.backbone_path(path, m.backbone) if mode.saves_backbone else None)
         if device is not None:
             system.model.to(device)
         system.model.eval()

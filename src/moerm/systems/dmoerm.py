@@ -40,7 +40,8 @@ from moerm.data.schema import PreferencePair
 from moerm.inference import sorted_batches
 from moerm.labeling.aspects import capability_pairs
 from moerm.modules.aggregator import CapabilityAggregator
-from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_blocks
+from moerm.encoding.blocks import expert_layer_indices, transformer_blocks
+from moerm.encoding.experts import ExpertBank
 from moerm.modules.reward_model import RewardModel
 from moerm.encoding.adapters import lora_parameters
 from moerm.errors import UserError
@@ -55,7 +56,7 @@ from moerm.systems.routing import (
 )
 from moerm.systems.tasks import TaskSpec, load_tasks_file, parse_tasks, task_of_domain, tasks_to_dict
 from moerm.train import distributed
-from moerm.train.checkpoint import atomic_save_safetensors
+from moerm.atomic import atomic_save_safetensors
 from moerm.train.pairwise import FeaturePairs, TokenPairs
 
 DMOERM_FILE = "dmoerm.json"
@@ -242,7 +243,7 @@ class DMoERMSystem(RewardSystem):
     def _add_experts(self, backbone: Backbone, capabilities: Sequence[str]) -> int:
         """Wrap the (frozen) phase-1 model in a PeftModel with one adapter per capability; returns the first layer."""
         m = self.config.model
-        top = m.tuning == "top"
+        top = self.tuning.trunk  # experts within the top blocks, above the cached trunk
         layers = expert_layer_indices(backbone.model, m.trainable_layers if top and self.opts.expert_layers is None
                                       else self.opts.expert_layers)
         if top and len(layers) > m.trainable_layers:

@@ -23,7 +23,7 @@ from moerm.data.schema import PreferencePair
 from moerm.errors import UserError
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, load_system, register
 from moerm.systems.baseline import BaselineSystem
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_write_text
 
 ENSEMBLE_FILE = "ensemble.json"
 COMBINE = ("mean", "wco", "uwo")

@@ -107,7 +107,7 @@ class RODOSSystem(RewardSystem):
         groups: dict[tuple[str, int], list[BaselineSystem]] = {}
         for rm in [*self.rms.values(), *([self.general] if self.general is not None else [])]:
             m = rm.config.model
-            if m.tuning == "top" and type(rm).top_style == "full":
+            if rm.tuning.shared_trunk:
                 groups.setdefault((m.backbone, m.trainable_layers), []).append(rm)
         for rms in groups.values():
             share_trunk([rm.backbone for rm in rms], rms[0].config.model)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from moerm.train.checkpoint import atomic_save_safetensors, atomic_write_text
+from moerm.atomic import atomic_save_safetensors, atomic_write_text
 
 OOD_KINDS = ("none", "entropy", "knn", "mahalanobis")
 OOD_FILES = {"json": "ood.json", "tensors": "ood.safetensors"}  # inside the router folder: versioned with it

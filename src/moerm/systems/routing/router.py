@@ -15,7 +15,7 @@ from torch import nn
 
 from moerm.config import RunConfig, TrainConfig
 from moerm.encoding import Backbone, PairEncoder, backbone_kwargs, load_backbone, make_encoder
-from moerm.encoding.tuning import apply_tuning, restore_adapters, save_backbone, saved_backbone_path, set_trunk
+from moerm.encoding.tuning import TuningMode, set_trunk, tuning_mode
 from moerm.errors import UserError
 from moerm.modules.router import DomainClassifier
 from moerm.systems.components import ComponentFit, fit_component
@@ -26,13 +26,13 @@ from moerm.systems.routing.ood import OODCheck, OODDetector
 from moerm.systems.routing.options import RouterOptions
 from moerm.systems.routing.store import RouterPaths
 from moerm.train import distributed
-from moerm.train.checkpoint import atomic_save_safetensors
+from moerm.atomic import atomic_save_safetensors
 from moerm.train.classification import FeatureTexts, PromptTexts
 
 
-def backbone_tuning(router_tuning: str) -> str:
-    """How a router's own backbone is kept and saved: a trunk router's is frozen (only its classifier trains)."""
-    return "frozen" if router_tuning == "trunk" else router_tuning
+def backbone_tuning(router_tuning: str) -> TuningMode:
+    """How a router's own backbone trains and is saved: a trunk router's is frozen (only its classifier trains)."""
+    return tuning_mode("frozen" if router_tuning == "trunk" else router_tuning)
 
 
 def own_backend(backbone: Backbone, encoder: PairEncoder, config: RunConfig, opts: RouterOptions) -> RouterBackend:
@@ -52,32 +52,33 @@ class Router:
     def __init__(self, config: RunConfig, opts: RouterOptions, domains: Sequence[str], backbone: Backbone | None = None):
         """A router on a backbone of its own (RODOS, DMoERM): loaded from `config.model` unless given."""
         m = config.model
-        tuning = backbone_tuning(opts.router_tuning)
+        mode = backbone_tuning(opts.router_tuning)
         if opts.router_layer is not None and opts.router_tuning != "frozen":
             raise UserError(f"options.router_layer is a frozen router's option; options.router_tuning is "
                             f"{opts.router_tuning!r}")
         if backbone is None:
             backbone = load_backbone(m.backbone, m.pooling, **backbone_kwargs(config))
-            apply_tuning(backbone, tuning, m)  # lora: only the adapter and the classifier train
-        elif tuning == "frozen":
+            mode.apply(backbone, m)  # lora: only the adapter and the classifier train
+        elif not mode.trains_backbone:
             backbone.requires_grad_(False)
         if opts.router_tuning == "trunk":
             set_trunk(backbone, m)  # its features: the trunk's output, model.trainable_layers below the top
         encoder = make_encoder(m.backbone, opts.router_max_length)
-        self._setup(config, opts, domains, own_backend(backbone, encoder, config, opts), tuning)
+        self._setup(config, opts, domains, own_backend(backbone, encoder, config, opts), mode)
 
     @classmethod
     def on(cls, backend: RouterBackend, classifier: nn.Module, config: RunConfig, opts: RouterOptions,
            domains: Sequence[str]) -> "Router":
         """A router on a given backend whose classifier is `classifier` (shared, not copied: ARLISS's router head)."""
         router = cls.__new__(cls)
-        router._setup(config, opts, domains, backend, "shared", classifier)
+        router._setup(config, opts, domains, backend, None, classifier)
         return router
 
     def _setup(self, config: RunConfig, opts: RouterOptions, domains: Sequence[str], backend: RouterBackend,
-               tuning: str, classifier: nn.Module | None = None) -> None:
+               mode: TuningMode | None, classifier: nn.Module | None = None) -> None:
         self.config, self.opts, self.domains = config, opts, list(domains)
-        self.backend, self.tuning = backend, tuning
+        self.backend = backend
+        self.mode = mode  # how its own backbone trains and is saved; None: a shared base, saved by its system
         self.backbone, self.encoder = backend.backbone, backend.encoder
         self.model = DomainClassifier(self.backbone, self.backbone.hidden_size, len(self.domains), classifier=classifier)
         self.eval_accuracy: float | None = None  # on held-out prompts, set by `fit` when it had some
@@ -97,7 +98,7 @@ class Router:
         if trained is None:  # a classifier on precomputed features
             data: PromptTexts | FeatureTexts = self._features(examples, ctx, "features (router)")
             eval_data = self._features(held_out, ctx, "features (router eval)") if held_out else None
-            if self.tuning == "shared":
+            if self.mode is None:
                 module: nn.Module = DomainClassifier(None, self.backbone.hidden_size, len(self.domains),
                                                      classifier=self.model.classifier)
             else:  # (built, then given the classifier: the RNG draws of earlier releases, so runs repeat)
@@ -183,8 +184,8 @@ class Router:
         """The classifier at `paths.head`; a backbone of its own (what its tuning changed) and the OOD detector in
         `paths.dir`. A shared backend's adapter is the system's to save."""
         atomic_save_safetensors(self.model.classifier.state_dict(), paths.head)
-        if self.tuning != "shared":
-            save_backbone(self.backbone, self.tuning, paths.dir, self.encoder.tokenizer)
+        if self.mode is not None:
+            self.mode.save(self.backbone, paths.dir, self.encoder.tokenizer)
         if self.detector is not None:
             self.detector.save(paths.dir)
 
@@ -196,10 +197,9 @@ class Router:
     def load(cls, paths: RouterPaths, config: RunConfig, opts: RouterOptions, domains: list[str]) -> "Router":
         """A router with a backbone of its own, saved by `save`."""
         m = config.model
-        tuning = backbone_tuning(opts.router_tuning)
-        backbone = load_backbone(saved_backbone_path(tuning, paths.dir, m.backbone), m.pooling,
-                                 **backbone_kwargs(config))
-        restore_adapters(backbone, tuning, paths.dir, trainable=False)
+        mode = backbone_tuning(opts.router_tuning)
+        backbone = load_backbone(mode.backbone_path(paths.dir, m.backbone), m.pooling, **backbone_kwargs(config))
+        mode.restore(backbone, paths.dir, m, trainable=False)
         router = cls(config, opts, domains, backbone=backbone)
         router.load_head(paths)
         return router

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from moerm.data.schema import PreferencePair
 from moerm.errors import UserError
-from moerm.train.checkpoint import atomic_write_text
+from moerm.atomic import atomic_path, atomic_write_text
 
 ROUTER_PROMPTS = "router_prompts.jsonl.gz"
 
@@ -75,12 +75,9 @@ def new_domain_of(pairs: Sequence[PreferencePair], existing: Sequence[str]) -> s
 
 
 def save_router_examples(examples: Sequence[tuple[str, str]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
         for prompt, domain in examples:
             f.write(json.dumps({"prompt": prompt, "domain": domain}) + "\n")
-    tmp.replace(path)
 
 
 def load_router_examples(path: Path) -> list[tuple[str, str]]:

@@ -6,7 +6,8 @@ from transformers import BertConfig, BertModel
 from conftest import tiny_model
 from moerm.encoding import Backbone
 from moerm.modules.aggregator import CapabilityAggregator
-from moerm.modules.experts import ExpertBank, expert_layer_indices, transformer_blocks
+from moerm.encoding.blocks import expert_layer_indices, transformer_blocks
+from moerm.encoding.experts import ExpertBank
 
 # Every architecture family the bank must be exact on; deberta-v2 (no share_att_key) projects its relative
 # embeddings with separate pos_* layers, deberta-v3 (share_att_key) with the adapted query_proj/key_proj.
