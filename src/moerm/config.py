@@ -14,6 +14,8 @@ import yaml
 
 from moerm.errors import UserError
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/ and examples/ beside src/)
+
 
 class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
@@ -278,3 +280,12 @@ def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
             _deep_update(dst[k], v)
         else:
             dst[k] = v
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is taken from the working directory, or else from the repository (for configs/...)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p

@@ -22,7 +22,7 @@ from moerm.data.readers import DataError, load_pairs, resolve_data_paths
 from moerm.data.schema import PreferencePair
 from moerm.eval.metrics import aggregate_runs, evaluate_system
 from moerm.eval.report import accuracy_table, aggregate_table
-from moerm.systems.base import FitContext, build_system, find_model_dir, load_system
+from moerm.systems.base import FitContext, build_system, find_model_dir, load_system, resolve_run_config
 from moerm.train import distributed
 from moerm.atomic import atomic_write_text
 
@@ -114,11 +114,12 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
     # Every process looks before any process writes: they all see the same folder, so they agree on the outcome.
     existed = cfg_path.exists()
     distributed.barrier()
+    cfg = resolve_run_config(cfg)  # checked before anything is read or written
     if existed:
         if not resume:
             raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         saved = from_dict(RunConfig, yaml.safe_load(cfg_path.read_text()))
-        if _differs(saved, cfg) and console is not None:
+        if saved.to_dict() != cfg.to_dict() and console is not None:
             console.print("[yellow]resuming with the run's saved config.yaml (command-line changes ignored)[/]")
         cfg = saved
     train, evals, data_info = load_run_data(cfg, console)
@@ -158,20 +159,6 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
         atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
     distributed.barrier()
     return summary
-
-
-def _differs(saved: RunConfig, given: RunConfig) -> bool:
-    """Whether the command line asked for something else than the saved run: `auto` fields the system resolved at
-    build time (model.tuning), and DMoERM's tasks file written inline, are not differences."""
-    a, b = saved.to_dict(), given.to_dict()
-    if b["model"].get("tuning") == "auto":
-        b["model"]["tuning"] = a["model"].get("tuning")
-    for key in ("lr", "head_lr"):  # unset: the tuning mode's default, which the saved config records
-        if b["train"].get(key) is None and given.train.lr is None:
-            b["train"][key] = a["train"].get(key)
-    if b["options"].get("tasks_file") and a["options"].get("tasks") and not a["options"].get("tasks_file"):
-        b["options"] = {**b["options"], "tasks": a["options"]["tasks"], "tasks_file": None}
-    return a != b
 
 
 def _expand_runs(runs: Sequence[Path]) -> list[tuple[str, list[Path]]]:

@@ -15,11 +15,13 @@ from typing import Any
 
 import yaml
 
-from moerm.config import ConfigError, ModelConfig, RunConfig, TrainConfig, _deep_update, _set_dotted, from_dict, parse_override
+from moerm.config import (
+    REPO_ROOT, ConfigError, ModelConfig, RunConfig, TrainConfig, _deep_update, _set_dotted, from_dict, parse_override,
+    resolve_path,
+)
 
 PRESETS = ("smoke", "cpu-small", "cpu-medium", "paper")
 TINY_BACKBONE = "tiny-random-bert"  # built by the bench into OUT/backbone (a 2-layer, 32-wide random BERT)
-REPO_ROOT = Path(__file__).resolve().parents[3]
 PER_SYSTEM_SECTIONS = ("model", "train", "options", "components", "domains")
 RUN_SECTIONS = ("model", "train", "options", "components")  # the per_system sections that go into a run config
 # Settings that may change between runs into the same output folder (they do not change what a cell trains).
@@ -252,15 +254,6 @@ class BenchConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What decides a cell's training: everything but the grid's extent and the inference settings."""
         return {k: v for k, v in self.to_dict().items() if k not in REUSABLE_KEYS}
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A relative path is taken from the working directory, or else from the repository (for configs/...)."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
 
 
 def preset_path(name: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -50,7 +51,7 @@ def train(
     data: list[str] = data_option("training files or folders (train* files in folders)"),
     out: Path = typer.Option(..., "--out", help="run folder"),
     system: Optional[str] = typer.Option(None, "--system", help="reward system (listed below)"),
-    tuning: Optional[str] = typer.Option(None, "--tuning", help="full | lora | frozen | auto (default: the system's)"),
+    tuning: Optional[str] = typer.Option(None, "--tuning", help="full | lora | frozen | top | auto (default: the system's)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="HF model path/name, or 'minilm'"),
     eval_data: Optional[list[str]] = typer.Option(None, "--eval-data", help="held-out files or folders (default: test* files in the --data folders)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)"),
@@ -93,7 +94,7 @@ def train(
         check_backbone_head(cfg.model.backbone, drop_hf_head, main)
         for seed in seed_list:
             run_dir = out if seed is None else out / f"seed-{seed}"
-            run_cfg = cfg if seed is None else load_config(config, overrides + [f"train.seed={seed}"])
+            run_cfg = cfg if seed is None else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
             summary = train_run(run_cfg, run_dir, command=command, resume=resume, progress=progress and main,
                                 allow_data_change=allow_data_change,
                                 console=console if main else None)

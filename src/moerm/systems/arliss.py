@@ -46,6 +46,7 @@ from moerm.systems.routing import (
     combine_rewards, decide_routes, load_router_examples, new_domain_of, require_routes, router_examples, safe_name,
 )
 from moerm.atomic import atomic_save_safetensors
+from moerm.systems.calibration import Calibration, fit_calibration, hold_back, reference_source
 from moerm.train.pairwise import TokenPairs
 
 ARLISS_FILE = "arliss.json"
@@ -123,6 +124,7 @@ class ARLISSSystem(RewardSystem):
         self.router_examples: list[tuple[str, str]] = list(examples)
         self.router_version = 0  # which RouterStore version the saved folder uses (add-domain moves it on)
         self.router: Router | None = None if model is None else self._router_on(model)
+        self.calibration = Calibration()  # each domain adapter's map onto the common scale (options.calibration)
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
         # The router reads only the prompt's first tokens (options.router_max_length), as in RODOS.
         self.router_encoder = make_encoder(config.model.backbone, self.opts.router_max_length)
@@ -230,8 +232,12 @@ class ARLISSSystem(RewardSystem):
             heads[adapter_name(d)] = self._new_head(backbone.hidden_size)
         self.model = ARLISSModel(backbone, heads, nn.Linear(backbone.hidden_size, len(self.domains)))
         result = FitResult({})
+        o = self.opts
+        train, reference = hold_back(train, o.calibration, o.calibration_share, self.config.train.seed)
         for d in self.domains:
             result.add(self._train_rm(d, train, eval, ctx), f"rm:{d}")
+        self.calibration = fit_calibration(o.calibration, reference, self._raw,
+                                           reference_source(reference, train, o.calibration_share))
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx, eval), ROUTER)  # router:eval_accuracy on held-out prompts only
         return result
@@ -246,7 +252,12 @@ class ARLISSSystem(RewardSystem):
         model.heads[name] = self._new_head(model.backbone.hidden_size).to(self.device)
         self.domains = sorted([*self.domains, domain])
         result = FitResult({})
-        result.add(self._train_rm(domain, pairs, None, ctx), f"rm:{domain}")
+        kind = self.calibration.kind  # the saved system's: a new route joins the scale its routes are on
+        train, reference = hold_back(pairs, kind, self.opts.calibration_share, self.config.train.seed)
+        result.add(self._train_rm(domain, train, None, ctx), f"rm:{domain}")
+        if kind != "none":
+            new = fit_calibration(kind, reference, self._raw, "")
+            self.calibration = self.calibration.with_route(domain, new.scales[domain])
         self.router_examples += router_examples(pairs, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx))
         # Write only what changed: the new adapter and head, a new router version, then the index (the switch), last.
@@ -266,10 +277,12 @@ class ARLISSSystem(RewardSystem):
         self._require().eval()  # peft refuses adapter_names in training mode; no dropout at inference
         with torch.no_grad():
             if mode == "batched":
-                rewards, routes = self._score_batched(prompts, responses, domains, batch_size)
+                rewards, routes, raw = self._score_batched(prompts, responses, domains, batch_size)
             else:
-                rewards, routes = self._score_switch(prompts, responses, domains)
-        details = [{"system": self.name, **r.details(), "adapter": r.domain, "inference": mode} for r in routes]
+                rewards, routes, raw = self._score_switch(prompts, responses, domains)
+        details = [{"system": self.name, **r.details(), "adapter": r.domain, "inference": mode,
+                    "raw_rewards": {d: raw[(i, d)] for d in r.weights}, "calibration": self.calibration.kind}
+                   for i, r in enumerate(routes)]
         return ScoreOutput(rewards.tolist(), details)
 
     def _forward(self, encoded: list[dict[str, list[int]]], names: list[str] | None) -> torch.Tensor:
@@ -288,11 +301,19 @@ class ARLISSSystem(RewardSystem):
         return self.router.routes(prompts, hints, batch_size)
 
     def _score_batched(self, prompts: Sequence[str], responses: Sequence[str], hints: Sequence[str | None] | None,
-                       batch_size: int) -> tuple[torch.Tensor, list[Route]]:
-        model = self._require()
+                       batch_size: int) -> tuple[torch.Tensor, list[Route], dict[tuple[int, str], float]]:
         routes = self._routes(prompts, hints, batch_size)
         # One job per (input, domain RM) its route weighs: top-1 inputs once, mixed inputs once per mixed domain.
-        jobs = [(i, d) for i, r in enumerate(routes) for d in r.weights]
+        scores = self._job_scores(prompts, responses, [(i, d) for i, r in enumerate(routes) for d in r.weights],
+                                  batch_size)
+        rewards = combine_rewards(
+            routes, lambda d, rows: self.calibration(d, torch.tensor([scores[(i, d)] for i in rows])), len(prompts))
+        return rewards, routes, scores
+
+    def _job_scores(self, prompts: Sequence[str], responses: Sequence[str], jobs: list[tuple[int, str]],
+                    batch_size: int) -> dict[tuple[int, str], float]:
+        """Raw rewards of (input, domain) jobs: one mixed-adapter pass per length-sorted batch of jobs."""
+        model = self._require()
         encoded = [self.encoder.encode(p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]["input_ids"]))
         scores: dict[tuple[int, str], float] = {}
@@ -305,15 +326,23 @@ class ARLISSSystem(RewardSystem):
                 r = model.heads[name](feats[rows]).float().cpu()  # (len(rows),)
                 for k, v in zip(rows, r.tolist()):
                     scores[chunk[k]] = v
-        rewards = combine_rewards(routes, lambda d, rows: torch.tensor([scores[(i, d)] for i in rows]), len(prompts))
-        return rewards, routes
+        return scores
+
+    def _raw(self, route: str, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(N,) raw rewards of one domain's adapter on the given texts."""
+        self._require().eval()
+        with torch.no_grad():
+            scores = self._job_scores(prompts, responses, [(i, route) for i in range(len(prompts))], batch_size)
+        return torch.tensor([scores[(i, route)] for i in range(len(prompts))])
 
     def _score_switch(self, prompts: Sequence[str], responses: Sequence[str],
-                      hints: Sequence[str | None] | None) -> tuple[torch.Tensor, list[Route]]:
+                      hints: Sequence[str | None] | None
+                      ) -> tuple[torch.Tensor, list[Route], dict[tuple[int, str], float]]:
         """The paper's inference: per input, switch to the router adapter, classify, switch to the domain, score."""
         model = self._require()
         rewards = torch.zeros(len(prompts))
         routes: list[Route] = []
+        raw: dict[tuple[int, str], float] = {}
         for i, (p, resp) in enumerate(zip(prompts, responses)):
             prompt = [self.router_encoder.encode_single(p)]
             if self.frozen_router:  # (1, D): the router's blocks only, no adapter to switch to
@@ -326,13 +355,15 @@ class ARLISSSystem(RewardSystem):
             (route,) = decide_routes(probs.cpu(), self.domains, [hints[i]] if hints is not None else None, self.opts)
             enc = self.encoder.encode(p, resp)
 
-            def one(d: str, rows: list[int], enc: dict[str, list[int]] = enc) -> torch.Tensor:
+            def one(d: str, rows: list[int], enc: dict[str, list[int]] = enc, i: int = i) -> torch.Tensor:
                 model.peft.set_adapter(adapter_name(d))
-                return model.heads[adapter_name(d)](self._forward([enc], None)).float().cpu()  # (1,)
+                r = model.heads[adapter_name(d)](self._forward([enc], None)).float().cpu()  # (1,)
+                raw[(i, d)] = float(r[0])
+                return self.calibration(d, r)
 
             rewards[i] = combine_rewards([route], one, 1)[0]
             routes.append(route)
-        return rewards, routes
+        return rewards, routes, raw
 
     # -- persistence
     def components(self) -> dict[str, nn.Module]:
@@ -354,7 +385,7 @@ class ARLISSSystem(RewardSystem):
         r = self._store(Path()).relative(self.router_version)
         if not self.frozen_router:
             files[f"adapter:{ROUTER}"] = [r["dir"]]
-        files[f"head:{ROUTER}"] = [r["head"], r["prompts"]]
+        files[f"head:{ROUTER}"] = [r["head"], r["prompts"], r["calibration"]]
         return files
 
     @staticmethod
@@ -384,6 +415,7 @@ class ARLISSSystem(RewardSystem):
         if self.router is None:
             self.router = self._router_on(model)
         self.router.save(paths)
+        self.calibration.save(paths.calibration)
 
     def save_components(self, path: Path) -> None:
         self._save_adapters(path, list(self.adapters.values()))
@@ -420,6 +452,7 @@ class ARLISSSystem(RewardSystem):
         system.model = ARLISSModel(backbone, heads, nn.Linear(backbone.hidden_size, len(domains)))
         system.router = system._router_on(system.model)
         system.router.load_head(paths)
+        system.calibration = Calibration.load(paths.calibration)
         if device is not None:
             system.model.to(device)
         system.model.eval()
@@ -430,4 +463,5 @@ class ARLISSSystem(RewardSystem):
         info["domains"] = self.domains
         info["adapters"] = self.adapters
         info["router_tuning"] = self.opts.router_tuning
+        info["calibration"] = self.calibration.to_dict()
         return info

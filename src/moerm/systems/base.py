@@ -27,7 +27,7 @@ from moerm.systems.components import ComponentFit, check_component_config, compo
 from moerm.atomic import atomic_write_text
 
 SYSTEM_FILE = "system.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the saved folder; `load_system` refuses a newer one and loads every older one
 
 
 @dataclass
@@ -128,22 +128,43 @@ class RewardSystem(ABC):
         # Seeded before a subclass builds anything random (heads, routers, adapters), so the same config gives the
         # same initial weights in every process and every run (this torch build seeds randomly at import).
         set_seed(config.train.seed)
-        tuning = resolve_tuning(config.model.tuning, self.tunings, self.default_tuning, self.name)
+        self.config = type(self).resolve_config(config)
+        self.options = self.parse_options(self.config)
+
+    # -- configuration: what a run config means for this system, resolved in one place
+    @classmethod
+    def resolve_config(cls, config: RunConfig) -> RunConfig:
+        """The run config this system trains with: `model.tuning: auto` made its default, unset learning rates its
+        tuning mode's (and this system's head rate), options and component sections checked, and `resolve_options`
+        applied. Idempotent; `config.yaml`, resume and `moerm info` all hold its result, so they say what trained."""
+        tuning = resolve_tuning(config.model.tuning, cls.tunings, cls.default_tuning, cls.name)
         if tuning != config.model.tuning:  # the saved config says what really trained, never `auto`
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, tuning=tuning))
         if config.train.lr is None:  # the tuning mode's default recipe (the saved config records the value)
-            mode = tuning_mode(tuning, self.top_style)
-            lr, head_lr = mode.lr, self.default_head_lr.get(tuning, mode.head_lr)
+            mode = tuning_mode(tuning, cls.top_style)
+            lr, head_lr = mode.lr, cls.default_head_lr.get(tuning, mode.head_lr)
             head_lr = config.train.head_lr if config.train.head_lr is not None else head_lr
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr, head_lr=head_lr))
-        self.config = config
-        check_component_config(config, self.component_defaults, self.name)
-        if self.options_class is None and config.options:
-            raise ConfigError(f"system {self.name!r} takes no options; got options.{sorted(config.options)[0]}")
+        check_component_config(config, cls.component_defaults, cls.name)
+        cls.parse_options(config)  # every option checked before anything is built or written
+        return cls.resolve_options(config)
+
+    @classmethod
+    def parse_options(cls, config: RunConfig) -> Any:
+        """`config.options` as this system's typed options (None for a system without options)."""
+        if cls.options_class is None:
+            if config.options:
+                raise ConfigError(f"system {cls.name!r} takes no options; got options.{sorted(config.options)[0]}")
+            return None
         raw = config.options
-        if self.options_class is not None and hasattr(self.options_class, "without_legacy"):
-            raw = self.options_class.without_legacy(raw, self.name)  # keys of options it never honoured, old runs
-        self.options = from_dict(self.options_class, raw, "options") if self.options_class else None
+        if hasattr(cls.options_class, "without_legacy"):
+            raw = cls.options_class.without_legacy(raw, cls.name)  # keys of options it never honoured, old runs
+        return from_dict(cls.options_class, raw, "options")
+
+    @classmethod
+    def resolve_options(cls, config: RunConfig) -> RunConfig:
+        """A system's own resolution of its options (DMoERM writes its tasks file inline); none by default."""
+        return config
 
     @property
     def tuning(self) -> TuningMode:
@@ -277,6 +298,13 @@ def get_system_class(name: str) -> type[RewardSystem]:
     return REGISTRY[name]
 
 
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """The one resolution of a run config (after YAML and `--set` were merged by `config.load_config`): the
+    system's and its tuning mode's defaults applied and every section checked. The CLI, the bench, resume and
+    `moerm info` use it, and `config.yaml` holds its result."""
+    return get_system_class(config.system).resolve_config(config)
+
+
 def build_system(config: RunConfig) -> RewardSystem:
     return get_system_class(config.system)(config)
 
@@ -310,6 +338,10 @@ def load_system(run_or_model_dir: str | Path, device: str | torch.device | None 
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path / SYSTEM_FILE}: not a readable system file ({e}); the save may be incomplete or "
                         "the file edited") from None
+    fmt = meta.get("format", 1)
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise UserError(f"{path / SYSTEM_FILE}: saved in format {fmt!r} by a newer moerm (this one reads format "
+                        f"{FORMAT_VERSION} and older): upgrade moerm to load it")
     config = from_dict(RunConfig, meta["config"])
     saved_id = meta.get("backbone_id")
     if saved_id is not None:

@@ -23,10 +23,15 @@ from moerm.inference import batched_forward
 from moerm.modules.heads import HFScoreHead, RewardHead
 from moerm.modules.reward_model import RewardModel
 from moerm.systems.base import FitContext, FitResult, RewardSystem, ScoreOutput, register
+from moerm.systems.calibration import Calibration, CalibrationOptions, fit_calibration, hold_back, reference_source
 from moerm.systems.components import fit_component
 from moerm.train import distributed
 from moerm.atomic import atomic_save_safetensors
 from moerm.train.pairwise import FeaturePairs, TokenPairs
+
+
+CALIBRATION_FILE = "calibration.json"  # options.calibration=zscore: the RM's map (systems.calibration)
+ROUTE = "rm"  # a single RM's one route, in its calibration file
 
 
 @register
@@ -34,6 +39,7 @@ class BaselineSystem(RewardSystem):
     """One reward model trained on every domain together."""
 
     name = "baseline"
+    options_class = CalibrationOptions
     component_defaults = {"reward_model": {}}
 
     def __init__(self, config: RunConfig, backbone: Backbone | None = None, head: nn.Module | None = None,
@@ -48,6 +54,7 @@ class BaselineSystem(RewardSystem):
             self.backbone.requires_grad_(False)
         self.model = RewardModel(self.backbone, self.head)
         self.encoder = make_encoder(tokenizer_path or m.backbone, m.max_length)
+        self.calibration = Calibration()  # options.calibration=zscore: the map fitted by `fit`, saved beside the head
 
     @classmethod
     def make_head(cls, config: RunConfig, hidden_size: int) -> nn.Module:
@@ -73,6 +80,8 @@ class BaselineSystem(RewardSystem):
 
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         t = self.train_config("reward_model")
+        kind, share = self.options.calibration, self.options.calibration_share
+        train, held = hold_back(train, kind, share, self.config.train.seed)
         if not self.tuning.trains_backbone:  # heads on the frozen backbone's cached features
             data: TokenPairs | FeaturePairs = self._feature_pairs(train, ctx.progress, "features (train)")
             eval_data = self._feature_pairs(eval, ctx.progress, "features (eval)") if eval else None
@@ -85,6 +94,8 @@ class BaselineSystem(RewardSystem):
             groups = [(self.backbone, t.lr), (self.head, t.head_lr or t.lr)]
         fit = fit_component(self.name, module, data, t, ctx, ctx.out_dir, groups, eval_data)
         self.model.to(distributed.device())
+        self.calibration = fit_calibration(kind, {ROUTE: [p for ps in held.values() for p in ps]} if held else {},
+                                           lambda _, ps, rs: self._raw(ps, rs), reference_source(held, train, share))
         result = FitResult({**fit.metrics, "train_steps": float(fit.steps), "train_seconds": fit.seconds})
         result.add(dataclasses.replace(fit, name="reward_model"))
         return result
@@ -93,22 +104,30 @@ class BaselineSystem(RewardSystem):
     def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None = None,
               batch_size: int = 32, mode: str | None = None) -> ScoreOutput:
         self.check_mode(mode)
+        raw = self._raw(prompts, responses, batch_size)
+        rewards = self.calibration(ROUTE, raw)
+        if self.calibration.kind == "none":
+            return ScoreOutput(rewards.tolist(), [{"system": self.name} for _ in range(len(rewards))])
+        return ScoreOutput(rewards.tolist(), [{"system": self.name, "raw_reward": r, "calibration": "zscore"}
+                                              for r in raw.tolist()])
+
+    def _raw(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         self.model.eval()
-        rewards = batched_forward(lambda b: self.model(**b), self.encoder, prompts, responses, batch_size, self.device)
-        return ScoreOutput(rewards.tolist(), [{"system": self.name} for _ in range(len(rewards))])
+        return batched_forward(lambda b: self.model(**b), self.encoder, prompts, responses, batch_size, self.device)
 
     # -- persistence
     def components(self) -> dict[str, nn.Module]:
         return {"backbone": self.backbone, "head": self.head}
 
     def component_files(self) -> dict[str, list[str]]:
-        files = {"head": ["head.safetensors"]}
+        files = {"head": ["head.safetensors", *([CALIBRATION_FILE] if self.calibration.kind != "none" else [])]}
         if self.tuning.saved_files():
             files["backbone"] = self.tuning.saved_files()
         return files
 
     def save_components(self, path: Path) -> None:
         atomic_save_safetensors(self.head.state_dict(), path / "head.safetensors")
+        self.calibration.save(path / CALIBRATION_FILE)
         # The reward head lives outside the (PEFT) backbone and is saved beside it.
         self.tuning.save(self.backbone, path, self.encoder.tokenizer)
 
@@ -122,6 +141,7 @@ class BaselineSystem(RewardSystem):
         head.load_state_dict(load_file(str(path / "head.safetensors")))
         system = cls(config, backbone=backbone, head=head,
                      tokenizer_path=mode.backbone_path(path, m.backbone) if mode.saves_backbone else None)
+        system.calibration = Calibration.load(path / CALIBRATION_FILE)
         if device is not None:
             system.model.to(device)
         system.model.eval()

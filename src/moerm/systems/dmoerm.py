@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moerm.encoding import Backbone, backbone_kwargs, load_backbone, make_encoder
-from moerm.config import ConfigError, RunConfig
+from moerm.config import ConfigError, RunConfig, from_dict, resolve_path
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.inference import sorted_batches
@@ -52,8 +52,10 @@ from moerm.systems.base import BenchPlan, FitContext, FitResult, RewardSystem, S
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit, fit_component
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, OODOptions, Router, RouterStore, combine_rewards, load_router_examples, router_examples,
+    ROUTER_DEFAULTS, OODOptions, Router, RouterPaths, RouterStore, combine_rewards, load_router_examples,
+    router_examples,
 )
+from moerm.systems.calibration import Calibration, fit_calibration, hold_back, reference_source
 from moerm.systems.tasks import TaskSpec, load_tasks_file, parse_tasks, task_of_domain, tasks_to_dict
 from moerm.train import distributed
 from moerm.atomic import atomic_save_safetensors
@@ -167,9 +169,19 @@ class DMoERMSystem(RewardSystem):
         self.models: dict[str, TaskModel] = {}
         self.router: Router | None = None
         self.router_examples: list[tuple[str, str]] = []
+        self.calibration = Calibration()  # each task model's map onto the common scale (options.calibration)
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
         if self.opts.tasks or self.opts.tasks_file:
             self._set_tasks(self.opts.resolve_tasks())
+
+    @classmethod
+    def resolve_options(cls, config: RunConfig) -> RunConfig:
+        """The tasks written inline (`options.tasks`, `tasks_file` cleared), so a saved run never needs the file."""
+        opts = cls.parse_options(config)
+        if not (opts.tasks or opts.tasks_file):
+            return config
+        options = {**config.options, "tasks": tasks_to_dict(opts.resolve_tasks()), "tasks_file": None}
+        return dataclasses.replace(config, options=options)
 
     @property
     def default_mode(self) -> str:
@@ -270,6 +282,13 @@ class DMoERMSystem(RewardSystem):
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         if not self.tasks:
             self._set_tasks(self.opts.resolve_tasks())
+        o = self.opts
+        owner = self.task_of_domain  # a route is a task: its reference, the held-back pairs of its domains
+        train, held = hold_back(train, o.calibration, o.calibration_share, self.config.train.seed)
+        reference: dict[str, list[PreferencePair]] = {t: [] for t in self.task_names} if held else {}
+        for d, ps in held.items():
+            if d in owner:  # a domain of no task is refused by _task_pairs, next
+                reference[owner[d]] += ps
         by_task = self._task_pairs(train)
         eval_by_task = self._task_pairs_lenient(eval or [])
         judged = self._judge_labels()
@@ -285,6 +304,11 @@ class DMoERMSystem(RewardSystem):
         self.router.model.requires_grad_(False)
         for task in self.tasks:
             self._fit_task(task, by_task[task.name], eval_by_task.get(task.name, []), judged, ctx, result)
+        self.calibration = fit_calibration(
+            o.calibration, reference,
+            lambda t, ps, rs: torch.as_tensor(self.score_task(t, ps, rs, self.config.train.eval_batch_size,
+                                                              self.default_mode)[0]).float(),
+            reference_source(held, train, o.calibration_share))
         return result
 
     def _task_pairs_lenient(self, pairs: Sequence[PreferencePair]) -> dict[str, list[PreferencePair]]:
@@ -430,17 +454,21 @@ class DMoERMSystem(RewardSystem):
         routes = self.router.routes(prompts, self._route_hints(domains), batch_size)  # over tasks
         subs: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
 
+        raw: list[dict[str, float]] = [{} for _ in prompts]
+
         def per_task(task: str, rows: list[int]) -> torch.Tensor:
             r, s = self.score_task(task, [prompts[i] for i in rows], [responses[i] for i in rows], batch_size, mode)
             caps = self.models[task].capabilities
             for k, i in enumerate(rows):
                 subs[task][i] = {c: float(s[k, j]) for j, c in enumerate(caps)}
-            return r
+                raw[i][task] = float(r[k])
+            return self.calibration(task, torch.as_tensor(r).float())
 
         rewards = combine_rewards(routes, per_task, len(prompts))
         details = []
         for i, r in enumerate(routes):  # the routes are tasks: routed_domain / router_top name a task
-            det: dict[str, Any] = {"system": self.name, **r.details(), "inference": mode}
+            det: dict[str, Any] = {"system": self.name, **r.details(), "inference": mode, "raw_rewards": raw[i],
+                                   "calibration": self.calibration.kind}
             if r.domain is not None:
                 det["capability_scores"] = subs[r.domain][i]
             else:  # the probability-weighted mixture of every task's model
@@ -458,8 +486,6 @@ class DMoERMSystem(RewardSystem):
         aspect-labelled pairs (ties dropped) in split A for every seed; a task with no domain or capability left is
         dropped. DMoERM then trains and is evaluated on the kept tasks' domains only; with none left it is skipped.
         """
-        from moerm.bench.presets import resolve_path  # lazily: the bench imports the systems
-        from moerm.config import from_dict
 
         opts = from_dict(DMoERMOptions, dict(options), "options")
         if opts.tasks and opts.tasks_file:
@@ -560,7 +586,12 @@ class DMoERMSystem(RewardSystem):
             atomic_save_safetensors({k: v.contiguous() for k, v in state.items()}, folder / "heads.safetensors")
             index["first_expert_layer"][name] = model.bank.first_expert_layer
         # the task models first, then the router (one version: DMoERM has no add-domain) and the index, last
-        RouterStore(path, DMOERM_FILE).write(0, self.router.save, self.router_examples, index)
+        def save_router(paths: RouterPaths) -> None:
+            assert self.router is not None
+            self.router.save(paths)
+            self.calibration.save(paths.calibration)
+
+        RouterStore(path, DMOERM_FILE).write(0, save_router, self.router_examples, index)
 
     @classmethod
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "DMoERMSystem":
@@ -597,11 +628,13 @@ class DMoERMSystem(RewardSystem):
         if device is not None:
             system.router.model.to(device)
         system.router_examples = load_router_examples(paths.prompts)
+        system.calibration = Calibration.load(paths.calibration)
         return system
 
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:
         info = super().describe(path)
         info["tasks"] = tasks_to_dict(self.tasks)
         info["router_tuning"] = self.opts.router_tuning
+        info["calibration"] = self.calibration.to_dict()
         info["domains"] = sorted(self.task_of_domain)
         return info

@@ -16,11 +16,12 @@ from moerm.config import RunConfig
 from moerm.inference import batched_forward
 from moerm.modules.moe import GateOutput, SparseMoE
 from moerm.systems.base import ScoreOutput, register
-from moerm.systems.baseline import BaselineSystem
+from moerm.systems.baseline import ROUTE, BaselineSystem
+from moerm.systems.calibration import CalibrationOptions
 
 
 @dataclass
-class MoREOptions:
+class MoREOptions(CalibrationOptions):
     num_experts: int = 8
     top_k: int = 2
     expert_ffn: int | None = None  # hidden width of each FFN expert (default 2 x H)
@@ -84,4 +85,9 @@ class MoRESystem(BaselineSystem):
         details = [{"system": self.name,
                     "experts": [names[int(i)] for i in row[1 : 1 + k]],
                     "expert_weights": [float(w) for w in row[1 + k :]]} for row in out]
-        return ScoreOutput(out[:, 0].tolist() if out.numel() else [], details)
+        if not out.numel():
+            return ScoreOutput([], details)
+        if self.calibration.kind != "none":
+            for d, r in zip(details, out[:, 0].tolist()):
+                d.update(raw_reward=r, calibration=self.calibration.kind)
+        return ScoreOutput(self.calibration(ROUTE, out[:, 0]).tolist(), details)

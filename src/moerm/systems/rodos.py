@@ -22,12 +22,14 @@ from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem,
 from moerm.systems.baseline import BaselineSystem
 from moerm.systems.components import ComponentFit
 from moerm.systems.routing import (
-    ROUTER_DEFAULTS, FallbackOptions, Router, RouterStore, combine_rewards, domain_dir, load_router_examples,
-    new_domain_of, require_routes, router_examples,
+    ROUTER_DEFAULTS, FallbackOptions, Router, RouterPaths, RouterStore, combine_rewards, domain_dir,
+    load_router_examples, new_domain_of, require_routes, router_examples,
 )
+from moerm.systems.calibration import Calibration, fit_calibration, hold_back, reference_source
 
 RODOS_FILE = "rodos.json"
 GENERAL_DIR = "general_rm"  # the general fallback RM (options.fallback=general), beside rms/, never a domain name
+GENERAL = "rm/general"  # its route's name in the calibration maps (no domain name holds a "/")
 
 
 @dataclass
@@ -61,6 +63,7 @@ class RODOSSystem(RewardSystem):
         self.router = router
         self.router_examples: list[tuple[str, str]] = []
         self.router_version = 0  # which RouterStore version the saved folder uses (add-domain moves it on)
+        self.calibration = Calibration()  # each route's map onto the common scale (options.calibration)
 
     @property
     def domains(self) -> list[str]:
@@ -89,6 +92,8 @@ class RODOSSystem(RewardSystem):
 
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         require_routes([p.domain for p in train], self.name)
+        o = self.opts
+        train, reference = hold_back(train, o.calibration, o.calibration_share, self.config.train.seed)
         result = FitResult({})
         for domain in sorted({p.domain for p in train}):
             self.rms[domain], sub = self._train_rm(domain, train, eval, ctx)
@@ -97,6 +102,11 @@ class RODOSSystem(RewardSystem):
         if self.opts.fallback == "general":
             self.general, sub = self._train_rm(None, train, None, ctx)
             result.merge(sub, "rm:general")
+        routes = dict(reference)
+        if self.general is not None:  # the general RM's reference: every domain's
+            routes[GENERAL] = [p for ps in reference.values() for p in ps]
+        self.calibration = fit_calibration(o.calibration, routes, self._raw,
+                                           reference_source(reference, train, o.calibration_share))
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx, eval), "router")  # router:eval_accuracy on held-out prompts only
         self._share_trunks()
@@ -115,9 +125,23 @@ class RODOSSystem(RewardSystem):
     def add_domain(self, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path) -> FitResult:
         domain = new_domain_of(pairs, list(self.rms))
         result = FitResult({})
-        self.rms[domain], sub = self._train_rm(domain, pairs, None, ctx)
+        kind = self.calibration.kind  # the saved system's: a new route joins the scale its routes are on
+        train, reference = hold_back(pairs, kind, self.opts.calibration_share, self.config.train.seed)
+        self.rms[domain], sub = self._train_rm(domain, train, None, ctx)
         result.merge(sub, f"rm:{domain}")
+        self._calibrate_new_route(domain, reference)
         return self._add_routed_domain(domain, pairs, ctx, model_dir, result)
+
+    def _calibrate_new_route(self, domain: str, reference: dict[str, list[PreferencePair]]) -> None:
+        if self.calibration.kind != "none":
+            new = fit_calibration(self.calibration.kind, reference, self._raw, "")
+            self.calibration = self.calibration.with_route(domain, new.scales[domain])
+
+    def _raw(self, route: str, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(N,) raw rewards of one route (a domain RM, or GENERAL) on the given texts."""
+        rm = self.general if route == GENERAL else self.rms[route]
+        assert rm is not None
+        return torch.tensor(rm.score(prompts, responses, batch_size=batch_size).rewards)
 
     def add_domain_rm(self, rm: BaselineSystem, pairs: Sequence[PreferencePair], ctx: FitContext,
                       model_dir: Path) -> FitResult:
@@ -126,6 +150,8 @@ class RODOSSystem(RewardSystem):
         differ from the other RMs' (each domain RM is a saved system of its own)."""
         domain = new_domain_of(pairs, list(self.rms))
         self.rms[domain] = rm
+        # an imported RM trained on none of these pairs: all of them are its reference
+        self._calibrate_new_route(domain, {domain: list(pairs)})
         return self._add_routed_domain(domain, pairs, ctx, model_dir, FitResult({}))
 
     def _add_routed_domain(self, domain: str, pairs: Sequence[PreferencePair], ctx: FitContext, model_dir: Path,
@@ -136,7 +162,7 @@ class RODOSSystem(RewardSystem):
         # files stay byte-identical; a kill before the index leaves the old system loadable.
         self.rms[domain].save(model_dir / "rms" / domain_dir(domain))
         self.router_version = self._store(model_dir).swap(
-            self.router_version, self.router.save, self.router_examples, self._index(),
+            self.router_version, self._save_router, self.router_examples, self._index(),
             before_retire=lambda: self.write_system_file(model_dir))
         return result
 
@@ -148,24 +174,21 @@ class RODOSSystem(RewardSystem):
             raise RuntimeError("RODOS has no router yet: fit or load it first")
         routes = self.router.routes(prompts, domains, batch_size)
 
-        def per_domain(domain: str, rows: list[int]) -> torch.Tensor:
-            rm = self.rms[domain]
-            return torch.tensor(rm.score([prompts[i] for i in rows], [responses[i] for i in rows],
-                                         batch_size=batch_size).rewards)
+        raw: list[dict[str, float]] = [{} for _ in prompts]  # per input, each route's raw reward
 
-        general = None
-        if self.general is not None:
-            g = self.general
+        def of_route(route: str, rows: list[int]) -> torch.Tensor:
+            r = self._raw(route, [prompts[i] for i in rows], [responses[i] for i in rows], batch_size)  # (len(rows),)
+            for i, v in zip(rows, r.tolist()):
+                raw[i][route] = v
+            return self.calibration(route, r)  # on the common scale before any mix
 
-            def general(rows: list[int]) -> torch.Tensor:
-                return torch.tensor(g.score([prompts[i] for i in rows], [responses[i] for i in rows],
-                                            batch_size=batch_size).rewards)
-
-        rewards = combine_rewards(routes, per_domain, len(prompts), general)
-        return ScoreOutput(rewards.tolist(), [{"system": self.name, **r.details(),
+        general = (lambda rows: of_route(GENERAL, rows)) if self.general is not None else None
+        rewards = combine_rewards(routes, of_route, len(prompts), general)
+        return ScoreOutput(rewards.tolist(), [{"system": self.name, **r.details(), "raw_rewards": raw[i],
+                                               "calibration": self.calibration.kind,
                                                **({"fallback_to": "general" if r.general else "mixture"}
                                                   if r.source == "fallback" else {})}
-                                              for r in routes])
+                                              for i, r in enumerate(routes)])
 
     # -- persistence
     def components(self) -> dict[str, nn.Module]:
@@ -181,12 +204,17 @@ class RODOSSystem(RewardSystem):
         if self.general is not None:
             files["rm:general"] = [GENERAL_DIR]
         where = self._store(Path()).relative(self.router_version)
-        files["router"] = [where["dir"], where["prompts"]]
+        files["router"] = [where["dir"], where["prompts"]]  # the calibration maps sit in the router folder
         return files
 
     @staticmethod
     def _store(path: Path) -> RouterStore:
         return RouterStore(path, RODOS_FILE)  # router[-vN]/ (its classifier inside) and router_prompts[-vN] on top
+
+    def _save_router(self, paths: RouterPaths) -> None:
+        assert self.router is not None
+        self.router.save(paths)
+        self.calibration.save(paths.calibration)
 
     def _index(self) -> dict[str, Any]:
         assert self.router is not None
@@ -198,7 +226,7 @@ class RODOSSystem(RewardSystem):
         if self.general is not None:
             self.general.save(path / GENERAL_DIR)
         assert self.router is not None
-        self._store(path).write(self.router_version, self.router.save, self.router_examples, self._index())
+        self._store(path).write(self.router_version, self._save_router, self.router_examples, self._index())
 
     @classmethod
     def load_components(cls, path: Path, config: RunConfig, device: str | torch.device | None = None) -> "RODOSSystem":
@@ -212,6 +240,7 @@ class RODOSSystem(RewardSystem):
         if device is not None:
             system.router.model.to(device)
         system.router_examples = load_router_examples(paths.prompts)
+        system.calibration = Calibration.load(paths.calibration)
         if (path / GENERAL_DIR / SYSTEM_FILE).exists():
             system.general = load_system(path / GENERAL_DIR, device)  # type: ignore[assignment]
         system._share_trunks()
@@ -221,4 +250,5 @@ class RODOSSystem(RewardSystem):
         info = super().describe(path)
         info["domains"] = self.domains
         info["router_tuning"] = self.opts.router_tuning  # the router's own tuning, beside the RMs' model.tuning
+        info["calibration"] = self.calibration.to_dict()
         return info

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moerm.errors import UserError
+from moerm.systems.calibration import check_calibration
 from moerm.systems.routing.ood import OOD_KINDS
 
 # A router's train settings over the run's `train` (components.router.train overrides them): a linear classifier on
@@ -37,6 +38,10 @@ class RouterOptions:
     # else that soft mix (a routing decision, not a fallback)
     routing: str = "hard"
     routing_top_k: int = 2  # soft/gated: how many domain RMs the mix takes (0: all of them)
+    # zscore: every route's rewards mapped to mean 0, std 1 on reference pairs it did not train on (a prompt-disjoint
+    # `calibration_share` of each domain's training pairs, held back), before any mix or fallback; none: raw rewards
+    calibration: str = "zscore"
+    calibration_share: float = 0.1
 
     # Keys earlier releases wrote into a saved config for options a system did not honour, with the one value they
     # allowed there: accepted (and dropped) at that value so old runs load, refused at any other.
@@ -81,6 +86,7 @@ class RouterOptions:
                             "mix below it")
         if isinstance(self.routing_top_k, bool) or not isinstance(self.routing_top_k, int) or self.routing_top_k < 0:
             raise UserError(f"options.routing_top_k must be an integer >= 0 (0: every domain); got {self.routing_top_k!r}")
+        check_calibration(self.calibration, self.calibration_share)
 
 
 @dataclass

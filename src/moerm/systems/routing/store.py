@@ -92,9 +92,10 @@ class RouterPaths:
     dir: Path  # the router's own folder (its backbone or adapter; the OOD detector)
     head: Path  # its classifier's weights
     prompts: Path  # the (prompt, domain) examples it was trained on
+    calibration: Path  # each route's map onto the common reward scale (`systems.calibration`), versioned with it
 
     def files(self) -> list[Path]:
-        return [self.dir, self.head, self.prompts]
+        return [self.dir, self.head, self.prompts, self.calibration]
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,13 @@ class RouterLayout:
     def paths(self, root: Path, version: int) -> RouterPaths:
         sfx = "" if version == 0 else f"-v{version}"
         folder = root / self.dir_parent / f"router{sfx}" if self.dir_parent else root / f"router{sfx}"
-        head = folder / "classifier.safetensors" if self.head_parent is None else \
-            root / self.head_parent / f"router{sfx}.safetensors"
+        if self.head_parent is None:
+            head, calibration = folder / "classifier.safetensors", folder / "calibration.json"
+        else:
+            head = root / self.head_parent / f"router{sfx}.safetensors"
+            calibration = root / self.head_parent / f"router{sfx}.calibration.json"
         prompts = root / (ROUTER_PROMPTS if version == 0 else f"router_prompts{sfx}.jsonl.gz")
-        return RouterPaths(folder, head, prompts)
+        return RouterPaths(folder, head, prompts, calibration)
 
 
 class RouterStore:
@@ -129,7 +133,8 @@ class RouterStore:
     def relative(self, version: int) -> dict[str, str]:
         """The version's files relative to the model folder (for `component_files`)."""
         paths = self.layout.paths(Path(), version)
-        return {"dir": str(paths.dir), "head": str(paths.head), "prompts": str(paths.prompts)}
+        return {"dir": str(paths.dir), "head": str(paths.head), "prompts": str(paths.prompts),
+                "calibration": str(paths.calibration)}
 
     def read_index(self) -> dict[str, Any]:
         return json.loads(self.index_path.read_text())
