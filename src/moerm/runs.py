@@ -20,8 +20,8 @@ from rich.console import Console
 from moerm.config import ConfigError, RunConfig, from_dict
 from moerm.data.readers import DataError, load_pairs, resolve_data_paths
 from moerm.data.schema import PreferencePair
-from moerm.eval.metrics import aggregate_runs, evaluate_system
-from moerm.eval.report import accuracy_table, aggregate_table
+from moerm.eval.metrics import aggregate_runs, compare_runs, evaluate_system, pair_index
+from moerm.eval.report import accuracy_table, aggregate_table, comparison_table
 from moerm.systems.base import FitContext, build_system, find_model_dir, load_system
 from moerm.train import distributed
 from moerm.train.checkpoint import atomic_write_text
@@ -198,6 +198,8 @@ def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = 
     pairs, _ = load_pairs(all_paths, split=split, on_invalid=on_invalid)
     results: dict[str, Any] = {}
     md: list[str] = []
+    index = pair_index(pairs)
+    scored: dict[str, list[dict[str, Any]]] = {}
     for name, members in _expand_runs(runs):
         reports = []
         for run in members:
@@ -207,13 +209,21 @@ def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = 
             if getattr(system, "quantized", None):
                 rep["quantized"] = system.quantized["mode"]
             reports.append(rep)
+        scored[name] = reports
         if len(reports) == 1:
             results[name] = reports[0]
             md.append(accuracy_table(reports[0], f"{reports[0]['system']}: {name}"))
         else:
-            agg = aggregate_runs(reports)
+            agg = aggregate_runs(reports, index)
             results[name] = {"aggregate": agg, "runs": {str(m): r for m, r in zip(members, reports)}}
             md.append(aggregate_table(agg, f"{reports[0]['system']}: {name}"))
+    names = list(scored)
+    if len(names) > 1:  # every other run against the first, on the same pairs (paired clustered bootstrap)
+        comparisons = {n: c for n in names[1:] if (c := compare_runs(scored[n], scored[names[0]], index))}
+        for n, c in comparisons.items():
+            results[n]["paired_difference"] = {"reference": names[0], **c}
+        if comparisons:
+            md.append(comparison_table(comparisons, names[0]))
     markdown = "\n\n".join(md)
     out_dir = Path(out) if out is not None else Path(runs[0]) / "eval"
     atomic_write_text(out_dir / "eval.json", json.dumps(results, indent=2))

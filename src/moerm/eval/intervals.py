@@ -115,7 +115,7 @@ def _statistic(strata: list[_Stratum], which: int, macro: bool) -> tuple[float, 
 
 
 def _interval(point: float, reps: np.ndarray, level: float, strata: list[_Stratum], n: int,
-              resamples: int) -> Interval:
+              resamples: int) -> Interval:  # reps: (B,)
     lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
     prompts = sum(len(s.sizes) for s in strata)
     return Interval(point, float(lo), float(hi), level, prompts, n, resamples)
@@ -152,3 +152,34 @@ def paired_clustered_diff_ci(correct_a: Sequence[Any], correct_b: Sequence[Any],
     pa, ra = _statistic(st, 0, macro)
     pb, rb = _statistic(st, 1, macro)
     return _interval(pa - pb, ra - rb, level, st, a.shape[1], resamples)
+
+
+def accuracy_intervals(correct: Sequence[Any], clusters: Sequence[Hashable], domains: Sequence[str], *,
+                       resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> dict[str, Any]:
+    """Every interval an accuracy report shows, from the same prompt draws: `overall` (pair-weighted) and `macro`
+    (mean over domains), both resampling prompts within each domain, and `per_domain` (domain -> Interval)."""
+    x = _rows(correct)
+    st = _strata([x], clusters, domains, resamples, seed)
+    n = x.shape[1]
+    out: dict[str, Any] = {"overall": _interval(*_statistic(st, 0, False), level, st, n, resamples),
+                           "macro": _interval(*_statistic(st, 0, True), level, st, n, resamples), "per_domain": {}}
+    for s in st:
+        out["per_domain"][s.name] = _interval(*_statistic([s], 0, False), level, [s], int(s.sizes.sum()), resamples)
+    return out
+
+
+def paired_differences(correct_a: Sequence[Any], correct_b: Sequence[Any], clusters: Sequence[Hashable],
+                       domains: Sequence[str], *, resamples: int = RESAMPLES, level: float = LEVEL,
+                       seed: int = 0) -> dict[str, Any]:
+    """a - b on the same pairs, as `accuracy_intervals` reports accuracies: `overall`, `macro`, `per_domain`, each
+    an Interval of the paired clustered bootstrap (the same prompt draws for both, within each domain)."""
+    a, b = _rows(correct_a), _rows(correct_b)
+    st = _strata([a, b], clusters, domains, resamples, seed)
+    n = a.shape[1]
+
+    def diff(strata: list[_Stratum], macro: bool, pairs: int) -> Interval:
+        (pa, ra), (pb, rb) = _statistic(strata, 0, macro), _statistic(strata, 1, macro)
+        return _interval(pa - pb, ra - rb, level, strata, pairs, resamples)
+
+    return {"overall": diff(st, False, n), "macro": diff(st, True, n),
+            "per_domain": {s.name: diff([s], False, int(s.sizes.sum())) for s in st}}
