@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from moerm.config import ConfigError, RunConfig, from_dict
+from moerm.data.grouping import count_prompts, sample_round_robin
 from moerm.data.readers import DataError, load_pairs, resolve_data_paths
 from moerm.data.schema import PreferencePair
 from moerm.eval.metrics import aggregate_runs, compare_runs, evaluate_system, pair_index
@@ -88,7 +89,7 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
         if rep is not None and rep.n_invalid and console is not None:
             console.print(f"[yellow]{name} data:[/] {rep.summary()}", highlight=False)
     train = cap_per_domain(train, d.max_train_pairs_per_domain, cfg.train.seed)
-    evals = cap_per_domain(evals, d.max_eval_pairs_per_domain, cfg.train.seed)
+    evals = sample_round_robin(evals, d.max_eval_pairs_per_domain, cfg.train.seed)  # one pair per prompt in turn
     overlap = held_out_overlap(train, evals)
     if overlap and console is not None:
         console.print(f"[yellow]warning:[/] {overlap} of {len(evals)} held-out pairs also appear in the training data "
@@ -99,6 +100,8 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
         "eval_files": eval_paths,
         "train_pairs": _domain_counts(train),
         "eval_pairs": _domain_counts(evals),
+        "train_prompts": count_prompts(train),
+        "eval_prompts": count_prompts(evals),
         "train_invalid": train_report.summary() if train_report.n_invalid else None,
         "eval_invalid": eval_report.summary() if eval_report is not None and eval_report.n_invalid else None,
     }
@@ -132,8 +135,9 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
     if console is not None:
         world = distributed.world_size()
         console.print(f"[bold]{cfg.system}[/] ({cfg.model.tuning}, {cfg.model.backbone}): "
-                      f"{len(train)} training pairs in {len(data_info['train_pairs'])} domains, "
-                      f"{len(evals)} held-out pairs" + (f", {world} processes" if world > 1 else ""), highlight=False)
+                      f"{len(train)} training pairs ({sum(data_info['train_prompts'].values())} prompts) in "
+                      f"{len(data_info['train_pairs'])} domains, {len(evals)} held-out pairs "
+                      f"({sum(data_info['eval_prompts'].values())} prompts)" + (f", {world} processes" if world > 1 else ""), highlight=False)
     # Seed before anything random is built (heads, routers, adapters): this torch build seeds randomly at import,
     # so without it the same command twice trains different weights.
     set_seed(cfg.train.seed)
