@@ -18,10 +18,11 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from moerm.config import ConfigError, RunConfig, from_dict
+from moerm.data.grouping import count_prompts, sample_round_robin
 from moerm.data.readers import DataError, load_pairs, resolve_data_paths
 from moerm.data.schema import PreferencePair
-from moerm.eval.metrics import aggregate_runs, evaluate_system
-from moerm.eval.report import accuracy_table, aggregate_table
+from moerm.eval.metrics import aggregate_runs, compare_runs, evaluate_system, pair_index
+from moerm.eval.report import accuracy_table, aggregate_table, comparison_table
 from moerm.systems.base import FitContext, build_system, find_model_dir, load_system, resolve_run_config
 from moerm.train import distributed
 from moerm.atomic import atomic_write_text
@@ -88,7 +89,7 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
         if rep is not None and rep.n_invalid and console is not None:
             console.print(f"[yellow]{name} data:[/] {rep.summary()}", highlight=False)
     train = cap_per_domain(train, d.max_train_pairs_per_domain, cfg.train.seed)
-    evals = cap_per_domain(evals, d.max_eval_pairs_per_domain, cfg.train.seed)
+    evals = sample_round_robin(evals, d.max_eval_pairs_per_domain, cfg.train.seed)  # one pair per prompt in turn
     overlap = held_out_overlap(train, evals)
     if overlap and console is not None:
         console.print(f"[yellow]warning:[/] {overlap} of {len(evals)} held-out pairs also appear in the training data "
@@ -99,6 +100,8 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
         "eval_files": eval_paths,
         "train_pairs": _domain_counts(train),
         "eval_pairs": _domain_counts(evals),
+        "train_prompts": count_prompts(train),
+        "eval_prompts": count_prompts(evals),
         "train_invalid": train_report.summary() if train_report.n_invalid else None,
         "eval_invalid": eval_report.summary() if eval_report is not None and eval_report.n_invalid else None,
     }
@@ -133,8 +136,9 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
     if console is not None:
         world = distributed.world_size()
         console.print(f"[bold]{cfg.system}[/] ({cfg.model.tuning}, {cfg.model.backbone}): "
-                      f"{len(train)} training pairs in {len(data_info['train_pairs'])} domains, "
-                      f"{len(evals)} held-out pairs" + (f", {world} processes" if world > 1 else ""), highlight=False)
+                      f"{len(train)} training pairs ({sum(data_info['train_prompts'].values())} prompts) in "
+                      f"{len(data_info['train_pairs'])} domains, {len(evals)} held-out pairs "
+                      f"({sum(data_info['eval_prompts'].values())} prompts)" + (f", {world} processes" if world > 1 else ""), highlight=False)
     # Seed before anything random is built (heads, routers, adapters): this torch build seeds randomly at import,
     # so without it the same command twice trains different weights.
     set_seed(cfg.train.seed)
@@ -185,6 +189,8 @@ def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = 
     pairs, _ = load_pairs(all_paths, split=split, on_invalid=on_invalid)
     results: dict[str, Any] = {}
     md: list[str] = []
+    index = pair_index(pairs)
+    scored: dict[str, list[dict[str, Any]]] = {}
     for name, members in _expand_runs(runs):
         reports = []
         for run in members:
@@ -194,13 +200,21 @@ def evaluate_runs(runs: Sequence[Path], data: Sequence[str], out: Path | None = 
             if getattr(system, "quantized", None):
                 rep["quantized"] = system.quantized["mode"]
             reports.append(rep)
+        scored[name] = reports
         if len(reports) == 1:
             results[name] = reports[0]
             md.append(accuracy_table(reports[0], f"{reports[0]['system']}: {name}"))
         else:
-            agg = aggregate_runs(reports)
+            agg = aggregate_runs(reports, index)
             results[name] = {"aggregate": agg, "runs": {str(m): r for m, r in zip(members, reports)}}
             md.append(aggregate_table(agg, f"{reports[0]['system']}: {name}"))
+    names = list(scored)
+    if len(names) > 1:  # every other run against the first, on the same pairs (paired clustered bootstrap)
+        comparisons = {n: c for n in names[1:] if (c := compare_runs(scored[n], scored[names[0]], index))}
+        for n, c in comparisons.items():
+            results[n]["paired_difference"] = {"reference": names[0], **c}
+        if comparisons:
+            md.append(comparison_table(comparisons, names[0]))
     markdown = "\n\n".join(md)
     out_dir = Path(out) if out is not None else Path(runs[0]) / "eval"
     atomic_write_text(out_dir / "eval.json", json.dumps(results, indent=2))

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from moerm.bench.presets import TINY_BACKBONE, BenchConfig, resolve_path, system_domains, system_options
 from moerm.config import ConfigError
+from moerm.data.grouping import count_prompts, sample_round_robin
 from moerm.data.readers import DataError, load_pairs, write_jsonl
 from moerm.data.schema import PreferencePair
 from moerm.runs import cap_per_domain
@@ -183,13 +184,18 @@ def load_bench_data(cfg: BenchConfig) -> tuple[list[PreferencePair], list[Prefer
     if not train:
         raise DataError("no training pairs left (check data and domains)")
     train = cap_per_domain(train, cfg.max_train_pairs_per_domain, cfg.data_seed)
-    test = cap_per_domain(test, cfg.max_eval_pairs_per_domain, cfg.data_seed)
+    # held out: the whole test split by default; a cap takes one pair per prompt in turn (never the first N records)
+    test = sample_round_robin(test, cfg.max_eval_pairs_per_domain, cfg.data_seed)
     no_test = sorted(set(_counts(train)) - set(_counts(test)))
     if no_test:
         notes.append(f"domains without held-out pairs (trained on, not evaluated): {', '.join(no_test)}")
     if not test:
         raise DataError("no held-out pairs for the training domains")
-    info = {"source": source, "train_pairs": _counts(train), "eval_pairs": _counts(test), "notes": notes}
+    info = {"source": source, "train_pairs": _counts(train), "eval_pairs": _counts(test),
+            "train_prompts": count_prompts(train), "eval_prompts": count_prompts(test),
+            "eval_sample": ("every held-out pair" if cfg.max_eval_pairs_per_domain is None else
+                            f"at most {cfg.max_eval_pairs_per_domain} pairs per domain, round-robin over prompts"),
+            "notes": notes}
     return train, test, info
 
 

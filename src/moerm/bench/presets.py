@@ -26,7 +26,7 @@ PER_SYSTEM_SECTIONS = ("model", "train", "options", "components", "domains")
 RUN_SECTIONS = ("model", "train", "options", "components")  # the per_system sections that go into a run config
 # Settings that may change between runs into the same output folder (they do not change what a cell trains).
 REUSABLE_KEYS = ("name", "systems", "seeds", "inference", "eval_batch_size", "oracle_routing", "device", "threads",
-                 "prune_checkpoints", "targets")
+                 "prune_checkpoints", "targets", "reference")
 ALL_SYSTEMS = "all"  # Target.systems: every system with results
 BEST_ROUTED = "best_routed"  # Target.systems: the routed system with the largest margin over `vs` (or value)
 _MISSING = object()
@@ -98,13 +98,16 @@ class DomainGroup:
 
 @dataclass
 class Target:
-    """A target the report checks against the results (met / missed, with the figures that decide it).
+    """A target the report checks against the results (met / missed / not resolved, with the figures that decide it).
 
     The value is a system's macro accuracy (mean over seeds of the per-seed mean over domains) on the domains of
     `groups` that it covers, scored the way those groups are scored (own router, or domain given). It must reach
     `min`, and/or `vs`'s macro on exactly the same domains plus `margin`; `max_params_vs` also bounds its parameters
     to that share of `vs`'s. `systems`: names, "all" (every system with results; each must meet it) or
     "best_routed" (the routed system with the largest margin over `vs`, else the highest value).
+    It is met only when the 95% interval clears the line: the lower end of the value's clustered interval reaches
+    `min`, and that of the paired difference from `vs` reaches `margin`; missed when the interval lies below the
+    line; else "not resolved" (the held-out prompts cannot tell).
     """
 
     name: str
@@ -152,6 +155,8 @@ class BenchConfig:
     per_system: dict[str, Any] = field(default_factory=dict)  # system -> {model: {...}, train: {...}, options: {...}}
     eval_batch_size: int = 32
     oracle_routing: bool = False  # also evaluate routed systems with each pair's true domain given (upper bound)
+    # the system every other one is compared with in each group's table (paired differences with intervals)
+    reference: str | None = "baseline"
     # top tuning: score the held-out pairs from the bench's trunk cache (its lower blocks once for every system and
     # seed; rewards within fp16 rounding of uncached scoring); the inference table always runs whole models
     eval_trunk_cache: bool = True

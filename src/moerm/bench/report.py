@@ -15,9 +15,11 @@ from moerm.bench.bon import best_of_n_markdown, write_best_of_n_plot
 from moerm.bench.data import Prepared
 from moerm.bench.measure import environment
 from moerm.bench.presets import ALL_SYSTEMS, BEST_ROUTED, BenchConfig, Target, ensemble_members
-from moerm.eval.metrics import aggregate_subsets
-from moerm.eval.report import matrix_table
 from moerm.atomic import atomic_write_text
+from moerm.data.readers import load_pairs
+from moerm.eval.intervals import Interval, accuracy_intervals, clustered_accuracy_ci
+from moerm.eval.metrics import aggregate_subsets, ci_record, compare_runs, pair_index, per_pair_rows
+from moerm.eval.report import INTERVAL_NOTE, ci_text, diff_text, matrix_table
 
 PLOTS = {"accuracy_per_domain": "accuracy per domain, grouped by system",
          "accuracy_vs_params": "average accuracy against total parameters",
@@ -34,6 +36,35 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ results
 
+EVAL_KEYS = {"accuracy": "eval", "accuracy_domain_given": "eval_domain_given",
+             "accuracy_oracle_routing": "eval_oracle_routing"}  # results table -> the cell's evaluation
+
+
+def held_out_index(prepared: Prepared) -> dict[str, tuple[str, str]]:
+    """Held-out pair id -> (domain, prompt key), over the shared sample and every plan's own held-out file: what
+    aligns the cells' per-pair results and clusters them by prompt."""
+    files = [prepared.test_path] + [(prepared.out / p["test"]).resolve() for p in prepared.plans.values()
+                                    if p.get("status") == "ok" and p.get("test")]
+    index: dict[str, tuple[str, str]] = {}
+    for f in dict.fromkeys(files):
+        if f.exists():
+            index.update(pair_index(load_pairs([f])[0]))
+    return index
+
+
+def _reports(cells: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [c[key] for c in cells if key in c]
+
+
+def macro_ci(reports: list[dict[str, Any]], index: dict[str, tuple[str, str]], domains: list[str]) -> dict[str, Any] | None:
+    """The 95% interval of the seed-mean macro accuracy over `domains` (prompts resampled within each domain)."""
+    rows = per_pair_rows(reports, index, domains)
+    if rows is None:
+        return None
+    ids, correct = rows
+    ci = clustered_accuracy_ci(correct, [index[i][1] for i in ids], [index[i][0] for i in ids], macro=True)
+    return ci_record(ci)
+
 def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference: dict[str, Any], prepared: Prepared,
                   skipped: dict[str, str], failed: dict[str, str]) -> dict[str, Any]:
     """Aggregate the cells over seeds: accuracy, sizes, training time, routing, experts, routes, capabilities."""
@@ -41,6 +72,7 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
     for cell in cells.values():
         by_system[cell["system"]].append(cell)
     given = set(cfg.given_domains())
+    index = held_out_index(prepared)
     all_domains = sorted(prepared.info.get("eval_pairs", {}))
     domains = [d for d in all_domains if d not in given]  # scored as deployed (own router)
     res: dict[str, Any] = {
@@ -63,15 +95,15 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
         if not got:
             continue
         if all("eval_domain_given" in c for c in got):
-            res["accuracy_domain_given"][s] = _accuracy(got, "eval_domain_given")
+            res["accuracy_domain_given"][s] = _accuracy(got, "eval_domain_given", index)
         res["training"][s] = _training(got)
         res["sizes"][s] = _size(got[0])
         res["learning"][s] = _learning(got)
         if not all("eval" in c for c in got):  # only domain-given pairs (its domains all in domain_given groups)
             continue
-        res["accuracy"][s] = _accuracy(got)
+        res["accuracy"][s] = _accuracy(got, "eval", index)
         if all("eval_oracle_routing" in c for c in got):
-            res["accuracy_oracle_routing"][s] = _accuracy(got, "eval_oracle_routing")
+            res["accuracy_oracle_routing"][s] = _accuracy(got, "eval_oracle_routing", index)
         routing = _routing(got)
         if routing:
             res["routing"][s] = routing
@@ -99,9 +131,11 @@ def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference:
         size["params_pct_of_baseline"] = 100.0 * size["params_total"] / base if base else None
     for g in cfg.groups:
         res["groups"][g.name] = _group(res, by_system, g.title, [d for d in g.domains if d in all_domains],
-                                       g.domain_given)
+                                       g.domain_given, index, cfg.reference)
+    if not cfg.groups and res["accuracy"]:  # no groups: the comparisons over every domain scored as deployed
+        res["comparisons"] = _comparisons(res, by_system, domains, False, index, cfg.reference)
     res["budget"] = _budget(cfg, prepared)
-    res["targets"] = [row for t in cfg.targets for row in check_target(cfg, res, t)]
+    res["targets"] = [row for t in cfg.targets for row in check_target(cfg, res, t, by_system, index)]
     return res
 
 
@@ -143,25 +177,61 @@ def router_accuracy(res: dict[str, Any], s: str, domains: list[str]) -> dict[str
     return mean_std(vals) if vals else None
 
 
-def _group(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], title: str, domains: list[str],
-           given: bool) -> dict[str, Any]:
-    """One domain group's table: per system its accuracy per domain and the macro over the domains it covers."""
+def _with_ci(value: dict[str, float] | None, ci: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if value is None else {**value, **({"ci": ci} if ci else {})}
+
+
+def _comparisons(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], domains: list[str], given: bool,
+                 index: dict[str, tuple[str, str]], reference: str | None) -> dict[str, Any]:
+    """Paired differences on the same held-out pairs (means over seeds, prompts resampled within each domain):
+    every system minus `reference` (`vs_reference`), and each routed system with the true domain given minus the
+    same system with its own router (`oracle_minus_own`)."""
+    key = "eval_domain_given" if given else "eval"
     table = res["accuracy_domain_given" if given else "accuracy"]
+    out: dict[str, Any] = {"reference": reference, "vs_reference": {}, "oracle_minus_own": {}}
+    ref_reports = _reports(by_system.get(reference or "", []), key) if reference in table else []
+    for s in table:
+        cov = _covered(table[s], domains)
+        if not cov:
+            continue
+        mine = _reports(by_system[s], key)
+        if ref_reports and s != reference:
+            diff = compare_runs(mine, ref_reports, index, cov)
+            if diff is not None:
+                out["vs_reference"][s] = diff
+        if not given and s in res["accuracy_oracle_routing"]:
+            diff = compare_runs(_reports(by_system[s], "eval_oracle_routing"), mine, index, cov)
+            if diff is not None:
+                out["oracle_minus_own"][s] = diff
+    return out
+
+
+def _group(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], title: str, domains: list[str],
+           given: bool, index: dict[str, tuple[str, str]], reference: str | None = None) -> dict[str, Any]:
+    """One domain group's table: per system its accuracy per domain and the macro over the domains it covers (with
+    the 95% interval of the seed mean), and the paired differences of `_comparisons` over those domains."""
+    table = res["accuracy_domain_given" if given else "accuracy"]
+    key = "eval_domain_given" if given else "eval"
     out: dict[str, Any] = {"title": title, "domain_given": given, "domains": domains, "systems": {},
                            "oracle_routing": {}, "router_accuracy": {}}
     for s, acc in table.items():
         cov = _covered(acc, domains)
         if not cov:
             continue
-        out["systems"][s] = {"per_domain": {d: acc["per_domain"][d] for d in cov}, "average": _seed_macro(acc, cov),
-                             "domains": cov}
+        out["systems"][s] = {"per_domain": {d: acc["per_domain"][d] for d in cov},
+                             "average": _with_ci(_seed_macro(acc, cov), macro_ci(_reports(by_system[s], key), index, cov)),
+                             "domains": cov, "pairs": sum(acc["per_domain"][d].get("pairs", 0) for d in cov),
+                             "prompts": sum(acc["per_domain"][d].get("prompts", 0) for d in cov)}
         oracle = res["accuracy_oracle_routing"].get(s)
         if not given and oracle and _covered(oracle, cov) == cov:
             out["oracle_routing"][s] = {"per_domain": {d: oracle["per_domain"][d] for d in cov},
-                                        "average": _seed_macro(oracle, cov), "domains": cov}
+                                        "average": _with_ci(_seed_macro(oracle, cov), macro_ci(
+                                            _reports(by_system[s], "eval_oracle_routing"), index, cov)),
+                                        "domains": cov}
         router = None if given else router_accuracy(res, s, cov)
         if router is not None:
             out["router_accuracy"][s] = router
+    out["comparisons"] = _comparisons(res, by_system, domains, given, index, reference)
     return out
 
 
@@ -203,14 +273,28 @@ def _target_domains(cfg: BenchConfig, res: dict[str, Any], t: Target) -> tuple[l
             " + ".join(g.title for g in groups))
 
 
-def check_target(cfg: BenchConfig, res: dict[str, Any], t: Target) -> list[dict[str, Any]]:
-    """The rows of one target: one per system it names ("all": every system with results), each met or missed.
+def _verdicts(parts: list[str]) -> str:
+    """All met: met; any missed: missed; else not resolved."""
+    return "met" if all(p == "met" for p in parts) else "missed" if "missed" in parts else "not resolved"
+
+
+def check_target(cfg: BenchConfig, res: dict[str, Any], t: Target,
+                 by_system: dict[str, list[dict[str, Any]]] | None = None,
+                 index: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """The rows of one target: one per system it names ("all": every system with results), each met, missed or
+    not resolved (`status`; `met` is True only when met).
 
     Figures are means over seeds; a value and its reference are macros over exactly the same domains (those of the
-    target's groups that the system covers). Nothing here is a number from elsewhere: all comes from `res`.
+    target's groups that the system covers). The decision reads the 95% intervals (prompts resampled within each
+    domain; `by_system`/`index`: the cells' per-pair results and the held-out pairs' prompt keys): the value's
+    lower end must reach `min`, the paired difference's lower end `margin`. Without per-pair results (cells of an
+    older moerm) it falls back to the point estimates and says so. Nothing here is a number from elsewhere.
     """
     domains, given, where = _target_domains(cfg, res, t)
     table = res["accuracy_domain_given" if given else "accuracy"]
+    key = "eval_domain_given" if given else "eval"
+    cells = by_system or {}
+    index = index or {}
     routed = {s for s, v in res["systems"].items() if v.get("routed")}
     if t.systems == [ALL_SYSTEMS]:
         names = list(table)
@@ -224,24 +308,46 @@ def check_target(cfg: BenchConfig, res: dict[str, Any], t: Target) -> list[dict[
         row: dict[str, Any] = {"target": t.name, "system": s, "where": where, "domain_given": given, "domains": cov,
                                "min": t.min, "vs": t.vs, "margin": t.margin, "max_params_vs": t.max_params_vs}
         if not cov:
-            rows.append({**row, "met": None, "why": f"no results for {s} on {where}"})
+            rows.append({**row, "met": None, "status": "n/a", "why": f"no results for {s} on {where}"})
             continue
-        value = _seed_macro(table[s], cov)
+        mine = _reports(cells.get(s, []), key)
+        value = _with_ci(_seed_macro(table[s], cov), macro_ci(mine, index, cov))
         row["value"] = value
         need = [] if t.min is None else [t.min]
+        verdicts: list[str] = []
+        point_only = False
+        if t.min is not None:
+            if value and value.get("ci"):
+                verdicts.append(_interval_of(value).verdict(t.min))
+            else:
+                point_only = True
+                verdicts.append("met" if value["mean"] >= t.min else "missed")
         if t.vs is not None:
             ref = _seed_macro(table[t.vs], cov) if t.vs in table else None
             row["ref"] = ref
             if ref is None:
-                rows.append({**row, "met": None, "why": f"no results for {t.vs} on {', '.join(cov)}"})
+                rows.append({**row, "met": None, "status": "n/a", "why": f"no results for {t.vs} on {', '.join(cov)}"})
                 continue
             need.append(ref["mean"] + t.margin)
+            diff = compare_runs(mine, _reports(cells.get(t.vs, []), key), index, cov) if s != t.vs else None
+            if s == t.vs:  # a system against itself: a difference of exactly 0
+                verdicts.append("met" if t.margin <= 0 else "missed")
+            elif diff is not None:
+                row["difference"] = diff["macro"]
+                verdicts.append(_interval_of(diff["macro"]).verdict(t.margin))
+            else:
+                point_only = True
+                verdicts.append("met" if value["mean"] - ref["mean"] >= t.margin - 1e-12 else "missed")
         row["needed"] = max(need)
-        met = value["mean"] >= row["needed"]
+        if point_only:
+            row["why"] = "no per-pair results in its cells: decided on the point estimates, without intervals"
         if t.max_params_vs is not None:
             p, q = (res["sizes"].get(x, {}).get("params_total") for x in (s, t.vs))
             row["params_ratio"] = p / q if p and q else None
-            met = met and row["params_ratio"] is not None and row["params_ratio"] < t.max_params_vs
+            verdicts.append("met" if row["params_ratio"] is not None and row["params_ratio"] < t.max_params_vs
+                            else "missed")
+        row["status"] = _verdicts(verdicts)
+        met = row["status"] == "met"
         row["met"] = met
         row["ablation"] = _ablation(res, s, cov, given, row["needed"])
         if t.vs is not None and t.vs in table:
@@ -251,11 +357,19 @@ def check_target(cfg: BenchConfig, res: dict[str, Any], t: Target) -> list[dict[
         scored = [r for r in rows if r.get("value")]
         if not scored:
             return [{"target": t.name, "system": BEST_ROUTED, "where": where, "domain_given": given, "met": None,
-                     "why": "no routed system has results there"}]
+                     "status": "n/a", "why": "no routed system has results there"}]
         best = max(scored, key=lambda r: r["value"]["mean"] - (r["ref"]["mean"] if r.get("ref") else 0.0))
         best["candidates"] = {r["system"]: r["value"]["mean"] for r in scored}
         return [best]
     return rows
+
+
+def _interval_of(v: dict[str, Any]) -> Interval:
+    """A stored figure with its interval (`{mean, ci}` or a difference record) back as an Interval."""
+    ci = v.get("ci", v)
+    point = v["mean"] if "mean" in v else v["diff"]
+    return Interval(point, ci["low"], ci["high"], ci.get("level", 0.95), ci.get("prompts", 0), ci.get("pairs", 0),
+                    ci.get("resamples", 0))
 
 
 def _ablation(res: dict[str, Any], s: str, domains: list[str], given: bool, needed: float | None) -> dict[str, Any]:
@@ -308,20 +422,34 @@ def _diagnosis(value: dict[str, float] | None, abl: dict[str, Any], needed: floa
     return "; ".join(parts)
 
 
-def _accuracy(cells: list[dict[str, Any]], key: str = "eval") -> dict[str, Any]:
+def _accuracy(cells: list[dict[str, Any]], key: str = "eval",
+              index: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Mean ± std over seeds per domain, macro and pair-weighted; with `index` and per-pair results in the cells,
+    each with its prompt count and the 95% interval of the seed mean (prompts resampled within each domain)."""
     per: dict[str, list[float]] = defaultdict(list)
     pairs: dict[str, int] = {}
     for c in cells:
         for d, v in c[key]["per_domain"].items():
             per[d].append(v["accuracy"])
             pairs[d] = v["pairs"]
-    return {
+    out = {
         "per_domain": {d: {**mean_std(v), "pairs": pairs[d]} for d, v in sorted(per.items())},
         "average": mean_std([c[key]["macro_accuracy"] for c in cells]),  # mean over domains, then over seeds
         "pair_weighted": mean_std([c[key]["accuracy"] for c in cells]),
         "seeds": {str(c["seed"]): {"per_domain": {d: v["accuracy"] for d, v in c[key]["per_domain"].items()},
                                    "average": c[key]["macro_accuracy"]} for c in cells},
     }
+    rows = per_pair_rows([c[key] for c in cells], index or {})
+    if rows is not None:
+        ids, correct = rows
+        ivs = accuracy_intervals(correct, [index[i][1] for i in ids], [index[i][0] for i in ids])  # type: ignore[index]
+        out["prompts"] = ivs["overall"].prompts
+        out["average"]["ci"] = ci_record(ivs["macro"])
+        out["pair_weighted"]["ci"] = ci_record(ivs["overall"])
+        for d, ci in ivs["per_domain"].items():
+            if d in out["per_domain"]:
+                out["per_domain"][d].update(prompts=ci.prompts, ci=ci_record(ci))
+    return out
 
 
 def _training(cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -406,10 +534,13 @@ def _capabilities(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ markdown
 
-def _pct(v: dict[str, float] | None, std: bool = True) -> str:
+def _pct(v: dict[str, Any] | None, std: bool = True) -> str:
+    """"61.3 ± 1.2 [58.1, 64.4]": mean ± std over seeds and, where there is one, the 95% interval over prompts."""
     if not v:
         return "–"
-    return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" if std else f"{100 * v['mean']:.1f}"
+    if not std:
+        return f"{100 * v['mean']:.1f}"
+    return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" + (f" {ci_text(v['ci'])}" if v.get("ci") else "")
 
 
 def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
@@ -446,9 +577,10 @@ def _group_rows(table: dict[str, Any], domains: list[str]) -> list[str]:
 def groups_markdown(res: dict[str, Any]) -> str:
     """A table per domain group: accuracy per domain and the macro over the group (routed, or domain given)."""
     seeds = sorted({len(v["seeds"]) for t in (res["accuracy"], res["accuracy_domain_given"]) for v in t.values()})
-    out = [f"Pairwise accuracy (%) on the held-out pairs, mean ± sample std over {' / '.join(map(str, seeds))} seed(s); "
-           "**average** = mean over the group's domains (macro) per seed, then over seeds; ¹ over the domains the "
-           "system covers only."]
+    out = [f"Pairwise accuracy (%) on the held-out pairs, mean ± sample std over {' / '.join(map(str, seeds))} seed(s) "
+           "(the seed spread), then in brackets the 95% interval of that mean over the held-out prompts (the sampling "
+           "spread: " + INTERVAL_NOTE[:1].lower() + INTERVAL_NOTE[1:-1] + "); **average** = mean over the group's "
+           "domains (macro) per seed, then over seeds; ¹ over the domains the system covers only."]
     for name, g in res["groups"].items():
         how = ("each pair's domain passed to `score` (`domain` in `score`, the server and the TRL function), as an "
                "RLHF trainer that knows each prompt's source passes it; systems that do not route ignore it"
@@ -458,13 +590,39 @@ def groups_markdown(res: dict[str, Any]) -> str:
             out += ["No system has results on these domains."]
             continue
         out += _group_rows(g["systems"], g["domains"])
+        counts = next(iter(g["systems"].values()))
+        if counts.get("prompts"):
+            out += ["", f"Held-out pairs (prompts) per domain: " + ", ".join(
+                f"{d} {v.get('pairs', '?')} ({v.get('prompts', '?')})" for d, v in counts["per_domain"].items()) + "."]
         if g["router_accuracy"]:
             out += ["", "Router accuracy on these domains (routed domain = true domain): " + "; ".join(
                 f"{s} {_pct(v)}%" for s, v in g["router_accuracy"].items()) + "."]
         if g["oracle_routing"]:
             out += ["", "The same domains with oracle routing (each pair's true domain given to the routed systems: "
                     "the domain RMs without router errors):", "", *_group_rows(g["oracle_routing"], g["domains"])]
+        if g.get("comparisons"):
+            out += ["", *comparisons_markdown(g["comparisons"])]
     return "\n".join(out)
+
+
+def comparisons_markdown(comp: dict[str, Any]) -> list[str]:
+    """The paired differences of a group (or of every domain): each system minus the reference, and each routed
+    system's true-domain score minus its own-router score, in points with their 95% intervals."""
+    lines: list[str] = []
+    rows = [(f"{s} − {comp['reference']}", d) for s, d in comp.get("vs_reference", {}).items()]
+    rows += [(f"{s}: true domain − own router", d) for s, d in comp.get("oracle_minus_own", {}).items()]
+    if not rows:
+        return lines
+    lines += ["Paired differences on the same held-out pairs (points, mean over seeds; 95% interval of a paired "
+              "bootstrap that draws the same prompts for both sides, within each domain). A difference is resolved "
+              "only where its interval excludes 0.", "",
+              "| comparison | pairs (prompts) | macro | pair-weighted | domains whose interval excludes 0 |",
+              "|---|---:|---:|---:|---|"]
+    for name, d in rows:
+        sure = [f"{dom} {100 * v['diff']:+.1f} {ci_text(v)}" for dom, v in d["per_domain"].items() if v["excludes_zero"]]
+        lines.append(f"| {name} | {d['pairs']} ({d['prompts']}) | {diff_text(d['macro'])} | {diff_text(d['overall'])} | "
+                     f"{'; '.join(sure) or 'none'} |")
+    return lines
 
 
 def _pp(v: float | None) -> str:
@@ -477,10 +635,18 @@ def targets_markdown(res: dict[str, Any]) -> str:
     if not rows:
         return ""
     lines = ["Each target is checked on the results above (means over seeds; a value and its reference are macros "
-             "over exactly the same domains, those of the target's groups the system covers).", "",
-             "| target | system | measured on | value (%) | needed (%) | result |", "|---|---|---|---:|---:|---|"]
+             "over exactly the same domains, those of the target's groups the system covers). A target is **met** "
+             "only when the 95% interval clears its line: the value's lower end reaches the floor, and the lower end "
+             "of the paired difference from the reference reaches the margin; **missed** when the interval lies "
+             "below the line; otherwise **not resolved** (the held-out prompts cannot tell). Intervals resample "
+             "prompts within each domain.", "",
+             "| target | system | measured on | value (%) | needed (%) | difference (points) | result |",
+             "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
-        res_txt = "**met**" if r["met"] else "n/a: " + r.get("why", "") if r["met"] is None else "**missed**"
+        status = r.get("status") or ("met" if r["met"] else "n/a" if r["met"] is None else "missed")
+        res_txt = "n/a: " + r.get("why", "") if status == "n/a" else f"**{status}**"
+        if status != "n/a" and r.get("why"):
+            res_txt += f" ({r['why']})"
         need = _pp(r.get("needed"))
         if r.get("vs") is not None and r.get("ref"):
             sign = "+" if r["margin"] >= 0 else "−"
@@ -494,12 +660,13 @@ def targets_markdown(res: dict[str, Any]) -> str:
         where = r["where"] + (" (domain given)" if r["domain_given"] and "domain given" not in r["where"] else "")
         if r.get("candidates"):
             where += "; best of " + ", ".join(f"{k} {_pp(v)}" for k, v in r["candidates"].items())
-        lines.append(f"| {r['target']} | {r['system']} | {where} | {_pct(r.get('value'))} | {need} | {res_txt} |")
+        lines.append(f"| {r['target']} | {r['system']} | {where} | {_pct(r.get('value'))} | {need} | "
+                     f"{diff_text(r.get('difference'))} | {res_txt} |")
     missed = [r for r in rows if r["met"] is False]
     if not missed:
         return "\n".join(lines + ["", "Every target with results is met."])
-    lines += ["", "#### Where a target is missed: router vs domain RMs vs budget", "",
-              "For each missed row: the system's value with its own router, the same domains with each pair's true "
+    lines += ["", "#### Where a target is missed or not resolved: router vs domain RMs vs budget", "",
+              "For each row not met: the system's value with its own router, the same domains with each pair's true "
               "domain given (the domain RMs without router errors), its router's accuracy there, its training "
               "accuracy in the first and last epoch (mean over its trained reward-model components and seeds; routers are the router column) and its budget. "
               "Rules: if the true domain lifts it to the needed value, the router falls short; else if its training "
@@ -554,7 +721,9 @@ def accuracy_markdown(res: dict[str, Any]) -> str:
     lines, partial = _accuracy_rows(res["accuracy"], domains)
     seeds = sorted(set(n_seeds.values()))
     head = (f"Pairwise accuracy (%) on the held-out pairs: chosen scored strictly above rejected. Mean ± sample std over "
-            f"{' / '.join(map(str, seeds))} seed(s); **average** = mean over the system's domains (macro), then over seeds. "
+            f"{' / '.join(map(str, seeds))} seed(s) (the seed spread), then in brackets the 95% interval of that mean "
+            "over the held-out prompts (the sampling spread; " + INTERVAL_NOTE[:1].lower() + INTERVAL_NOTE[1:-1] + "); "
+            "**average** = mean over the system's domains (macro), then over seeds. "
             "Routed systems route with their own router (no domain given).")
     out = [head, "", *lines]
     if partial:
@@ -567,6 +736,8 @@ def accuracy_markdown(res: dict[str, Any]) -> str:
         rows, _ = _accuracy_rows(res["accuracy_oracle_routing"], domains)
         out += ["", "With oracle routing (each pair's true domain given to the routed systems: the upper bound that "
                 "isolates the domain RMs from routing errors):", "", *rows]
+    if res.get("comparisons"):
+        out += ["", *comparisons_markdown(res["comparisons"])]
     return "\n".join(out)
 
 
@@ -714,9 +885,11 @@ def report_markdown(res: dict[str, Any]) -> str:
     b = res["bench"]
     data = res["data"]
     env = res["environment"]
-    dom_rows = ["| domain | training pairs | held-out pairs |", "|---|---:|---:|"]
+    dom_rows = ["| domain | training pairs (prompts) | held-out pairs (prompts) |", "|---|---:|---:|"]
+    tp, ep = data.get("train_prompts") or {}, data.get("eval_prompts") or {}
     for d in sorted(set(data.get("train_pairs", {})) | set(data.get("eval_pairs", {}))):
-        dom_rows.append(f"| {d} | {data['train_pairs'].get(d, 0)} | {data['eval_pairs'].get(d, 0)} |")
+        dom_rows.append(f"| {d} | {data['train_pairs'].get(d, 0)} ({tp.get(d, '–')}) | "
+                        f"{data['eval_pairs'].get(d, 0)} ({ep.get(d, '–')}) |")
     status = ["| system | status | seeds |", "|---|---|---|"]
     for s, v in res["systems"].items():
         why = f": {v['reason']}" if v.get("reason") else ""
@@ -741,6 +914,9 @@ def report_markdown(res: dict[str, Any]) -> str:
         out += ["", "Failed cells (rerun the same command to retry them; the error is in the cell's error.txt):", ""]
         out += [f"- {k}: {v}" for k, v in res["failed"].items()]
     out += ["", "## Data", "", *dom_rows]
+    if data.get("eval_sample"):
+        out += ["", f"Held-out sample: {data['eval_sample']}. Prompts: distinct prompt keys (the first human turn, "
+                "the article, the context or the question), the clusters the intervals resample."]
     if data.get("notes"):
         out += ["", *[f"- {n}" for n in data["notes"]]]
     if data.get("source", {}).get("train"):

@@ -1,15 +1,18 @@
 """Pairwise accuracy ("consistency" in DMoERM) overall, per domain and per subset, reward statistics, seed
-aggregation. Every per-group accuracy (domain, subset, route) comes from `group_accuracy`."""
+aggregation. Every per-group accuracy (domain, subset, route) comes from `group_accuracy`; every interval from
+`eval.intervals` (a bootstrap over prompts, the clusters `data.grouping.prompt_key` defines)."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from moerm.data.grouping import pair_keys
 from moerm.data.schema import PreferencePair
 from moerm.errors import UserError
+from moerm.eval.intervals import Interval, accuracy_intervals, paired_differences
 
 
 NO_SUBSET = "(no subset)"  # a pair without `subset` in a domain whose other pairs have one
@@ -65,12 +68,35 @@ def subset_report(correct: Sequence[bool], domains: Sequence[str], subsets: Sequ
     return out
 
 
+def ci_record(ci: Interval) -> dict[str, Any]:
+    """An interval as reports store it (`ci` beside the accuracy it belongs to)."""
+    return {"low": ci.low, "high": ci.high, "level": ci.level, "prompts": ci.prompts, "resamples": ci.resamples}
+
+
+def add_intervals(report: dict[str, Any], correct: Sequence[Any], clusters: Sequence[str],
+                  domains: Sequence[str]) -> dict[str, Any]:
+    """Prompt counts and 95% intervals (prompts resampled within each domain) into an accuracy report or a seed
+    aggregate: `prompts`, `accuracy_ci`, `macro_accuracy_ci`, and per domain `prompts` and `ci`.
+
+    `correct`: (N,) 0/1 per pair, or (runs, N) over the same pairs (the interval of the mean over runs)."""
+    ivs = accuracy_intervals(correct, clusters, domains)
+    report["prompts"] = ivs["overall"].prompts
+    report["accuracy_ci"] = ci_record(ivs["overall"])
+    report["macro_accuracy_ci"] = ci_record(ivs["macro"])
+    for d, ci in ivs["per_domain"].items():
+        report["per_domain"][d].update(prompts=ci.prompts, ci=ci_record(ci))
+    return report
+
+
 def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains: Sequence[str],
-                    subsets: Sequence[str | None] | None = None) -> dict[str, Any]:
+                    subsets: Sequence[str | None] | None = None, clusters: Sequence[str] | None = None,
+                    ids: Sequence[str] | None = None) -> dict[str, Any]:
     """Accuracy = share of pairs with chosen strictly above rejected (ties are wrong).
 
     `overall` weights every pair equally; `macro` is the mean of the per-domain accuracies. Given `subsets` (each
     pair's `subset`, None where it has none), also `per_subset` (and `per_subset_group`) for the domains that have them.
+    Given `clusters` (each pair's prompt key), the prompt counts and 95% intervals of `add_intervals`; given `ids`,
+    `per_pair` (the ids and a string of 0/1, one per pair): what seed aggregates and paired comparisons read.
     """
     if not (len(chosen) == len(rejected) == len(domains)):
         raise ValueError("chosen, rejected and domains must have the same length")
@@ -83,7 +109,7 @@ def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains:
     rewards = list(chosen) + list(rejected)
     mean = sum(rewards) / len(rewards)
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(1, len(rewards) - 1))
-    return {
+    report = {
         "pairs": len(chosen),
         "accuracy": sum(correct) / len(chosen),
         "macro_accuracy": sum(v["accuracy"] for v in per_domain.values()) / len(per_domain),
@@ -93,6 +119,11 @@ def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains:
         "reward_std": std,
         "margin_mean": sum(c - r for c, r in zip(chosen, rejected)) / len(chosen),
     }
+    if clusters is not None:
+        add_intervals(report, correct, clusters, domains)
+    if ids is not None:
+        report["per_pair"] = {"ids": list(ids), "correct": "".join("1" if ok else "0" for ok in correct)}
+    return report
 
 
 def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: int = 32,
@@ -109,7 +140,8 @@ def evaluate_system(system: Any, pairs: Sequence[PreferencePair], batch_size: in
     out = system.score(prompts, responses, domains * 2 if oracle_domains else None, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     n = len(pairs)
-    report = pairwise_report(out.rewards[:n], out.rewards[n:], domains, [p.subset for p in pairs])
+    report = pairwise_report(out.rewards[:n], out.rewards[n:], domains, [p.subset for p in pairs],
+                             clusters=pair_keys(pairs), ids=[p.id for p in pairs])
     report["seconds"] = seconds
     report["routing"] = "oracle domains" if oracle_domains else "own router"
     report["latency_ms_per_pair"] = 1000.0 * seconds / n
@@ -208,13 +240,71 @@ def aggregate_subsets(reports: Sequence[dict[str, Any]], key: str = "per_subset"
     return dict(out)
 
 
-def aggregate_runs(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean +- std (sample std) over runs with different seeds, overall, per domain and per subset."""
+def pair_index(pairs: Sequence[PreferencePair]) -> dict[str, tuple[str, str]]:
+    """Pair id -> (domain, prompt key): what aligns per-pair results and clusters them."""
+    return {p.id: (p.domain, k) for p, k in zip(pairs, pair_keys(pairs))}
+
+
+def per_pair_rows(reports: Sequence[dict[str, Any]], index: Mapping[str, tuple[str, str]],
+                  domains: Iterable[str] | None = None) -> tuple[list[str], list[list[int]]] | None:
+    """The ids every report scored (in the first one's order; only `domains`' if given) and each report's 0/1 on
+    them: (ids, (runs, N) rows). None when a report carries no per-pair results or they share no pair."""
+    if not reports or any("per_pair" not in r for r in reports):
+        return None
+    maps = [dict(zip(r["per_pair"]["ids"], r["per_pair"]["correct"])) for r in reports]
+    keep = None if domains is None else set(domains)
+    ids = [i for i in reports[0]["per_pair"]["ids"]
+           if i in index and (keep is None or index[i][0] in keep) and all(i in m for m in maps)]
+    if not ids:
+        return None
+    return ids, [[int(m[i]) for i in ids] for m in maps]
+
+
+def seed_intervals(agg: dict[str, Any], reports: Sequence[dict[str, Any]],
+                   index: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """`add_intervals` on a seed aggregate: the interval of the mean over runs, from each run's per-pair results."""
+    rows = per_pair_rows(reports, index)
+    if rows is not None:
+        ids, correct = rows
+        add_intervals(agg, correct, [index[i][1] for i in ids], [index[i][0] for i in ids])
+    return agg
+
+
+def compare_runs(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], index: Mapping[str, tuple[str, str]],
+                 domains: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """a - b (each one or several runs' reports; with several, their mean) on the pairs both scored: pair-weighted,
+    macro and per domain, each with the paired clustered bootstrap's 95% interval. None without per-pair results."""
+    ra, rb = per_pair_rows(a, index, domains), per_pair_rows(b, index, domains)
+    if ra is None or rb is None:
+        return None
+    common = set(ra[0]) & set(rb[0])
+    ids = [i for i in ra[0] if i in common]
+    if not ids:
+        return None
+    pos_a, pos_b = {i: k for k, i in enumerate(ra[0])}, {i: k for k, i in enumerate(rb[0])}
+    xa = [[row[pos_a[i]] for i in ids] for row in ra[1]]
+    xb = [[row[pos_b[i]] for i in ids] for row in rb[1]]
+    diffs = paired_differences(xa, xb, [index[i][1] for i in ids], [index[i][0] for i in ids])
+    return {"pairs": len(ids), "prompts": diffs["overall"].prompts, "runs": [len(xa), len(xb)],
+            "overall": diff_record(diffs["overall"]), "macro": diff_record(diffs["macro"]),
+            "per_domain": {d: diff_record(v) for d, v in diffs["per_domain"].items()}}
+
+
+def diff_record(ci: Interval) -> dict[str, Any]:
+    """A paired difference as reports store it: the point, its interval, and whether the interval excludes 0."""
+    return {"diff": ci.point, **ci_record(ci), "pairs": ci.pairs,
+            "excludes_zero": ci.low > 0 or ci.high < 0}
+
+
+def aggregate_runs(reports: Sequence[dict[str, Any]],
+                   index: Mapping[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Mean +- std (sample std) over runs with different seeds, overall, per domain and per subset; given `index`
+    (`pair_index` of the pairs they scored), prompt counts and the intervals of the mean over runs too."""
     if not reports:
         raise ValueError("no reports to aggregate")
     domains = sorted({d for r in reports for d in r["per_domain"]})
     subsets = {k: agg for k in ("per_subset", "per_subset_group") if (agg := aggregate_subsets(reports, k))}
-    return {
+    agg = {
         "runs": len(reports),
         "accuracy": _mean_std([r["accuracy"] for r in reports]),
         "macro_accuracy": _mean_std([r["macro_accuracy"] for r in reports]),
@@ -223,3 +313,7 @@ def aggregate_runs(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         **subsets,
         "latency_ms_per_pair": _mean_std([r["latency_ms_per_pair"] for r in reports]),
     }
+    for d, v in agg["per_domain"].items():
+        v["pairs"] = max(r["per_domain"][d]["pairs"] for r in reports if d in r["per_domain"])
+    agg["pairs"] = max(r["pairs"] for r in reports)
+    return seed_intervals(agg, reports, index) if index is not None else agg

@@ -9,14 +9,38 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def ci_text(ci: dict[str, Any] | None) -> str:
+    """"[58.1, 64.4]": a 95% interval in percent; "–" where there is none."""
+    return "–" if not ci else f"[{_pct(ci['low'])}, {_pct(ci['high'])}]"
+
+
+def diff_text(d: dict[str, Any] | None) -> str:
+    """"+2.2 [-1.4, +6.0]": a paired difference in points with its interval."""
+    if not d:
+        return "–"
+    return f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+INTERVAL_NOTE = ("95% intervals from a bootstrap that resamples prompts (all pairs of a drawn prompt together), within "
+                 "each domain; the macro average's too.")
+
+
+def _prompts(v: dict[str, Any]) -> str:
+    return str(v["prompts"]) if "prompts" in v else "–"
+
+
 def accuracy_table(report: dict[str, Any], title: str = "") -> str:
-    """One run: accuracy per domain, then the pair-weighted and macro averages."""
+    """One run: accuracy per domain with its prompts and 95% interval, then the pair-weighted and macro averages."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| domain | pairs | accuracy (%) |", "|---|---:|---:|"]
+    lines += ["| domain | pairs | prompts | accuracy (%) | 95% interval |", "|---|---:|---:|---:|---:|"]
     for d, v in report["per_domain"].items():
-        lines.append(f"| {d} | {v['pairs']} | {_pct(v['accuracy'])} |")
-    lines.append(f"| **all (pair-weighted)** | {report['pairs']} | **{_pct(report['accuracy'])}** |")
-    lines.append(f"| **macro average** | | **{_pct(report['macro_accuracy'])}** |")
+        lines.append(f"| {d} | {v['pairs']} | {_prompts(v)} | {_pct(v['accuracy'])} | {ci_text(v.get('ci'))} |")
+    lines.append(f"| **all (pair-weighted)** | {report['pairs']} | {_prompts(report)} | **{_pct(report['accuracy'])}** | "
+                 f"{ci_text(report.get('accuracy_ci'))} |")
+    lines.append(f"| **macro average** | | | **{_pct(report['macro_accuracy'])}** | "
+                 f"{ci_text(report.get('macro_accuracy_ci'))} |")
+    if "accuracy_ci" in report:
+        lines += ["", INTERVAL_NOTE]
     if report.get("per_subset"):
         lines += ["", subset_table(report["per_subset"], report.get("per_subset_group"))]
     lines += ["", f"reward mean {report['reward_mean']:.3f}, std {report['reward_std']:.3f}; "
@@ -69,16 +93,22 @@ def matrix_table(rows: dict[str, dict[str, float]], corner: str, percent: bool =
 
 
 def aggregate_table(agg: dict[str, Any], title: str = "") -> str:
-    """Several seeds: mean +- std per domain."""
+    """Several seeds: per domain the mean ± std over seeds (the seed spread) and the 95% interval of that mean over
+    the prompts (the sampling spread)."""
     def ms(v: dict[str, float]) -> str:
         return f"{_pct(v['mean'])} ± {_pct(v['std'])}"
 
     lines = [f"### {title}", ""] if title else []
-    lines += [f"| domain | accuracy (%), mean ± std over {agg['runs']} runs |", "|---|---:|"]
+    lines += [f"| domain | pairs | prompts | accuracy (%), mean ± std over {agg['runs']} runs | 95% interval |",
+              "|---|---:|---:|---:|---:|"]
     for d, v in agg["per_domain"].items():
-        lines.append(f"| {d} | {ms(v)} |")
-    lines.append(f"| **all (pair-weighted)** | **{ms(agg['accuracy'])}** |")
-    lines.append(f"| **macro average** | **{ms(agg['macro_accuracy'])}** |")
+        lines.append(f"| {d} | {v.get('pairs', '–')} | {_prompts(v)} | {ms(v)} | {ci_text(v.get('ci'))} |")
+    lines.append(f"| **all (pair-weighted)** | {agg.get('pairs', '–')} | {_prompts(agg)} | **{ms(agg['accuracy'])}** | "
+                 f"{ci_text(agg.get('accuracy_ci'))} |")
+    lines.append(f"| **macro average** | | | **{ms(agg['macro_accuracy'])}** | {ci_text(agg.get('macro_accuracy_ci'))} |")
+    if "accuracy_ci" in agg:
+        lines += ["", "± is the spread over training seeds; the interval, the spread over held-out prompts of the "
+                  "mean over seeds: " + INTERVAL_NOTE]
     if agg.get("per_subset"):
         lines += ["", subset_table(agg["per_subset"], agg.get("per_subset_group"))]
     return "\n".join(lines)
@@ -93,3 +123,17 @@ def info_table(info: dict[str, Any]) -> str:
         lines.append(f"| {name} | {c['params_total']:,} | {c['params_trainable']:,} | "
                      f"{'' if size is None else f'{size:,}'} |")
     return "\n".join(lines)
+
+
+def comparison_table(rows: dict[str, dict[str, Any]], reference: str) -> str:
+    """Each evaluated run (or seed group) minus `reference` on the same pairs: macro and pair-weighted differences
+    in points with the paired clustered bootstrap's 95% interval, and the domains whose interval excludes 0."""
+    lines = [f"### Differences from {reference} (same pairs)", "",
+             "| run | pairs | prompts | macro (points) | pair-weighted (points) | domains whose interval excludes 0 |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, c in rows.items():
+        sure = [f"{d} {100 * v['diff']:+.1f}" for d, v in c["per_domain"].items() if v["excludes_zero"]]
+        lines.append(f"| {name} | {c['pairs']} | {c['prompts']} | {diff_text(c['macro'])} | {diff_text(c['overall'])} | "
+                     f"{', '.join(sure) or 'none'} |")
+    return "\n".join(lines + ["", "Paired bootstrap: both sides resampled with the same prompts, within each domain; "
+                               "a difference is resolved only where its interval excludes 0."])
