@@ -141,3 +141,27 @@ def test_single_rm_calibration_is_opt_in_and_exact(tiny_bert, tmp_path):
     calibrated.save(tmp_path / "model")
     again = load_system(tmp_path / "model")
     torch.testing.assert_close(torch.tensor(again.score(prompts, responses).rewards), out)
+
+
+def test_route_selection_keeps_a_domain_rm_only_where_it_beats_the_general_rm(tiny_bert, tmp_path):
+    from moerm.systems.rodos import GENERAL
+
+    train = domain_pairs("alpha", 40, 1) + domain_pairs("beta", 40, 2)
+    system = build_system(_cfg(tiny_bert, tmp_path / "cache", fallback="general", select_routes=True))
+    system.fit(train, None, FitContext(tmp_path / "run", progress=False))
+    _, reference = hold_back(train, "zscore", 0.1, system.config.train.seed)
+    assert set(system.selection) == {"alpha", "beta"}
+    for d, sel in system.selection.items():  # measured on the domain's held-back pairs, the rule applied
+        assert sel["pairs"] == len(reference[d]) and 0.0 <= sel["general_rm"] <= 1.0
+        assert sel["served_by"] == (d if sel["domain_rm"] > sel["general_rm"] else "general")
+    system.selection["alpha"]["served_by"] = "general"  # whatever it chose: a route served by the general RM ...
+    test = domain_pairs("alpha", 4, 7)
+    prompts, responses = [p.prompt for p in test], [p.chosen for p in test]
+    out = system.score(prompts, responses, ["alpha"] * len(test))
+    general = system.calibration(GENERAL, system._raw(GENERAL, prompts, responses))
+    torch.testing.assert_close(torch.tensor(out.rewards), general.float(), atol=1e-5, rtol=0)  # ... scores as it
+    assert all(d["served_by_general"] == ["alpha"] for d in out.details)
+    system.save(tmp_path / "model")
+    assert load_system(tmp_path / "model").selection["alpha"]["served_by"] == "general"
+    with pytest.raises(Exception, match="fallback=general"):
+        build_system(_cfg(tiny_bert, tmp_path / "cache", select_routes=True))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moerm.config import RunConfig
+from moerm.errors import UserError
 from moerm.encoding import make_encoder
 from moerm.encoding.tuning import share_trunk
 from moerm.data.schema import PreferencePair
@@ -43,6 +44,15 @@ class RODOSOptions(FallbackOptions):
 
     routing: str = "gated"
     min_confidence: float = 0.6
+    # with fallback=general: per domain, keep its RM only where it beats the general RM on that domain's held-back
+    # prompt-disjoint validation pairs (the calibration slice); the other domains' routes are served by the general RM
+    select_routes: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.select_routes and self.fallback != "general":
+            raise UserError("options.select_routes compares each domain RM with the general RM: it needs "
+                            "options.fallback=general")
 
 
 @register
@@ -64,6 +74,7 @@ class RODOSSystem(RewardSystem):
         self.router_examples: list[tuple[str, str]] = []
         self.router_version = 0  # which RouterStore version the saved folder uses (add-domain moves it on)
         self.calibration = Calibration()  # each route's map onto the common scale (options.calibration)
+        self.selection: dict[str, dict[str, Any]] = {}  # options.select_routes: per domain, who serves its route
 
     @property
     def domains(self) -> list[str]:
@@ -93,7 +104,8 @@ class RODOSSystem(RewardSystem):
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         require_routes([p.domain for p in train], self.name)
         o = self.opts
-        train, reference = hold_back(train, o.calibration, o.calibration_share, self.config.train.seed)
+        held = "zscore" if o.select_routes else o.calibration  # the held-back slice serves both
+        train, reference = hold_back(train, held, o.calibration_share, self.config.train.seed)
         result = FitResult({})
         for domain in sorted({p.domain for p in train}):
             self.rms[domain], sub = self._train_rm(domain, train, eval, ctx)
@@ -107,6 +119,8 @@ class RODOSSystem(RewardSystem):
             routes[GENERAL] = [p for ps in reference.values() for p in ps]
         self.calibration = fit_calibration(o.calibration, routes, self._raw,
                                            reference_source(reference, train, o.calibration_share))
+        if o.select_routes:
+            self._select_routes(reference, train)
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx, eval), "router")  # router:eval_accuracy on held-out prompts only
         self._share_trunks()
@@ -136,6 +150,28 @@ class RODOSSystem(RewardSystem):
         if self.calibration.kind != "none":
             new = fit_calibration(self.calibration.kind, reference, self._raw, "")
             self.calibration = self.calibration.with_route(domain, new.scales[domain])
+
+    def _select_routes(self, reference: dict[str, list[PreferencePair]], train: Sequence[PreferencePair]) -> None:
+        """Per domain: its RM's and the general RM's pairwise accuracy on the domain's held-back pairs; the domain
+        keeps its RM only where that is strictly higher (a domain with one prompt held nothing back: it keeps it)."""
+        trained = {id(p) for p in train}
+        self.selection = {}
+        for d, pairs in sorted(reference.items()):
+            held_back = bool(pairs) and not any(id(p) in trained for p in pairs)
+            acc = {}
+            for route in (d, GENERAL):
+                prompts = [p.prompt for p in pairs]
+                chosen = self._raw(route, prompts, [p.chosen for p in pairs])
+                rejected = self._raw(route, prompts, [p.rejected for p in pairs])
+                acc[route] = float((chosen > rejected).float().mean()) if pairs else float("nan")
+            keep = not held_back or acc[d] > acc[GENERAL]
+            self.selection[d] = {"domain_rm": acc[d], "general_rm": acc[GENERAL], "pairs": len(pairs),
+                                 "prompts": len({p.prompt for p in pairs}), "served_by": d if keep else "general"}
+
+    @property
+    def served_by_general(self) -> set[str]:
+        """The domains whose routes the general RM serves (`options.select_routes`)."""
+        return {d for d, s in self.selection.items() if s["served_by"] == "general"}
 
     def _raw(self, route: str, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
         """(N,) raw rewards of one route (a domain RM, or GENERAL) on the given texts."""
@@ -175,17 +211,21 @@ class RODOSSystem(RewardSystem):
         routes = self.router.routes(prompts, domains, batch_size)
 
         raw: list[dict[str, float]] = [{} for _ in prompts]  # per input, each route's raw reward
+        by_general = self.served_by_general
 
         def of_route(route: str, rows: list[int]) -> torch.Tensor:
-            r = self._raw(route, [prompts[i] for i in rows], [responses[i] for i in rows], batch_size)  # (len(rows),)
+            serve = GENERAL if route in by_general else route  # options.select_routes: the general RM serves it
+            r = self._raw(serve, [prompts[i] for i in rows], [responses[i] for i in rows], batch_size)  # (len(rows),)
             for i, v in zip(rows, r.tolist()):
                 raw[i][route] = v
-            return self.calibration(route, r)  # on the common scale before any mix
+            return self.calibration(serve, r)  # on the common scale before any mix
 
         general = (lambda rows: of_route(GENERAL, rows)) if self.general is not None else None
         rewards = combine_rewards(routes, of_route, len(prompts), general)
         return ScoreOutput(rewards.tolist(), [{"system": self.name, **r.details(), "raw_rewards": raw[i],
                                                "calibration": self.calibration.kind,
+                                               **({"served_by_general": sorted(by_general & set(r.weights))}
+                                                  if by_general & set(r.weights) else {}),
                                                **({"fallback_to": "general" if r.general else "mixture"}
                                                   if r.source == "fallback" else {})}
                                               for i, r in enumerate(routes)])
@@ -218,7 +258,8 @@ class RODOSSystem(RewardSystem):
 
     def _index(self) -> dict[str, Any]:
         assert self.router is not None
-        return {"domains": self.router.domains, "dirs": {d: domain_dir(d) for d in self.rms}}
+        return {"domains": self.router.domains, "dirs": {d: domain_dir(d) for d in self.rms},
+                **({"selection": self.selection} if self.selection else {})}
 
     def save_components(self, path: Path) -> None:
         for d, rm in self.rms.items():
@@ -235,6 +276,7 @@ class RODOSSystem(RewardSystem):
         rms = {d: load_system(path / "rms" / sub, device) for d, sub in index["dirs"].items()}
         system = cls(config, rms=rms)  # type: ignore[arg-type]
         system.router_version = store.version()
+        system.selection = dict(index.get("selection") or {})
         paths = store.paths(system.router_version)
         system.router = Router.load(paths, config, system.opts, index["domains"])
         if device is not None:
@@ -251,4 +293,6 @@ class RODOSSystem(RewardSystem):
         info["domains"] = self.domains
         info["router_tuning"] = self.opts.router_tuning  # the router's own tuning, beside the RMs' model.tuning
         info["calibration"] = self.calibration.to_dict()
+        if self.selection:
+            info["route_selection"] = self.selection
         return info
