@@ -14,6 +14,7 @@ from moerm.cli.common import (
     OnInvalid, command_line, console, data_option, fail, on_invalid_option, parse_seeds, quiet_hf, run_guarded,
     set_option,
 )
+from moerm.run_folder import check_seeds_folder
 
 
 def systems_overview() -> tuple[list[str], tuple[str, ...], str]:
@@ -91,6 +92,8 @@ def train(
         main = distributed.is_main()  # under torchrun / accelerate launch only the main process talks
         cfg = load_config(config, overrides)
         check_backbone_head(cfg.model.backbone, drop_hf_head, main)
+        if seeds is not None:
+            check_seeds_folder(out)  # each OUT/seed-N is then checked as a run folder
         for seed in seed_list:
             run_dir = out if seed is None else out / f"seed-{seed}"
             run_cfg = cfg if seed is None else load_config(config, overrides + [f"train.seed={seed}"])
@@ -106,6 +109,13 @@ def train(
             console.print(f"[green]saved[/] {summary['model_dir']}  ({summary['train_seconds']:.0f} s)")
 
     run_guarded(go, run_dir=out)
+
+
+def check_batch_size(batch_size: int) -> None:
+    from moerm.errors import UserError
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def check_backbone_head(backbone: str, drop_hf_head: bool, main: bool = True) -> None:
@@ -140,6 +150,7 @@ def eval_(
     quiet_hf()
 
     def go() -> None:
+        check_batch_size(batch_size)
         result = evaluate_runs(runs, data, out, batch_size=batch_size, on_invalid=on_invalid.value,
                                oracle_domains=oracle_domains, quantize=quantize)
         if as_json:
@@ -200,6 +211,7 @@ def score(
     quiet_hf()
 
     def go() -> None:
+        check_batch_size(batch_size)
         items: list[dict[str, Any]]
         if input is not None:
             items = read_score_requests(input)
@@ -241,6 +253,7 @@ def add_domain(
     left untouched."""
     from moerm.data.readers import load_pairs
     from moerm.systems.base import FitContext, find_model_dir, load_system
+    from moerm.run_folder import RunLock, lock_folder
     from moerm.systems.routing import domain_dir
 
     quiet_hf()
@@ -250,6 +263,10 @@ def add_domain(
         if report.n_invalid:
             console.print(f"[yellow]{report.summary()}[/]", highlight=False)
         model_dir = find_model_dir(run)
+        with RunLock(lock_folder(model_dir)):  # never beside a training run or another add
+            add(pairs, model_dir)
+
+    def add(pairs: list, model_dir: Path) -> None:
         system = load_system(model_dir, quantize="none")  # it trains and saves: always the fp32 weights
         domain = pairs[0].domain if pairs else "?"
         # the folder comes from the same safe name the systems use, never from the raw domain string
