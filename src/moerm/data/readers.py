@@ -277,7 +277,7 @@ def _iter_csv(path: Path) -> Iterator[_Item]:
         except StopIteration:
             break
         except csv.Error as e:  # a field past csv's size limit, a NUL byte: the file cannot be read on from here
-            raise DataError(f"{path}:{reader.line_num}: cannot read CSV ({e}); long texts and binary data belong "
+            raise DataError(f"{path}:{start}: cannot read CSV ({e}); long texts and binary data belong "
                             "in JSON Lines (.jsonl)") from None
         line, start = start, reader.line_num + 1  # quoted fields may span lines; report the first
         rec: dict[str, Any] = dict(row)
