@@ -27,12 +27,13 @@ def _texts(value: Any, name: str) -> list[str]:
     if isinstance(value, (str, bytes)):
         raise ScoreArgumentError(f"score: {name} must be a list of strings, got a single {type(value).__name__} "
                                  f"(wrap it: [{name[:-1]}])")
-    if not isinstance(value, Sequence):
+    if not isinstance(value, Sequence) and not (hasattr(value, "__len__") and hasattr(value, "__iter__")):
         raise ScoreArgumentError(f"score: {name} must be a list of strings, got {type(value).__name__}")
+    value = list(value)  # a tuple, a numpy array of str, a pandas Series: read once, as a list
     for i, v in enumerate(value):
         if not isinstance(v, str):
             raise ScoreArgumentError(f"score: {name}[{i}] must be a string, got {type(v).__name__}")
-    return list(value)
+    return value
 
 
 def check_score_arguments(prompts: Any, responses: Any, domains: Any = None,
@@ -43,9 +44,10 @@ def check_score_arguments(prompts: Any, responses: Any, domains: Any = None,
         raise ScoreArgumentError(f"score: {len(p)} prompts but {len(r)} responses; give one response per prompt")
     d: list[str | None] | None = None
     if domains is not None:
-        if isinstance(domains, (str, bytes)) or not isinstance(domains, Sequence):
+        if isinstance(domains, (str, bytes)) or not (hasattr(domains, "__len__") and hasattr(domains, "__iter__")):
             raise ScoreArgumentError(f"score: domains must be a list (a domain name or None per prompt), got "
                                      f"{type(domains).__name__}")
+        domains = list(domains)
         if len(domains) != len(p):
             raise ScoreArgumentError(f"score: {len(p)} prompts but {len(domains)} domains; give one domain (or None) "
                                      "per prompt")
