@@ -225,6 +225,13 @@ def test_a_batch_size_below_one_is_refused(tmp_path, tiny_bert, command, size):
     assert not out.exists() and not (tmp_path / "ev").exists()
 
 
+@pytest.mark.parametrize("args,needle", [(["--batch-size", "0"], "--batch-size must be >= 1"),
+                                         (["--seed", "-1"], "outside 0..4294967295")])
+def test_bon_refuses_a_batch_size_below_one_and_a_seed_numpy_cannot_take(tmp_path, args, needle):
+    res = runner.invoke(app, ["bon", str(tmp_path / "run"), "--data", str(tmp_path / "bon.jsonl"), *args])
+    assert res.exit_code == 1 and needle in res.output, res.output
+
+
 @pytest.mark.parametrize("call,needle", [
     (lambda s: s.score("hello", "world"), "prompts must be a list of strings, got a single str"),
     (lambda s: s.score(["a", "b"], ["x"]), "2 prompts but 1 responses"),

@@ -106,6 +106,12 @@ def parse_seeds(text: str | None, option: str = "--seeds") -> list[int] | None:
     return seeds
 
 
+def check_batch_size(value: int, option: str = "--batch-size") -> None:
+    """A batch size below 1 would score nothing (-1) or crash (0): refused, naming the option."""
+    if value < 1:
+        raise UserError(f"{option} must be >= 1, got {value}")
+
+
 # -- the reproducible command line
 
 def _flag(param: Any) -> str:

@@ -11,8 +11,8 @@ import typer
 from typer.core import TyperCommand
 
 from moerm.cli.common import (
-    OnInvalid, command_line, console, data_option, fail, on_invalid_option, parse_seeds, quiet_hf, run_guarded,
-    set_option,
+    OnInvalid, check_batch_size, command_line, console, data_option, fail, on_invalid_option, parse_seeds, quiet_hf,
+    run_guarded, set_option,
 )
 from moerm.run_folder import check_seeds_folder
 
@@ -109,13 +109,6 @@ def train(
             console.print(f"[green]saved[/] {summary['model_dir']}  ({summary['train_seconds']:.0f} s)")
 
     run_guarded(go, run_dir=out)
-
-
-def check_batch_size(batch_size: int) -> None:
-    from moerm.errors import UserError
-
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def check_backbone_head(backbone: str, drop_hf_head: bool, main: bool = True) -> None:
