@@ -17,6 +17,9 @@ from moerm.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/ and examples/ beside src/)
 
 
+MAX_SEED = 2**32 - 1
+
+
 class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
 
@@ -98,6 +101,8 @@ class TrainConfig:
         for name in ("log_every", "keep_checkpoints", "eval_batch_size"):
             _at_least(f"train.{name}", getattr(self, name), 1)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        if not 0 <= self.seed <= MAX_SEED:  # what numpy's and torch's seeding accept
+            raise ConfigError(f"train.seed must be within [0, {MAX_SEED}], got {self.seed}")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError(f"train.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if not isinstance(self.group_by_length, bool):
@@ -139,8 +144,15 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (e.g. 400 digits)
+        return False
+
+
 def _positive(name: str, value: float) -> None:
-    if not math.isfinite(value) or value <= 0:
+    if not _finite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
@@ -150,7 +162,7 @@ def _at_least(name: str, value: int, low: int) -> None:
 
 
 def _within(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
-    if not math.isfinite(value) or value < low or (value >= high if high_open else value > high):
+    if not _finite(value) or value < low or (value >= high if high_open else value > high):
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ConfigError(f"{name} must be within {bound}, got {value!r}")
 
@@ -203,7 +215,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                raise ConfigError(f"{where}: {len(str(abs(value)))}-digit number is out of range") from None
         if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
                 return float(value)
@@ -250,6 +265,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+        raise ConfigError(f"override '{key.strip()}': {str(e).split(';')[0]}") from None
     return key.strip(), value
 
 
@@ -263,8 +280,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({e})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an integer past 4300 digits
+            raise ConfigError(f"{p}: invalid YAML ({str(e).split(';')[0]})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         _deep_update(data, loaded)

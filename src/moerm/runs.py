@@ -1,7 +1,8 @@
 """Run folders: train a configured system into one, evaluate saved runs, read scoring requests.
 
-A run folder holds `config.yaml` (resolved), `command.txt`, `data.json` (what was read, what was invalid),
-`metrics.jsonl`, `checkpoints/`, `model/` (the saved system) and `train_summary.json`.
+A run folder holds `config.yaml` (resolved), `backbone.json` (the backbone's identity at the start), `command.txt`,
+`data.json` (what was read, what was invalid), `metrics.jsonl`, `checkpoints/`, `model/` (the saved system),
+`train_summary.json` (written last: the run is complete) and `.moerm.lock` (held while a process works in it).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from rich.console import Console
 
 from moerm.config import ConfigError, RunConfig, from_dict
 from moerm.data.grouping import count_prompts, sample_round_robin
-from moerm.data.readers import DataError, load_pairs, resolve_data_paths
+from moerm.data.readers import DataError, json_error, load_pairs, read_lines, resolve_data_paths, too_long
 from moerm.data.schema import PreferencePair
+from moerm.encoding.cache import backbone_id
 from moerm.eval.metrics import aggregate_runs, compare_runs, evaluate_system, pair_index
 from moerm.eval.report import accuracy_table, aggregate_table, comparison_table
-from moerm.systems.base import FitContext, build_system, find_model_dir, load_system, resolve_run_config
+from moerm.run_folder import RunLock, inspect_run_folder
+from moerm.systems.base import SYSTEM_FILE, FitContext, build_system, find_model_dir, load_system, resolve_run_config
 from moerm.train import distributed
 from moerm.atomic import atomic_write_text
+
+BACKBONE_FILE = "backbone.json"  # the identity of the backbone the run started on, checked by --resume
+SUMMARY_FILE = "train_summary.json"
 
 
 def cap_per_domain(pairs: Sequence[PreferencePair], cap: int | None, seed: int) -> list[PreferencePair]:
@@ -82,6 +88,10 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
     if not d.train:
         raise ConfigError("no training data: pass --data PATH")
     train, train_report = load_pairs(d.train, split="train", on_invalid=d.on_invalid, column_map=d.column_map)
+    if not train:
+        files = ", ".join(str(p) for p in resolve_data_paths(d.train, split="train"))
+        skipped = f" ({train_report.n_invalid} invalid records skipped)" if train_report.n_invalid else ""
+        raise DataError(f"{files}: no training pairs in the training data{skipped}; nothing was written")
     eval_paths = (list(d.eval) or default_eval_paths(d.train)) if d.eval_during_training else []
     evals, eval_report = (load_pairs(eval_paths, split="test", on_invalid=d.on_invalid, column_map=d.column_map)
                           if eval_paths else ([], None))
@@ -111,28 +121,39 @@ def load_run_data(cfg: RunConfig, console: Console | None = None) -> tuple[list[
 def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = False, progress: bool = True,
               console: Console | None = None, stop_after_steps: int | None = None,
               allow_data_change: bool = False) -> dict[str, Any]:
-    """Train `cfg` into `run_dir` (or resume it) and save the system to run_dir/model."""
+    """Train `cfg` into `run_dir` (or resume it) and save the system to run_dir/model.
+
+    Everything the user gave (the folder, config, backbone, data) is checked before anything is written; the main
+    process then holds the folder's lock (`moerm.run_folder.RunLock`) until the model is saved. Resuming a finished
+    run checks the same things and rewrites nothing."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     # Every process looks before any process writes: they all see the same folder, so they agree on the outcome.
-    existed = cfg_path.exists()
+    kind = inspect_run_folder(run_dir)
     distributed.barrier()
     cfg = resolve_run_config(cfg)  # checked before anything is read or written
-    if existed:
+    if kind == "run":
         if not resume:
             raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         saved = from_dict(RunConfig, yaml.safe_load(cfg_path.read_text()))
         if saved.to_dict() != cfg.to_dict() and console is not None:
             console.print("[yellow]resuming with the run's saved config.yaml (command-line changes ignored)[/]")
         cfg = saved
+        check_resumed_backbone(run_dir, cfg)
+    identity = backbone_id(cfg.model.backbone, cfg.model.dtype)
     train, evals, data_info = load_run_data(cfg, console)
     saved_data = run_dir / "data.json"
-    if existed and saved_data.exists() and not allow_data_change:
+    if kind == "run" and saved_data.exists() and not allow_data_change:
         before = json.loads(saved_data.read_text()).get("fingerprint")
         if before is not None and before != data_info["fingerprint"]:
             raise ConfigError(f"{run_dir}: the training or held-out data changed since this run started (data "
                               f"fingerprint {before} -> {data_info['fingerprint']}); resuming would mix two datasets. "
                               "Restore the data, train into a new --out, or pass --allow-data-change")
+    model_dir = run_dir / "model"
+    if kind == "run" and finished(run_dir):  # nothing left to train: the saved model is never rewritten
+        if console is not None:
+            console.print(f"{run_dir}: this run is complete; nothing to resume", highlight=False)
+        return {**json.loads((run_dir / SUMMARY_FILE).read_text()), "model_dir": str(model_dir)}
     if console is not None:
         world = distributed.world_size()
         console.print(f"[bold]{cfg.system}[/] ({cfg.model.tuning}, {cfg.model.backbone}): "
@@ -144,25 +165,65 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
     set_seed(cfg.train.seed)
     system = build_system(cfg)
     cfg = system.config  # the system resolves `auto` fields
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg_path, cfg.to_yaml())
-        atomic_write_text(run_dir / "command.txt", command + "\n")
-        atomic_write_text(run_dir / "data.json", json.dumps(data_info, indent=2))
-    distributed.barrier()
-    result = system.fit(train, evals or None, FitContext(run_dir, resume=resume, progress=progress,
-                                                          stop_after_steps=stop_after_steps))
-    model_dir = run_dir / "model"
-    summary = {"system": cfg.system, "model_dir": str(model_dir), "metrics": result.metrics,
-               "seconds_per_component": result.seconds_per_component,
-               "epochs_per_component": result.epochs_per_component,
-               "train_seconds": sum(result.seconds_per_component.values()),
-               "processes": distributed.world_size()}
-    if distributed.is_main():  # one save, by one process; the others wait until it is complete
-        system.save(model_dir)
-        atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
-    distributed.barrier()
+    lock = RunLock(run_dir) if distributed.is_main() else None
+    try:
+        if lock is not None:
+            lock.acquire()
+            # Looked at again under the lock: another start may have taken the folder since the first look
+            if (inspect_run_folder(run_dir) == "run") != (kind == "run"):
+                raise ConfigError(f"{run_dir}: another moerm process started a run in this folder meanwhile; "
+                                  "pass --resume to continue it, or choose another --out")
+            if kind != "run":
+                atomic_write_text(cfg_path, cfg.to_yaml())
+                atomic_write_text(run_dir / BACKBONE_FILE, json.dumps(
+                    {"backbone": cfg.model.backbone, "backbone_id": identity}, indent=2))
+            atomic_write_text(run_dir / "command.txt", command + "\n")
+            atomic_write_text(run_dir / "data.json", json.dumps(data_info, indent=2))
+        distributed.barrier()
+        result = system.fit(train, evals or None, FitContext(run_dir, resume=resume, progress=progress,
+                                                              stop_after_steps=stop_after_steps))
+        summary = {"system": cfg.system, "model_dir": str(model_dir), "metrics": result.metrics,
+                   "seconds_per_component": result.seconds_per_component,
+                   "epochs_per_component": result.epochs_per_component,
+                   "train_seconds": sum(result.seconds_per_component.values()),
+                   "processes": distributed.world_size()}
+        if lock is not None:  # one save, by one process; the others wait until it is complete
+            system.save(model_dir)
+            atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        distributed.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
     return summary
+
+
+def finished(run_dir: Path) -> bool:
+    """A run whose model was saved completely (its summary is written after the save)."""
+    return (run_dir / SUMMARY_FILE).is_file() and (run_dir / "model" / SYSTEM_FILE).is_file()
+
+
+def check_resumed_backbone(run_dir: Path, cfg: RunConfig) -> None:
+    """The backbone a resume would load must be the one the run started on (as `load_system` checks a saved model):
+    an edited config.yaml `model.backbone`, or weights replaced in the backbone's folder, are refused."""
+    recorded: list[tuple[str, str]] = []  # (where, backbone_id)
+    for where, path in ((BACKBONE_FILE, run_dir / BACKBONE_FILE), (f"model/{SYSTEM_FILE}", run_dir / "model" / SYSTEM_FILE)):
+        try:
+            saved_id = json.loads(path.read_text()).get("backbone_id") if path.is_file() else None
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise ConfigError(f"{path}: not readable JSON; the run folder was edited or damaged") from None
+        if isinstance(saved_id, str):
+            recorded.append((where, saved_id))
+    if not recorded:
+        return  # a run started before backbones were recorded, never saved: nothing to compare with
+    now = backbone_id(cfg.model.backbone, cfg.model.dtype)
+    for where, saved_id in recorded:
+        if saved_id != now:
+            raise ConfigError(f"{run_dir}: cannot resume: the backbone {cfg.model.backbone!r} (config.yaml "
+                              f"model.backbone) is not the one this run was trained on ({where}: {saved_id}, now "
+                              f"{now}); its name was edited or its weights, config or tokenizer changed. Restore the "
+                              "original backbone and config.yaml, or train into a new --out")
+
+
 
 
 def _expand_runs(runs: Sequence[Path]) -> list[tuple[str, list[Path]]]:
@@ -229,7 +290,9 @@ def read_score_requests(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         raise DataError(f"{path}: is a folder; give a JSON Lines file of {{prompt, response[, domain, id]}}")
     with path.open("rb") as f:  # bytes, decoded line by line, so a bad byte is reported on its own line
-        for n, raw in enumerate(f, 1):
+        for n, raw in read_lines(f):
+            if raw is None:
+                raise DataError(f"{path}:{n}: {too_long()}")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -238,8 +301,8 @@ def read_score_requests(path: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path}:{n}: {json_error(e)}") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object {{prompt, response, ...}} per line, got "
                                 f"{type(rec).__name__}" + (" (a JSON array: write one object per line)"

@@ -120,8 +120,9 @@ def test_a_bad_seed_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cm
 
 def test_parse_seeds() -> None:
     assert parse_seeds(None) is None
-    assert parse_seeds("0") == [0] and parse_seeds(" 1, 2,") == [1, 2] and parse_seeds("-1") == [-1]
-    for bad, why in (("1,1", "seed 1 is given twice"), (",", "no seed"), ("1.5", "'1.5' is not an integer seed")):
+    assert parse_seeds("0") == [0] and parse_seeds(" 1, 2,") == [1, 2] and parse_seeds("4294967295") == [2**32 - 1]
+    for bad, why in (("1,1", "seed 1 is given twice"), (",", "no seed"), ("1.5", "'1.5' is not an integer seed"),
+                     ("-1", "outside 0..4294967295"), ("4294967296", "outside 0..4294967295")):
         with pytest.raises(UserError, match=why):
             parse_seeds(bad)
 

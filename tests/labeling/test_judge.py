@@ -32,9 +32,13 @@ class ScriptedServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, replies: list[str], policy: Policy, delay: float = 0.0):
+    def __init__(self, replies: list[str], policy: Policy, delay: float = 0.0, hold_until: int | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.replies, self.policy, self.delay = replies, policy, delay
+        # hold_until=N: the first requests wait (up to 10 s) until N are in flight at once, so a client that allows
+        # N parallel requests is seen doing so however slowly its threads start on a loaded machine
+        self.hold_until = hold_until
+        self.all_in = threading.Event()
         self.lock = threading.Lock()
         self.seen: list[tuple[str, str]] = []  # (A, B) per request, retries included
         self.bodies: list[dict[str, Any]] = []
@@ -67,16 +71,22 @@ class _Handler(BaseHTTPRequestHandler):
             srv.auth.append(self.headers.get("Authorization"))
             srv.inflight += 1
             srv.max_inflight = max(srv.max_inflight, srv.inflight)
+            if srv.hold_until is not None and srv.inflight >= srv.hold_until:
+                srv.all_in.set()
         try:
+            if srv.hold_until is not None:
+                srv.all_in.wait(timeout=10)
             time.sleep(srv.delay)
             answer = srv.policy(a, b, n)
-            if isinstance(answer, int):
-                self._send(answer, {"error": {"message": "scripted failure"}})
-            else:
-                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
         finally:
+            # Out of flight BEFORE the reply leaves: once the client has the reply it may send its next request at
+            # once, and that request must not find this finished one still counted (it did, on a loaded machine).
             with srv.lock:
                 srv.inflight -= 1
+        if isinstance(answer, int):
+            self._send(answer, {"error": {"message": "scripted failure"}})
+        else:
+            self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
 
     def _send(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
@@ -88,8 +98,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(replies: list[str], policy: Policy, delay: float = 0.0) -> Iterator[ScriptedServer]:
-    srv = ScriptedServer(replies, policy, delay)
+def serve(replies: list[str], policy: Policy, delay: float = 0.0,
+          hold_until: int | None = None) -> Iterator[ScriptedServer]:
+    srv = ScriptedServer(replies, policy, delay, hold_until)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
@@ -253,7 +264,7 @@ def test_cache_resume_and_truncated_last_line(tmp_path: Path, caplog: pytest.Log
 def test_concurrency_bound_is_respected() -> None:
     pairs = make_pairs(6)
     policy = by_score({r: float(r.startswith("<chosen")) for r in replies_of(pairs)})
-    with serve(replies_of(pairs), policy, delay=0.05) as srv:
+    with serve(replies_of(pairs), policy, delay=0.05, hold_until=3) as srv:
         kept, _ = judge_pairs(pairs, ["coherence"], config(srv, concurrency=3))
     assert len(kept) == 6 and len(srv.seen) == 12
     assert srv.max_inflight == 3  # parallel, but never more than the bound

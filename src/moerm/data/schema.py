@@ -63,6 +63,22 @@ def _check_text(rec: dict[str, Any], name: str, source: str, line: int | None) -
     return value
 
 
+def _finite(value: Any) -> float | None:
+    """`value` as a finite float, or None when it is no number, not finite, or too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"a {len(str(abs(value)))}-digit integer"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_aspects(rec: dict[str, Any], name: str, source: str, line: int | None) -> dict[str, float] | None:
     value = rec.get(name)
     if value is None:
@@ -71,9 +87,10 @@ def _check_aspects(rec: dict[str, Any], name: str, source: str, line: int | None
         raise InvalidRecord(source, line, name, f"expected an object {{aspect: number}}, got {type(value).__name__}")
     out: dict[str, float] = {}
     for k, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise InvalidRecord(source, line, f"{name}.{k}", f"expected a finite number, got {v!r}")
-        out[str(k)] = float(v)
+        f = _finite(v)
+        if f is None:
+            raise InvalidRecord(source, line, f"{name}.{k}", f"expected a finite number, got {_shown(v)}")
+        out[str(k)] = f
     return out
 
 
@@ -93,9 +110,10 @@ def validate_record(rec: Any, source: str, line: int | None = None) -> Preferenc
         raise InvalidRecord(source, line, "subset", f"expected a string, got {type(subset).__name__}")
     margin = rec.get("margin")
     if margin is not None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(float(margin)):
-            raise InvalidRecord(source, line, "margin", f"expected a finite number, got {margin!r}")
-        margin = float(margin)
+        value = _finite(margin)
+        if value is None:
+            raise InvalidRecord(source, line, "margin", f"expected a finite number, got {_shown(margin)}")
+        margin = value
     return PreferencePair(
         id=texts["id"],
         domain=texts["domain"],

@@ -23,6 +23,7 @@ from moerm.data.schema import PreferencePair
 from moerm.encoding.cache import backbone_id
 from moerm.encoding.tuning import TuningMode, resolve_tuning, tuning_mode
 from moerm.errors import UnsupportedError, UserError
+from moerm.systems.arguments import check_device, checked_score
 from moerm.systems.components import ComponentFit, check_component_config, component_train_config
 from moerm.atomic import atomic_write_text
 
@@ -123,6 +124,11 @@ class RewardSystem(ABC):
     routed: ClassVar[bool] = False  # whether `score` details carry Route.details() (router choice, fallback)
     # The components it trains, each with its train settings over the run's `train` (components.<kind>.train)
     component_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "score" in cls.__dict__:  # every system's public `score` checks its arguments first (systems/arguments.py)
+            cls.score = checked_score(cls.__dict__["score"])  # type: ignore[method-assign]
 
     def __init__(self, config: RunConfig):
         # Seeded before a subclass builds anything random (heads, routers, adapters), so the same config gives the
@@ -327,6 +333,7 @@ def load_system(run_or_model_dir: str | Path, device: str | torch.device | None 
     """
     from moerm.encoding.quantize import check_quantize_device, check_quantize_mode, quantize_system
 
+    check_device(device)
     if quantize is not None:
         check_quantize_mode(quantize)
         check_quantize_device(quantize, device)
