@@ -8,6 +8,7 @@ never branch on the world size themselves.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -151,6 +152,8 @@ def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
     originals = {(id(m), n): p for m in model.modules() for n, p in m._parameters.items() if p is not None}
     modules = [*transformer_blocks_of(model), model]
+    # our step functions never write in place into a model's output, which is all this warning is about
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for m in modules:
         fully_shard(m, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp,
                      offload_policy=offload)
