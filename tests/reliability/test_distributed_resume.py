@@ -69,6 +69,13 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _killed_run(tiny_bert: str, data: Path, run: Path, tmp: Path, extra: list[str]) -> None:
     """Start a 2-process run, kill -9 the launcher and both workers once two checkpoints are complete, then leave what
     a kill during the next checkpoint write leaves: a temporary folder, and a step folder without its last file."""
@@ -89,9 +96,8 @@ def _killed_run(tiny_bert: str, data: Path, run: Path, tmp: Path, extra: list[st
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)
-    for pid in workers:
-        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
-            time.sleep(0.05)
+    while any(_alive(pid) for pid in workers):
+        time.sleep(0.05)
     assert not (run / "model").exists()
     latest = max(p for p in ckpts.glob("step-*") if (p / "trainer_state.json").exists())
     step = int(latest.name.split("-")[1])
