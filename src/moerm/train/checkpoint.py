@@ -70,6 +70,7 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `root/step-N/` via a temporary folder and a rename; keep the newest `keep` checkpoints.
 
@@ -82,7 +83,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        _write_checkpoint(tmp, step, model_state, optimizer_state, scheduler, trainer_state)
+        _write_checkpoint(tmp, step, model_state, optimizer_state, scheduler, trainer_state, rng)
     except BaseException as e:  # a failed save leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -97,16 +98,42 @@ def save_checkpoint(
     return final
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random generators: the CPU one, and its current GPU's."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def per_rank_rng(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every process's generators (`states[r]` from rank r) as one file's tensors: `torch.rank<r>`, `cuda.rank<r>`.
+    Processes draw different dropout masks, so each must get its own state back for a bit-exact resume."""
+    return {f"{k}.rank{r}": v for r, state in enumerate(states) for k, v in state.items()}
+
+
+def _restore_rng(rng: dict[str, torch.Tensor], rank: int) -> None:
+    """Set this process's generators from a checkpoint: its own rank's, or (an older or a 1-process checkpoint, or a
+    rank the writer did not have) the main process's."""
+    cpu = rng.get(f"torch.rank{rank}", rng.get("torch.rank0", rng.get("torch")))
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    if torch.cuda.is_available():
+        gpu = rng.get(f"cuda.rank{rank}", rng.get("cuda.rank0", rng.get("cuda")))
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu)
+        else:  # written before per-rank states: every device's state from the main process
+            states = [rng[k] for k in sorted(rng) if k.startswith("cuda") and k[4:].isdigit()]
+            if states:
+                torch.cuda.set_rng_state_all(states)
+
+
 def _write_checkpoint(tmp: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                      scheduler: Any, trainer_state: dict[str, Any]) -> None:
+                      scheduler: Any, trainer_state: dict[str, Any], rng: dict[str, torch.Tensor] | None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_file(rng if rng is not None else rng_state(), str(tmp / "rng.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     # trainer_state.json is written last: a folder without it is incomplete and ignored.
@@ -127,14 +154,14 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_latest_checkpoint(root: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any,
-                           device: torch.device, warn: Any = None) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+                           device: torch.device, warn: Any = None, rank: int = 0) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint that reads back whole; a corrupt one (truncated file, garbage JSON) is skipped with a
     warning and the one before it is used. None when there is none; an error naming them when none reads."""
     ckpts = list_checkpoints(root)
     errors = []
     for ckpt in reversed(ckpts):
         try:
-            state, tstate = load_checkpoint(ckpt, load_optimizer, scheduler, device)
+            state, tstate = load_checkpoint(ckpt, load_optimizer, scheduler, device, rank)
         except Exception as e:  # noqa: BLE001 - safetensors, json and torch raise many types for a broken file
             errors.append(f"{ckpt}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             if warn is not None:
@@ -154,7 +181,7 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any,
-                    device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    device: torch.device, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore optimizer (`load_optimizer` applies its state dict), scheduler and RNG; return the model state and the
     trainer state."""
     model_state = _load_tensors(path / "model.safetensors", device)
@@ -162,10 +189,5 @@ def load_checkpoint(path: Path, load_optimizer: Callable[[dict[str, Any]], None]
                                json.loads((path / "optimizer.json").read_text()))
     load_optimizer(opt)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+    _restore_rng(load_file(str(path / "rng.safetensors")), rank)
     return model_state, json.loads((path / "trainer_state.json").read_text())

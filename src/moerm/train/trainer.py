@@ -27,7 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 from moerm.config import TrainConfig
 from moerm.errors import UserError
 from moerm.train import distributed
-from moerm.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from moerm.train.checkpoint import load_latest_checkpoint, per_rank_rng, rng_state, save_checkpoint
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -233,6 +233,7 @@ class Trainer:
         """Every process calls this (the token counts are summed over them); the main one writes."""
         # [[real, padded] since the last log line, [real, padded] of the run], over all processes
         tokens = [[round(v) for v in distributed.sum_across(t)] for t in tokens or [[0, 0], [0, 0]]]
+        rng = per_rank_rng(distributed.gather_rows([rng_state()], self.accelerator.num_processes))
         model = self.accelerator.unwrap_model(self.model)
         if self.sharded is not None:  # gathered from the shards by every process, written by the main one
             weights, opt_state = (distributed.full_trainable_state(model),
@@ -248,7 +249,8 @@ class Trainer:
         scaler = self.accelerator.scaler  # fp16 on a GPU: its loss scale must survive a resume for an exact restart
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
-        save_checkpoint(self.ckpt_dir, step, weights, opt_state, self.scheduler, state, keep=self.cfg.keep_checkpoints)
+        save_checkpoint(self.ckpt_dir, step, weights, opt_state, self.scheduler, state, keep=self.cfg.keep_checkpoints,
+                        rng=rng)
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         """A checkpoint's optimizer state, keyed by index (torch's own) or by parameter name (a sharded run's)."""
@@ -293,7 +295,8 @@ class Trainer:
         step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
         resumed_from = None
         found = load_latest_checkpoint(self.ckpt_dir, self._load_optimizer, self.scheduler, acc.device,
-                                       warn=lambda msg: tqdm.write(f"warning: {msg}")) if resume else None
+                                       warn=lambda msg: tqdm.write(f"warning: {msg}"),
+                                       rank=acc.process_index) if resume else None
         if found is not None:
             ckpt, state, tstate = found
             self._check_world(ckpt, tstate)
