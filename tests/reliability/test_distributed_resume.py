@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from moerm.data.readers import write_jsonl
@@ -140,7 +141,10 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
                              capture_output=True, text=True, timeout=300)
         assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
         assert "written by 2 processes x batch 2" in bad.stdout + bad.stderr
-        assert "train.batch_size=4" in bad.stdout + bad.stderr
+        assert "train.batch_size: 4" in bad.stdout + bad.stderr
+        saved = yaml.safe_load((moved / "config.yaml").read_text())  # a resume reads the run's config
+        saved["train"]["batch_size"] = 4
+        (moved / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
         ok = subprocess.run(_cmd(tiny_bert, data, moved, 1, 4, *extra, "--resume"), env=_env(tmp_path),
                             capture_output=True, text=True, timeout=300)
         assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]

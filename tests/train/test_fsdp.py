@@ -24,6 +24,10 @@ from test_distributed import setup  # noqa: F401 - the module-scoped tiny BERT a
 from conftest import toy_pairs
 
 FSDP = ["--set", "train.fsdp.enabled=true"]
+# Baseline and LoRA: within the DDP test's 1e-5. Routed systems train three components (router, then one RM per
+# domain), and round-off grows with the steps: measured up to 2.3e-5 (RODOS, one element of a rarely seen position
+# embedding row, which AdamW's g / sqrt(v) amplifies), so they are compared within 1e-4.
+ATOL = {"baseline": 1e-5, "baselora": 1e-5, "rodos": 1e-4, "arliss-top": 1e-4}
 CASES = {
     "baseline": ["--system", "baseline"],
     "baselora": ["--system", "baselora", "--set", "train.lr=5e-3"],
@@ -56,20 +60,23 @@ def test_fsdp_two_processes_equal_one_process_with_the_global_batch_and_score_th
     assert w1.keys() == w2.keys()
     for k in w1:
         if not k.endswith(ddp.OFFSET_ONLY):
-            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(w2[k], w1[k], atol=ATOL[name], rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     if name == "baseline":  # full tuning moved the (sharded) backbone, so the equality above means something
         start = load_file(str(setup / "bert" / "model.safetensors"))
         moved = [k for k in start if not k.startswith("pooler.")
                  and not torch.equal(start[k], w2[f"backbone/model.safetensors:{k}"])]
         assert len(moved) > len(start) // 2
-    m1, m2 = ddp._metric_lines(one), ddp._metric_lines(two)
-    assert [(ln.get("component"), ln["step"]) for ln in m1] == [(ln.get("component"), ln["step"]) for ln in m2]
-    for a, b in zip(m1, m2):  # the sharded log is the global one
-        for key in ("loss", "accuracy", "eval_accuracy", "eval_margin_mean"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
+    logs = sorted(str(p.relative_to(one)) for p in one.rglob("metrics.jsonl"))
+    assert logs and logs == sorted(str(p.relative_to(two)) for p in two.rglob("metrics.jsonl"))
+    for log in logs:  # every component's log
+        m1, m2 = ddp._metric_lines((one / log).parent), ddp._metric_lines((two / log).parent)
+        assert [(ln.get("component"), ln["step"]) for ln in m1] == [(ln.get("component"), ln["step"]) for ln in m2]
+        for a, b in zip(m1, m2):  # the sharded log is the global one
+            for key in ("loss", "accuracy", "eval_accuracy", "eval_margin_mean"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], abs=10 * ATOL[name]), (log, key, a, b)
     s1, s2 = _scores(one), _scores(two)
-    torch.testing.assert_close(s2 - s2.mean(), s1 - s1.mean(), atol=1e-4, rtol=1e-4)  # offset-free, as above
+    torch.testing.assert_close(s2 - s2.mean(), s1 - s1.mean(), atol=10 * ATOL[name], rtol=1e-4)  # offset-free
 
 
 WORKER = r'''

@@ -256,6 +256,14 @@ class Trainer:
         """A checkpoint's optimizer state, keyed by index (torch's own) or by parameter name (a sharded run's)."""
         optimizer = self._raw_optimizer()
         by_name = any(isinstance(k, str) for k in state["state"])
+        if by_name and self.sharded is None:  # a sharded run's checkpoint resumed unsharded: name -> index
+            index = {n: i for i, n in enumerate(self.param_names)}
+            missing = sorted(set(state["state"]) - set(index))
+            if missing:
+                raise ValueError(f"optimizer state for parameters this model does not train: {missing[:3]}")
+            state = {"state": {index[n]: v for n, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+            by_name = False
         if not by_name and self.sharded is None:
             optimizer.load_state_dict(state)
             return
@@ -276,9 +284,10 @@ class Trainer:
             raise UserError(
                 f"{self.desc}: checkpoint {ckpt} was written by {n_old} processes x batch {b_old} ({n_old * b_old} "
                 f"pairs per step); this run has {world} x {b}, so it would not see the same batches and cannot "
-                f"resume it exactly. Resume with processes x train.batch_size = {n_old * b_old}"
-                + (f" (e.g. --set train.batch_size={n_old * b_old // world})" if n_old * b_old % world == 0 else "")
-                + f", or start again without --resume")
+                f"resume it exactly. Resume on processes x batch = {n_old * b_old}"
+                + (f" (here: train.batch_size: {n_old * b_old // world} in the run's config.yaml, which a resume "
+                   f"reads)" if n_old * b_old % world == 0 else "")
+                + ", or start again without --resume")
 
     def _group_size(self, b_idx: int, n_batches: int) -> int:
         """Micro-batches in the accumulation group of batch `b_idx`: `grad_accum`, or fewer for an epoch's last group.
