@@ -60,6 +60,22 @@ class ModelConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Sharded data parallelism (PyTorch FSDP2) under a multi-process launch; see docs/DISTRIBUTED.md."""
+
+    enabled: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state over the processes (FSDP2: each transformer block, then the root); no effect with one process"})
+    reshard_after_forward: bool = field(default=True, metadata={"help": "free each block's gathered parameters after its forward (less memory, one more all-gather in backward)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 (bf16: parameters gathered and computed in bfloat16, gradients reduced in float32; sharded weights and optimizer stay float32)"})
+    cpu_offload: bool = field(default=False, metadata={"help": "keep sharded parameters, gradients and optimizer state in CPU memory (the optimizer steps on the CPU)"})
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "reshard_after_forward", "cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.fsdp.{name} must be true or false, got {getattr(self, name)!r}")
+        _choice("train.fsdp.mixed_precision", self.mixed_precision, ("no", "bf16"))
+
+
+@dataclass
 class TrainConfig:
     lr: float | None = field(default=None, metadata={"help": "learning rate (default: by model.tuning, see moerm.encoding.tuning.DEFAULT_LR)"})
     head_lr: float | None = field(default=None, metadata={"help": "learning rate of heads (default: by model.tuning, see moerm.encoding.tuning.DEFAULT_HEAD_LR)"})
@@ -81,6 +97,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations in the backward pass (less memory, ~30% slower)"})
     group_by_length: bool = field(default=False, metadata={"help": "batch pairs of similar token length (less padding; as Hugging Face's group_by_length); no effect on cached features"})
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig, metadata={"help": "sharded training: train.fsdp.enabled=true (see docs/DISTRIBUTED.md)"})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -156,15 +156,48 @@ def eval_(
     run_guarded(go)
 
 
-def info(run: Path = typer.Argument(..., help="run folder or saved model folder"),
-         as_json: bool = typer.Option(False, "--json")) -> None:
-    """Parameters (total, trainable) and bytes on disk, per component."""
+def info(run: Path = typer.Argument(..., help="run folder or saved model folder; with --estimate, a backbone (name, "
+                                       "folder, or its config.json)"),
+         as_json: bool = typer.Option(False, "--json"),
+         estimate: bool = typer.Option(False, "--estimate", help="plan the per-device memory of training RUN's "
+                                       "backbone with DDP and with FSDP (no weights are read)"),
+         devices: int = typer.Option(8, "--devices", min=1, help="--estimate: processes (one per GPU)"),
+         batch_size: int = typer.Option(16, "--batch-size", min=1, help="--estimate: pairs per step per device"),
+         max_length: int = typer.Option(256, "--max-length", min=8, help="--estimate: tokens per sequence"),
+         tuning: str = typer.Option("full", "--tuning", help="--estimate: full | lora"),
+         lora_r: int = typer.Option(8, "--lora-r", min=1),
+         bf16: bool = typer.Option(False, "--bf16", help="--estimate: bf16 compute (train.fsdp.mixed_precision=bf16 "
+                                   "or train.mixed_precision=bf16)"),
+         checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+         ) -> None:
+    """Parameters (total, trainable) and bytes on disk, per component; or, with --estimate, the memory a training
+    run needs per device."""
     from moerm.eval.report import info_table
     from moerm.systems.base import find_model_dir, load_system
 
     quiet_hf()
 
+    def plan() -> None:
+        from moerm.train.memory import count_backbone, plan as memory_plan
+
+        if tuning not in ("full", "lora"):
+            fail(f"--tuning must be full or lora for an estimate, got {tuning!r}")
+        counts = count_backbone(str(run), tuning, lora_r)
+        p = memory_plan(counts, devices, batch_size, max_length, bf16=bf16, checkpointing=checkpointing)
+        if as_json:
+            console.print_json(json.dumps(p))
+            return
+        console.print(f"{run}: {p['parameters'] / 1e9:.3f}B parameters, {p['trainable'] / 1e9:.3f}B trainable "
+                      f"({tuning}); {devices} devices x {batch_size} pairs x {max_length} tokens; GiB per device "
+                      "(estimate: see docs/DISTRIBUTED.md)", highlight=False)
+        console.print(f"{'':12}{'DDP':>10}{'FSDP':>10}", highlight=False)
+        for key in ("weights", "gradients", "optimizer", "activations", "total"):
+            console.print(f"{key:12}{p['ddp'][key]:>10.2f}{p['fsdp'][key]:>10.2f}", highlight=False)
+
     def go() -> None:
+        if estimate:
+            plan()
+            return
         path = find_model_dir(run)
         d = load_system(path).describe(path)
         if as_json:

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +19,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors as `<param>.<key>` (param: an index, or a parameter name for a name-keyed state), the rest as JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in state["state"].items():
@@ -27,29 +28,40 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
                 tensors[f"{pid}.{key}"] = value
             else:
                 scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    keys = "name" if any(isinstance(pid, str) for pid in state["state"]) else "index"
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "keys": keys}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    by_name = meta.get("keys") == "name"
+    state: dict[Any, dict[str, Any]] = {}
     for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
+        pid, key = name.rsplit(".", 1)  # a state key (exp_avg, step) has no dot; a parameter name may
+        state.setdefault(pid if by_name else int(pid), {})[key] = value
     for pid, values in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(values)
+        state.setdefault(pid if by_name else int(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def optimizer_state_keys(path: Path) -> str:
+    """How a checkpoint's optimizer state is keyed: `index` (torch's own state dict) or `name` (gathered shards)."""
+    return json.loads((path / "optimizer.json").read_text()).get("keys", "index")
 
 
 def save_checkpoint(
     root: Path,
     step: int,
     model_state: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `root/step-N/` via a temporary folder and a rename; keep the newest `keep` checkpoints."""
+    """Write `root/step-N/` via a temporary folder and a rename; keep the newest `keep` checkpoints.
+
+    `optimizer_state` is an optimizer's `state_dict()`, or (sharded training) the whole state keyed by parameter
+    name, as `distributed.full_optimizer_state` gathers it."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
@@ -57,7 +69,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        _write_checkpoint(tmp, step, model_state, optimizer, scheduler, trainer_state)
+        _write_checkpoint(tmp, step, model_state, optimizer_state, scheduler, trainer_state, rng)
     except BaseException as e:  # a failed save leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -72,16 +84,42 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(tmp: Path, step: int, model_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                      scheduler: Any, trainer_state: dict[str, Any]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random generators: the CPU one, and its current GPU's."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def per_rank_rng(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every process's generators (`states[r]` from rank r) as one file's tensors: `torch.rank<r>`, `cuda.rank<r>`.
+    Processes draw different dropout masks, so each must get its own state back for a bit-exact resume."""
+    return {f"{k}.rank{r}": v for r, state in enumerate(states) for k, v in state.items()}
+
+
+def _restore_rng(rng: dict[str, torch.Tensor], rank: int) -> None:
+    """Set this process's generators from a checkpoint: its own rank's, or (an older or a 1-process checkpoint, or a
+    rank the writer did not have) the main process's."""
+    cpu = rng.get(f"torch.rank{rank}", rng.get("torch.rank0", rng.get("torch")))
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    if torch.cuda.is_available():
+        gpu = rng.get(f"cuda.rank{rank}", rng.get("cuda.rank0", rng.get("cuda")))
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu)
+        else:  # written before per-rank states: every device's state from the main process
+            states = [rng[k] for k in sorted(rng) if k.startswith("cuda") and k[4:].isdigit()]
+            if states:
+                torch.cuda.set_rng_state_all(states)
+
+
+def _write_checkpoint(tmp: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                      scheduler: Any, trainer_state: dict[str, Any], rng: dict[str, torch.Tensor] | None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+    save_file(rng if rng is not None else rng_state(), str(tmp / "rng.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     # trainer_state.json is written last: a folder without it is incomplete and ignored.
@@ -101,15 +139,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_latest_checkpoint(root: Path, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
-                           warn: Any = None) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_latest_checkpoint(root: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any,
+                           device: torch.device, warn: Any = None, rank: int = 0) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint that reads back whole; a corrupt one (truncated file, garbage JSON) is skipped with a
     warning and the one before it is used. None when there is none; an error naming them when none reads."""
     ckpts = list_checkpoints(root)
     errors = []
     for ckpt in reversed(ckpts):
         try:
-            state, tstate = load_checkpoint(ckpt, optimizer, scheduler, device)
+            state, tstate = load_checkpoint(ckpt, load_optimizer, scheduler, device, rank)
         except Exception as e:  # noqa: BLE001 - safetensors, json and torch raise many types for a broken file
             errors.append(f"{ckpt}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             if warn is not None:
@@ -122,17 +160,20 @@ def load_latest_checkpoint(root: Path, optimizer: torch.optim.Optimizer, schedul
     return None
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore optimizer, scheduler and RNG in place; return the model state and the trainer state."""
-    model_state = load_file(str(path / "model.safetensors"), device=str(device))
-    opt = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors"), device=str(device)),
+def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on `device`. Read on the CPU, then moved: safetensors names devices its own way
+    and refuses an indexed CPU device ("cpu:0", which a multi-process CPU launch gives every process)."""
+    return {k: v.to(device) for k, v in load_file(str(path), device="cpu").items()}
+
+
+def load_checkpoint(path: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any,
+                    device: torch.device, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore optimizer (`load_optimizer` applies its state dict), scheduler and RNG; return the model state and the
+    trainer state."""
+    model_state = _load_tensors(path / "model.safetensors", device)
+    opt = _unflatten_optimizer(_load_tensors(path / "optimizer.safetensors", device),
                                json.loads((path / "optimizer.json").read_text()))
-    optimizer.load_state_dict(opt)
+    load_optimizer(opt)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+    _restore_rng(load_file(str(path / "rng.safetensors")), rank)
     return model_state, json.loads((path / "trainer_state.json").read_text())

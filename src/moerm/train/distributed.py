@@ -8,11 +8,14 @@ never branch on the world size themselves.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 from accelerate import PartialState
+from torch import nn
 
 
 def _cpu_only() -> bool:
@@ -57,8 +60,12 @@ def main_first() -> Iterator[None]:
 
 
 def shard(n: int) -> list[int]:
-    """This process's share of `n` items for evaluation: every world-th index, starting at its rank."""
-    return list(range(rank(), n, world_size()))
+    """This process's share of `n` items for evaluation: every world-th index, starting at its rank, padded (with
+    repeats of item 0) to the same length on every process, so every process runs as many forward passes (a sharded
+    model's forward is a collective). `gather_rows` drops the padding."""
+    world = world_size()
+    mine = list(range(rank(), n, world))
+    return mine + [0] * (-(-n // world) - len(mine)) if n else mine
 
 
 def gather_rows(local: Sequence[Any], n: int) -> list[Any]:
@@ -67,7 +74,7 @@ def gather_rows(local: Sequence[Any], n: int) -> list[Any]:
     if world == 1:
         return list(local)
     parts: list[list[Any] | None] = [None] * world
-    torch.distributed.all_gather_object(parts, list(local))
+    torch.distributed.all_gather_object(parts, list(local)[: len(range(rank(), n, world))])  # without the padding
     out: list[Any] = [None] * n
     for r, part in enumerate(parts):
         assert part is not None
@@ -92,3 +99,175 @@ def sum_across(values: Sequence[float]) -> list[float]:
     t = torch.tensor(list(values), dtype=torch.float64, device=device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t.tolist()
+
+
+# -- Sharded data parallelism (FSDP2) -------------------------------------------------------------------------------
+# A Trainer shards its model when it starts (`shard_model`) and gives it back whole when it ends (`unshard_model`),
+# so everything outside a Trainer (evaluation, feature caches, saving, the next component) sees plain modules as
+# under DDP. While sharded, every forward/backward is a collective: every process must run as many as the others.
+
+
+@dataclass
+class Sharded:
+    """A model while it is sharded: what `unshard_model` needs to give it back whole."""
+
+    root: nn.Module
+    modules: list[nn.Module]  # every module `fully_shard` was applied to, blocks first, the root last
+    originals: dict[tuple[int, str], nn.Parameter]  # (id(module), name) -> the Parameter object it held before
+    mesh: Any
+
+
+def fsdp_wanted(cfg: Any) -> bool:
+    """FSDP is on for this run: asked for (`train.fsdp.enabled`) and more than one process (one shards nothing)."""
+    return bool(cfg is not None and cfg.enabled) and world_size() > 1
+
+
+def transformer_blocks_of(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block inside `model` (of every backbone it holds): the items of a ModuleList named as Hugging
+    Face names block lists (`layer`, `layers`, `h`, ...), each once."""
+    from moerm.modules.experts import BLOCK_LIST_NAMES
+
+    seen: set[int] = set()
+    blocks: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES:
+            for block in module:
+                if id(block) not in seen and any(True for _ in block.parameters()):
+                    seen.add(id(block))
+                    blocks.append(block)
+    return blocks
+
+
+def shard_model(model: nn.Module, cfg: Any) -> Sharded:
+    """Apply FSDP2 to `model` in place, as torchtune does: each transformer block, then the root (which takes the rest:
+    embeddings, heads, routers). Parameters become DTensors sharded over the processes; frozen ones are sharded
+    too (only trainable ones get gradients). Build the optimizer after this, from the model's new parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    dev = device()
+    mesh = init_device_mesh(dev.type, (world_size(),))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    originals = {(id(m), n): p for m in model.modules() for n, p in m._parameters.items() if p is not None}
+    modules = [*transformer_blocks_of(model), model]
+    # our step functions never write in place into a model's output, which is all this warning is about
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    for m in modules:
+        fully_shard(m, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp,
+                     offload_policy=offload)
+    for p in originals.values():  # their values live in the shards now: free the full copies
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return Sharded(model, modules, originals, mesh)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly sharded) tensor, on every process (a collective for a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    local = t.to_local()
+    if local.device.type != t.device_mesh.device_type:  # CPU-offloaded shards: gather them on the mesh's device
+        t = DTensor.from_local(local.to(device()), t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    return t.full_tensor()
+
+
+def unshard_model(sharded: Sharded) -> None:
+    """Give a sharded model back whole, in place: every process holds every parameter again (the same Parameter
+    objects as before `shard_model`, now with the trained values), no FSDP hook or class is left, and it can be
+    sharded again by a later Trainer. Every process must call this."""
+    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+    from torch.distributed._composable_state import _module_state_mapping
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    root = sharded.root
+    with torch.no_grad():
+        full = {(id(m), n): full_tensor(p) for m in root.modules() for n, p in m._parameters.items() if p is not None}
+    for m in sharded.modules:
+        state = fully_shard.state(m)  # type: ignore[attr-defined]
+        for group in state._fsdp_param_groups:
+            for handles in (group._module_to_pre_save_state_dict_hook_handle,
+                            group._module_to_pre_load_state_dict_hook_handle):
+                for handle in handles.values():
+                    handle.remove()
+            for fp in group.fsdp_params:
+                fp._post_load_hook_handle.remove()
+        state._pre_forward_hook_handle.remove()
+        state._post_forward_hook_handle.remove()
+        states = m.__dict__.get(STATE_KEY, {})
+        for fn in [fn for fn, st in states.items() if st is state]:
+            del states[fn]
+        m.__dict__.get(REGISTRY_KEY, {}).pop("fully_shard", None)
+        for key in (STATE_KEY, REGISTRY_KEY):
+            if key in m.__dict__ and not m.__dict__[key]:
+                del m.__dict__[key]
+        _module_state_mapping.pop(m, None)
+        cls = type(m)
+        if issubclass(cls, FSDPModule):
+            m.__class__ = next(b for b in cls.__bases__ if b is not FSDPModule)
+    for m in root.modules():
+        for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+            m.__dict__.pop(attr, None)
+        for n in list(m._parameters):
+            key = (id(m), n)
+            if key in full:
+                orig = sharded.originals.get(key)
+                value = full[key].detach()
+                if orig is None:
+                    orig = nn.Parameter(value, requires_grad=m._parameters[n].requires_grad)
+                else:
+                    orig.data = value.to(orig.dtype)
+                    orig.grad = None
+                m._parameters[n] = orig
+
+
+@contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient accumulation without communication: off for the micro-batches before an optimizer step (DDP's
+    `no_sync`, FSDP's `set_requires_gradient_sync`), on for the last."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if enabled:
+        yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, whole (gathered from the shards: every process must call this)."""
+    return {n: full_tensor(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, whole, on the main process (others get {}): a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole (gathered) trainable weights into a sharded model: each process keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a whole optimizer state keyed by parameter name into the optimizer of a sharded or a plain model (each
+    process keeps its shard), whatever the number of processes that wrote it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
