@@ -4,6 +4,7 @@ flight fails or gets a reward of another version than the one its answer names."
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -31,16 +32,24 @@ def domain_pairs(domain: str, n: int, seed: int) -> list[Any]:
     return [dataclasses.replace(p, prompt=f"{PREFIX[domain]} {p.prompt}") for p in toy_pairs(n, seed, domain)]
 
 
-@pytest.fixture()
-def rodos_run(tmp_path: Path, tiny_bert: str) -> Path:
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str) -> Path:
+    """A RODOS run on alpha + beta (tiny BERT, trained briefly): built once, copied for each test."""
+    root = tmp_path_factory.mktemp("served-rodos")
     cfg = RunConfig(system="rodos", model=ModelConfig(backbone=tiny_bert, max_length=32),
                     train=TrainConfig(lr=5e-4, batch_size=8, epochs=1, save_every=0),
                     options={"routing": "hard", "min_confidence": 0.0},
                     components={"router": {"train": {"epochs": 5, "lr": 2e-2}}})
     system = build_system(cfg)
     system.fit(domain_pairs("alpha", 16, 1) + domain_pairs("beta", 16, 2), None,
-               FitContext(tmp_path / "run", progress=False))
-    system.save(tmp_path / "run" / "model")
+               FitContext(root / "run", progress=False))
+    system.save(root / "run" / "model")
+    return root / "run"
+
+
+@pytest.fixture()
+def rodos_run(trained_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(trained_run, tmp_path / "run")
     return tmp_path / "run"
 
 

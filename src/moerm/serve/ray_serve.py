@@ -47,14 +47,14 @@ class RewardReplica:
         from moerm.serve.app import _loader
 
         system = _loader(run, cfg)()  # torch threads set, the run loaded: Ray marks the replica ready after this
-        self.app = create_app(run, cfg, preloaded=system)
+        self.moerm_app = create_app(run, cfg, preloaded=system)  # not `app`: Ray's ingress wrapper owns that name
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self.app
+        return self.moerm_app
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose system failed is restarted."""
-        state = self.app.state.moerm
+        state = self.moerm_app.state.moerm
         if state.status == "error":
             raise RuntimeError(state.error)
 
