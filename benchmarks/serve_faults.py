@@ -12,6 +12,10 @@ saved offline, as the tests build theirs), waits for /health, then runs `--clien
 - bad: a lone surrogate in one item of a 4-item request, a number for a text, invalid JSON, invalid UTF-8,
   10^5-deep JSON, a form Content-Type, a lower-case `bearer` header (accepted: no key is set);
 - oversized: a 50 MB Content-Length, a chunked body past `--max-body-bytes`, too many items, too many characters;
+- big bodies: `--big-body-bytes` (2 MB) of JSON under `--max-body-bytes`, so the server reads and parses all of it:
+  2 MB of text in one request (refused: past --max-request-chars once parsed) and a good OpenRLHF request carrying
+  2 MB of `labels` (scored: its reward is checked like a good one's);
+- a 5,000-digit integer for a text (422, not an internal error);
 - slow: each keeps `--slow-conns` connections open, half trickling a request head, half a request body, one byte
   every `--drip-s`, reopening whatever the server closes.
 
@@ -20,7 +24,7 @@ A prober in its own process opens a fresh connection for GET /health every 50 ms
 p99 latency of the answered good ones, /health p50 / p99 while the faults arrive, what the bad / oversized / slow
 clients got, the server's rejection counters from /metrics, and the load average (os.getloadavg()) before and after.
 Targets: 0 good requests lost or wrong, /health p99 under 100 ms. The run is bounded: `--seconds` of load plus the
-start-up (`--start-timeout`, 120 s at most) and a 10 s drain.
+start-up (`--start-timeout`, 120 s at most) and a 10 s drain. `--json PATH` also writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -144,6 +148,7 @@ def bad_requests() -> list[tuple[str, bytes, dict[str, str], str]]:
         ("lowercase_bearer", json.dumps({"items": [ok]}).encode(), {**js, "Authorization": "bearer anything"},
          "/v1/score"),
         ("get_reward_surrogate", json.dumps({"query": [SURROGATE_QUERY]}).encode(), js, "/get_reward"),
+        ("integer_5000_digits", b'{"items": [{"prompt": "p", "response": ' + b"7" * 5000 + b"}]}", js, "/v1/score"),
     ]
 
 
@@ -166,15 +171,43 @@ async def read_status(reader: asyncio.StreamReader, timeout: float) -> str:
     return line.split(b" ")[1].decode() if line.startswith(b"HTTP/") else "closed"
 
 
+CHATML_QUERY = "<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n{r}<|im_end|>"
+
+
+def big_bodies(size: int, item: tuple[str, str]) -> dict[str, bytes]:
+    """Bodies of about `size` bytes that the server must read and parse whole: one refused once parsed (too many
+    characters), one good (an OpenRLHF request whose `labels` are most of it; its reward is `item`'s)."""
+    n = size // 20_000 + 1  # just past the server's default --max-request-chars (2,000,000)
+    text = {"items": [{"prompt": "p" * 10_000, "response": "r" * 10_000} for _ in range(n)]}
+    labels = {"query": [CHATML_QUERY.format(p=item[0], r=item[1])], "labels": [[0.5] * 8] * max(1, size // 42)}
+    return {"big_text": json.dumps(text).encode(), "big_labels": json.dumps(labels).encode()}
+
+
 async def oversized_client(host: str, port: int, url: str, stop: float, tally: Tally, seed: int,
-                           max_body: int) -> None:
+                           max_body: int, big: dict[str, bytes] | None = None, big_reward: float = 0.0) -> None:
     rng = random.Random(seed)
     out = tally.outcomes["oversized"]
+    kinds = ["content_length_50MB", "chunked_over_limit", "too_many_items", "too_many_chars"] + list(big or {})
+    js = {"Content-Type": "application/json"}
     async with httpx.AsyncClient(base_url=url, timeout=30) as c:
         while time.monotonic() < stop:
-            kind = rng.choice(["content_length_50MB", "chunked_over_limit", "too_many_items", "too_many_chars"])
+            kind = rng.choice(kinds)
             try:
-                if kind == "content_length_50MB":
+                if big and kind == "big_text":
+                    r = await c.post("/v1/score", content=big[kind], headers=js)
+                    out[f"{kind}_{len(big[kind]) // 1000}KB:{r.status_code}"] += 1
+                elif big and kind == "big_labels":  # a good request: its reward must be right
+                    r = await c.post("/get_reward", content=big[kind], headers=js)
+                    right = r.status_code == 200 and abs(r.json()["rewards"][0] - big_reward) <= 1e-5
+                    out[f"{kind}_{len(big[kind]) // 1000}KB:{r.status_code}{'' if right else ':WRONG'}"] += 1
+                    if right:
+                        tally.good_answered += 1
+                    elif r.status_code == 200:
+                        tally.good_wrong += 1
+                    else:
+                        tally.good_lost += 1
+                        tally.lost_samples.append(f"{kind} {r.status_code}: {r.text[:200]}")
+                elif kind == "content_length_50MB":
                     reader, writer = await asyncio.open_connection(host, port)
                     writer.write(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: 50000000\r\n\r\n{\"items\": [")
@@ -263,6 +296,7 @@ def health_prober(port: int, seconds: float, conn: Any) -> None:
 
 async def load(args: argparse.Namespace, url: str, port: int, items: list[tuple[str, str]],
                offline: list[float]) -> Tally:
+    big = big_bodies(args.big_body_bytes, items[0]) if args.big_body_bytes > 0 else None
     tally = Tally()
     stop = time.monotonic() + args.seconds
     n = args.clients
@@ -270,7 +304,7 @@ async def load(args: argparse.Namespace, url: str, port: int, items: list[tuple[
     n_bad = n - n_good - n_over - n_slow  # 64 clients: 32 good, 16 bad, 8 oversized, 8 slow
     tasks = [good_client(url, items, offline, stop, tally, seed=i) for i in range(n_good)]
     tasks += [bad_client(url, stop, tally, seed=100 + i) for i in range(n_bad)]
-    tasks += [oversized_client("127.0.0.1", port, url, stop, tally, 200 + i, args.max_body_bytes)
+    tasks += [oversized_client("127.0.0.1", port, url, stop, tally, 200 + i, args.max_body_bytes, big, offline[0])
               for i in range(n_over)]
     for i in range(n_slow):
         tasks += [slow_connection("127.0.0.1", port, stop, tally, body=j % 2 == 1, drip=args.drip_s)
@@ -315,7 +349,10 @@ def main() -> None:
     ap.add_argument("--drip-s", type=float, default=0.5, help="seconds between a slow client's bytes")
     ap.add_argument("--header-timeout-s", type=float, default=2.0)
     ap.add_argument("--body-timeout-s", type=float, default=2.0)
-    ap.add_argument("--max-body-bytes", type=int, default=1024 * 1024)
+    ap.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    ap.add_argument("--big-body-bytes", type=int, default=2_000_000,
+                    help="size of the big bodies the oversized clients mix in (0: none)")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--max-connections", type=int, default=1000)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--start-timeout", type=float, default=120.0)
@@ -387,6 +424,13 @@ def main() -> None:
         print(f"lost samples: {tally.lost_samples[:5]}")
     ok = tally.good_lost == 0 and tally.good_wrong == 0 and pct(hl, 0.99) < 0.1
     print(f"targets (0 lost, 0 wrong, /health p99 < 100 ms): {'met' if ok else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "good_sent": good_total, "good_answered": tally.good_answered, "good_lost": tally.good_lost,
+            "good_wrong": tally.good_wrong, "health_ok": len(hl), "health_failed": tally.health_failed,
+            "health_p50_ms": 1000 * pct(hl, 0.5), "health_p99_ms": 1000 * pct(hl, 0.99),
+            "outcomes": {k: dict(v) for k, v in tally.outcomes.items()}, "rejected": rejected,
+            "lost_samples": tally.lost_samples[:5], "targets_met": ok}, indent=2))
 
 
 if __name__ == "__main__":

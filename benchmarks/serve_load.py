@@ -24,6 +24,13 @@ one torch thread (see docs/SERVING.md, "CPU servers").
 Targets: batching on >= 3x the pairs/s of batching off at 32 clients, zero errors and zero lost requests at 64
 clients, served scores equal offline scores (issue 6); at 32 clients of 1 pair each the server's pairs/s at least
 0.9x offline, p99 at most 2x p50 (issue 15).
+
+Forward batch sizes (`--batch-sizes 4,8,32,64`): the "on" setting once per size b, the server with `--batch-size b`
+and token-budget batching (`--max-batch-tokens`: b x the inputs' median token count with `--budget auto`, the
+default; a number; or `none` for passes of b rows), compared with offline `system.score` at batch size b; target
+(issue 27): at least 0.9x offline at every size, p99 at most 2x p50.
+
+    .venv/bin/python benchmarks/serve_load.py RUN --clients 32 --settings on --batch-sizes 4,8,32,64
 """
 
 from __future__ import annotations
@@ -158,7 +165,9 @@ def free_port() -> int:
 def start_server(run: str, port: int, batching: bool, args: argparse.Namespace) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "moerm.cli", "serve", run, "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--batch-size",
-           str(args.batch_size), "--log-level", "warning"]
+           str(args.batch_size), "--log-level", "warning", "--reload-poll-s", "0"]
+    if getattr(args, "max_batch_tokens", None):
+        cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     if not batching:
         cmd.append("--no-batching")
     if args.torch_threads:
@@ -215,7 +224,9 @@ async def load(url: str, inputs: list[tuple[str, str]], clients: int, seconds: f
         async def one_client(cid: int) -> None:
             nonlocal sent, in_window
             k = cid * 7919
-            while time.monotonic() < end:
+            first = True
+            while first or time.monotonic() < end:  # at least one request each, however late the clients start
+                first = False
                 idx = [(k + j) % len(inputs) for j in range(per_request)]
                 k += per_request
                 body = {"items": [{"prompt": inputs[i][0], "response": inputs[i][1]} for i in idx]}
@@ -330,6 +341,11 @@ def main() -> None:
     ap.add_argument("--only-stress", type=int, default=0, metavar="N",
                     help="run only the --stress-clients setting, N times (errors / lost-requests check)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--batch-sizes", default="", metavar="B,B,...",
+                    help="run the 'on' setting at each forward batch size, with token-budget batching, against "
+                         "offline scoring at that size (replaces --settings)")
+    ap.add_argument("--budget", default="auto", help="with --batch-sizes: the token budget of a forward pass: auto "
+                    "(b x the inputs' median token count), a number of tokens, or none (passes of b rows)")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -358,6 +374,43 @@ def main() -> None:
         offline_at[bs] = offline_timing(system, inputs, argparse.Namespace(**{**vars(args), "batch_size": bs}))[0]
         print(f"offline system.score at batch size {bs}: {offline_at[bs]:.1f} pairs/s (load average {loadavg()})",
               flush=True)
+
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    if sizes:
+        from moerm.serve.forward import length_fn
+
+        counts = sorted(length_fn(system)[0]([p for p, _ in inputs], [r for _, r in inputs]))
+        median = counts[len(counts) // 2]
+        per_size: list[dict[str, object]] = []
+        for b in sizes:
+            budget = None if args.budget == "none" else b * median if args.budget == "auto" else int(args.budget)
+            sub = argparse.Namespace(**{**vars(args), "batch_size": b, "max_batch_tokens": budget})
+            s = Setting(f"batching on, {args.clients} clients, batch {b}, budget {budget or 'none'} tokens", True,
+                        args.clients)
+            print(f"running: {s.name} for {args.seconds:.0f} s ...", flush=True)
+            r = run_setting(args.run, s, inputs, offline, sub, system)
+            print("  " + json.dumps(asdict(r)), flush=True)
+            per_size.append({"batch_size": b, "max_batch_tokens": budget, **asdict(r)})
+        print(f"\nmedian tokens per pair {median}; | batch | budget | pairs/s | offline pairs/s | vs offline | "
+              "p50 ms | p99 ms | errors | lost | mean batch |")
+        for r in per_size:
+            print(f"| {r['batch_size']} | {r['max_batch_tokens']} | {r['pairs_per_s']:.1f} | "
+                  f"{r['offline_pairs_per_s']:.1f} | {r['vs_offline']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                  f"{r['errors']} | {r['lost']} | {r['mean_batch_items']:.1f} |")
+        checks = {"scores_equal_offline_1e-4": all(r["max_abs_diff_vs_offline"] <= 1e-4 for r in per_size),
+                  "server_at_least_0.9x_offline_at_every_size": all(r["vs_offline"] >= 0.9 for r in per_size),
+                  "p99_at_most_2x_p50": all(r["p99_ms"] <= 2 * r["p50_ms"] for r in per_size),
+                  "zero_errors_and_lost": all(r["errors"] == 0 and r["lost"] == 0 for r in per_size)}
+        print("checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({
+                "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
+                "torch_threads": args.torch_threads, "median_tokens": median, "inputs": len(inputs),
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "by_batch_size": per_size,
+                "checks": checks}, indent=2))
+            print(f"written: {args.out}")
+        return
 
     wanted = {x.strip() for x in args.settings.split(",") if x.strip()}
     if not wanted <= {"on", "off", "stress"}:

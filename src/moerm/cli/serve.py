@@ -42,7 +42,20 @@ def serve(
                                        "OpenRLHF queries: chatml | llama3 | hh | plain | auto (the run's backbone "
                                        "tokenizer) | tokenizer:PATH (the policy's tokenizer), or a string with "
                                        "{prompt} then {response}"),
-    batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call"),
+    batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call (with "
+                                   "--max-batch-tokens: the most rows of one forward pass)"),
+    max_batch_tokens: int | None = typer.Option(None, "--max-batch-tokens", help="token budget of one forward pass: "
+                                                "pairs sorted by length, each pass at most this many padded tokens "
+                                                "(default: passes of --batch-size rows)"),
+    reload_poll_s: float = typer.Option(2.0, "--reload-poll-s", help="seconds between checks of the run folder for a "
+                                        "new saved version (moerm add-domain), swapped in without a restart; 0: off"),
+    model_name: str | None = typer.Option(None, "--model-name", help="the `model` /classify, /pooling and "
+                                          "/v1/embeddings answer with (default: the run folder's name)"),
+    ray: bool = typer.Option(False, "--ray", help="serve with Ray Serve (pip install 'moerm[ray]'): --replicas "
+                             "copies behind Ray Serve's proxy on --host:--port, each with these settings"),
+    replicas: int = typer.Option(1, "--replicas", help="with --ray: how many replicas"),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", help="with --ray: CPUs reserved per replica"),
+    replica_gpus: float = typer.Option(0.0, "--replica-gpus", help="with --ray: GPUs per replica (0.5: two per GPU)"),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", help="torch CPU threads (default: torch's)"),
     quantize: str | None = typer.Option(None, "--quantize", help="none | int8: int8 dynamic quantization of the "
@@ -50,7 +63,7 @@ def serve(
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a reward system over HTTP (POST /v1/score, OpenRLHF's /get_reward) with dynamic batching."""
-    from moerm.serve.config import ServeConfig
+    from moerm.serve.config import ServeConfig, ServeConfigError
     from moerm.serve.server import run_server
     from moerm.systems.base import find_model_dir
 
@@ -65,9 +78,17 @@ def serve(
                           max_connections=max_connections, keep_alive_s=keep_alive_s, api_key=api_key,
                           api_key_file=str(api_key_file) if api_key_file is not None else None,
                           query_template=query_template, batch_size=batch_size, device=device,
-                          torch_threads=torch_threads, quantize=quantize)
+                          torch_threads=torch_threads, quantize=quantize, max_batch_tokens=max_batch_tokens,
+                          reload_poll_s=reload_poll_s, model_name=model_name)
         if api_key:
             err.print(Text.assemble(("warning:", "bold yellow"), " ", API_KEY_IN_PS))
+        if ray:
+            from moerm.serve.ray_serve import ReplicaSpec, run_ray
+
+            run_ray(str(run), cfg, ReplicaSpec(replicas, replica_cpus, replica_gpus))
+            return
+        if replicas != 1:
+            raise ServeConfigError("--replicas needs --ray (one process serves one replica)")
         run_server(str(run), cfg, log_level=log_level)
 
     run_guarded(go)

@@ -39,13 +39,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moerm.errors import UserError
 from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
 from moerm.serve.config import MAX_DRAIN_BYTES, ServeConfig
+from moerm.serve.engines import (
+    EngineRequest, ProtocolError, activation, classify_response, count_inputs, embeddings_response, pooling_response,
+    split_inputs,
+)
+from moerm.serve.forward import budget_score, length_fn
 from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
-from moerm.serve.openrlhf import QuerySplitter, SplitError, run_backbone
+from moerm.serve.openrlhf import TOKENIZER_PREFIX, QuerySplitter, SplitError, run_backbone
+from moerm.serve.reload import Marker, marker_path, read_marker, router_version
 from moerm.systems.base import ScoreOutput
 
 log = logging.getLogger("moerm.serve")
 
-ENDPOINTS = ("/v1/score", "/get_reward", "/health", "/v1/info", "/metrics")
+ENDPOINTS = ("/v1/score", "/get_reward", "/classify", "/pooling", "/v1/embeddings", "/v1/reload", "/health",
+             "/v1/info", "/metrics")
+VERSION_HEADER = "X-Moerm-Router-Version"  # on every scoring answer: the router version that scored it
 OPEN_PATHS = frozenset({"/health"})  # no auth: load balancers and orchestrators probe it
 
 # A run folder, a loaded system (anything with `score`), or a function that loads one.
@@ -102,11 +110,15 @@ def _reward(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def system_score_fn(system: Any, batch_size: int) -> Callable[..., ScoreOutput]:
-    """The batcher's scoring function: `system.score`, with JSON-safe rewards and details."""
+def system_score_fn(system: Any, batch_size: int, max_batch_tokens: int | None = None) -> Callable[..., ScoreOutput]:
+    """The batcher's scoring function: `system.score`, with JSON-safe rewards and details; with a token budget,
+    as forward passes of similar lengths filled up to it (`moerm.serve.forward`)."""
+    run: Callable[..., ScoreOutput] = system.score
+    if max_batch_tokens is not None:
+        run = budget_score(system.score, length_fn(system)[0], max_batch_tokens, batch_size)
 
     def score(prompts: list[str], responses: list[str], domains: list[str | None] | None) -> ScoreOutput:
-        out = system.score(prompts, responses, domains, batch_size=batch_size)
+        out = run(prompts, responses, domains, batch_size=batch_size)
         return ScoreOutput([_reward(r) for r in out.rewards], [_jsonable(d) for d in out.details])  # type: ignore[misc]
 
     return score
@@ -225,15 +237,32 @@ def parse_json_body(body: bytes) -> Any:
     except RecursionError:  # the parser's nesting limit (Python's recursion limit, about 1000 levels)
         raise _reject(422, "body", "JSON nested too deeply; a request is at most a few levels deep",
                       "invalid_body") from None
+    except ValueError as e:  # an integer past Python's int-from-string digit limit (4300 digits)
+        raise _reject(422, "body", f"a number the server will not read ({str(e).split(':')[0]}); numbers in a "
+                      "request are small", "invalid_body") from None
 
 
-async def _json_body(request: Request) -> Any:
-    """The parsed body of a request that must be JSON: 415 for another Content-Type (none given: read as JSON)."""
+# Bodies longer than this are parsed, validated and split in a worker thread, so a large one (a few MB of JSON:
+# tens of ms of parsing, more of validation) does not hold up /health and every other request on the event loop.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+async def _prepared(request: Request, work: Callable[[Any], Any]) -> Any:
+    """`work(parsed JSON body)`: on the event loop for a small body, in a worker thread for one past
+    OFF_LOOP_BYTES (its pure-Python validation and splitting then yield the loop to other requests)."""
+    body = await _body_bytes(request)
+    if len(body) <= OFF_LOOP_BYTES:
+        return work(parse_json_body(body))
+    return await asyncio.to_thread(lambda: work(parse_json_body(body)))
+
+
+async def _body_bytes(request: Request) -> bytes:
+    """The body of a request that must be JSON: 415 for another Content-Type (none given: read as JSON)."""
     media_type = _media_type(request)
     if media_type is not None and not _is_json(media_type):
         raise _reject(415, "Content-Type", f"{request.headers['content-type']!r} is not accepted; send the body "
                       "as JSON with Content-Type: application/json", "unsupported_media_type")
-    return parse_json_body(await request.body())
+    return await request.body()
 
 
 def _validate(model: type[BaseModel], data: Any, lists: dict[str, int]) -> Any:
@@ -273,6 +302,13 @@ class ServerState:
         self.info: dict[str, Any] = {}
         self.load_seconds: float | None = None
         self.splitter: QuerySplitter | None = None  # OpenRLHF's query format; set by create_app or once loaded
+        self.decode: Callable[[list[int]], str] | None = None  # token ids -> text (the query format's tokenizer)
+        self.lengths: Callable[[Sequence[str], Sequence[str]], list[int]] | None = None  # pairs -> token counts
+        self.router_version: int | None = None  # of the loaded system
+        self.loads = 0  # systems loaded so far (1 after start-up, +1 per live swap)
+        self.marker: Marker | None = None  # the run's save marker when the loaded system was read
+        self.reload_error: str | None = None  # why the last swap failed (the previous system kept serving)
+        self.reload_lock = asyncio.Lock()
 
     def unavailable(self) -> HTTPException:
         retry = {"Retry-After": str(self.cfg.retry_after_s)}
@@ -283,13 +319,17 @@ class ServerState:
         return HTTPException(503, "the server is shutting down", headers=retry)
 
     async def score(self, prompts: Sequence[str], responses: Sequence[str], domains: Sequence[str | None] | None,
-                    field: str = "items") -> tuple[list[float], list[dict[str, Any]]]:
-        """Rewards and details from the batcher. A scoring failure (this request scored on its own, see
-        DynamicBatcher) names `field`, the request's list: 422 if the system rejected the input, else 500."""
+                    field: str = "items") -> tuple[list[float], list[dict[str, Any]], int | None]:
+        """Rewards, details and the router version that scored them, from the batcher. A scoring failure (this
+        request scored on its own, see DynamicBatcher) names `field`, the request's list: 422 if the system
+        rejected the input, else 500. A request is queued on the batcher of the system loaded when it arrives and
+        finishes there, whatever is swapped in meanwhile."""
         if self.status != "ready" or self.batcher is None:
             raise self.unavailable()
+        batcher, version = self.batcher, self.router_version  # read together, on the loop: one version
         try:
-            return await self.batcher.submit(prompts, responses, domains)
+            rewards, details = await batcher.submit(prompts, responses, domains)
+            return rewards, details, version
         except QueueFullError as e:
             self.metrics.observe_rejected("queue_full")
             raise HTTPException(503, str(e), headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
@@ -456,18 +496,63 @@ class _Gate:
             metrics.observe_request(endpoint, status, time.perf_counter() - t0)
 
 
-def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
+def _model_name(source: SystemSource, cfg: ServeConfig) -> str:
+    if cfg.model_name:
+        return cfg.model_name
+    if isinstance(source, (str, Path)):
+        p = Path(source).resolve()
+        return p.parent.name if p.name == "model" else p.name
+    return str(getattr(source, "name", "moerm"))
+
+
+def _id_decoder(spec: str, backbone: str | None) -> Callable[[list[int]], str] | None:
+    """Token ids -> text with the tokenizer of the query format (`auto`: the run's backbone; `tokenizer:PATH`);
+    None for a preset or a template string, which name no tokenizer."""
+    if spec == "auto":
+        name = backbone
+    elif spec.startswith(TOKENIZER_PREFIX):
+        name = spec[len(TOKENIZER_PREFIX):]
+    else:
+        return None
+    if name is None:
+        return None
+    from moerm.encoding import load_tokenizer
+
+    tok = load_tokenizer(name)
+    size = len(tok)
+
+    def decode(ids: list[int]) -> str:
+        bad = next((i for i in ids if not 0 <= i < size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the tokenizer's vocabulary (0..{size - 1})")
+        return str(tok.decode(ids, skip_special_tokens=False))
+
+    return decode
+
+
+def create_app(source: SystemSource, cfg: ServeConfig | None = None, preloaded: Any = None) -> FastAPI:
     """The reward server app.
 
     Args:
         source: a run (or saved model) folder, a loaded `RewardSystem` (anything with its `score` signature), or a
-            function returning one; it is loaded in a background thread when the server starts.
+            function returning one; it is loaded in a background thread when the server starts. A run folder is
+            watched: a new version saved into it (`moerm add-domain`) is loaded and swapped in without a restart.
         cfg: batching, limits, auth and query-splitting settings.
+        preloaded: the system already loaded from the run folder `source` (a Ray Serve replica loads it in its
+            constructor, so it takes no traffic before it can score); served at start-up instead of loading it.
     """
     cfg = cfg or ServeConfig()
+    first: list[tuple[Any, Marker | None]] = []
+    if preloaded is not None:
+        if not isinstance(source, (str, Path)):
+            raise TypeError("preloaded goes with a run folder as the source")
+        first.append((preloaded, read_marker(marker_path(source))))
     metrics = ServerMetrics()
     state = ServerState(cfg, metrics)
     load = _loader(source, cfg)
+    run_dir = source if isinstance(source, (str, Path)) else None
+    marker_file = marker_path(run_dir) if run_dir is not None else None
+    model_name = _model_name(source, cfg)
     # The OpenRLHF query format; a wrong one or an unreadable tokenizer fails here, before the server listens.
     # `auto` reads the run's backbone: from the run folder, the given system, or (a loader function) once loaded.
     if cfg.query_template != "auto":
@@ -476,14 +561,40 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
         backbone = run_backbone(source) if isinstance(source, (str, Path)) else _backbone(source)
         state.splitter = QuerySplitter.from_spec("auto", cfg.strip_tokens, backbone)
 
+    def load_version() -> tuple[Any, dict[str, Any], Marker | None]:
+        """(system, its info, the save marker read before it): in a worker thread."""
+        if first:
+            system, marker = first.pop()
+        else:
+            marker = read_marker(marker_file) if marker_file is not None else None
+            system = load()
+        return system, system_info(system), marker
+
+    def batcher_for(system: Any) -> DynamicBatcher:
+        batcher = DynamicBatcher(system_score_fn(system, cfg.batch_size, cfg.max_batch_tokens), max_batch=cfg.max_batch,
+                                 max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue, batching=cfg.batching,
+                                 metrics=metrics)
+        batcher.start()
+        return batcher
+
+    def activate(system: Any, info: dict[str, Any], marker: Marker | None) -> DynamicBatcher | None:
+        """Make `system` the one new requests go to (on the loop, in one step); the previous batcher, returned,
+        finishes the requests already queued on it."""
+        old = state.batcher
+        state.system, state.info, state.batcher = system, info, batcher_for(system)
+        state.lengths = length_fn(system)[0]
+        state.router_version, state.marker = router_version(system), marker
+        state.loads += 1
+        return old
+
     async def load_in_background() -> None:
         t0 = time.perf_counter()
         try:
-            system = await asyncio.to_thread(load)
-            info = await asyncio.to_thread(system_info, system)
+            system, info, marker = await asyncio.to_thread(load_version)
             if state.splitter is None:  # `auto` with a loader function: the loaded system names its backbone
                 state.splitter = await asyncio.to_thread(QuerySplitter.from_spec, cfg.query_template,
                                                          cfg.strip_tokens, _backbone(system))
+            state.decode = await asyncio.to_thread(_id_decoder, cfg.query_template, _backbone(system))
         except Exception as e:  # noqa: BLE001  # reported by /health; the server stays up to say why
             state.status, state.error = "error", f"{type(e).__name__}: {e}"
             log.error("loading the reward system failed: %s", state.error)
@@ -493,25 +604,67 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
             # GC's reach, a full collection no longer walks them (~0.1 s, the event loop stalled meanwhile).
             gc.collect()
             gc.freeze()
-        batcher = DynamicBatcher(system_score_fn(system, cfg.batch_size), max_batch=cfg.max_batch,
-                                 max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue, batching=cfg.batching,
-                                 metrics=metrics)
-        batcher.start()
-        state.system, state.info, state.batcher = system, info, batcher
+        activate(system, info, marker)
         state.load_seconds = time.perf_counter() - t0
         if state.status == "loading":
             state.status = "ready"
             log.info("reward system %s ready in %.1f s", info.get("system"), state.load_seconds)
 
+    async def swap(force: bool) -> dict[str, Any]:
+        """Load the run again if its save marker moved (or `force`) and swap to it; the old system finishes the
+        requests queued on it. A failed load keeps the old system serving and is reported."""
+        async with state.reload_lock:
+            if state.status != "ready":
+                raise state.unavailable()
+            before = state.router_version
+            if not force and read_marker(marker_file) == state.marker:  # type: ignore[arg-type]
+                return {"swapped": False, "router_version": before}
+            try:
+                system, info, marker = await asyncio.to_thread(load_version)
+            except Exception as e:  # noqa: BLE001 - a save in progress or a broken one: keep serving the old
+                state.reload_error = f"{type(e).__name__}: {e}"
+                log.error("reloading %s failed, the loaded version keeps serving: %s", run_dir, state.reload_error)
+                raise _reject(500, "run", f"reloading failed, version {before} keeps serving: "
+                                          f"{state.reload_error}") from None
+            if state.status != "ready":  # shutting down meanwhile: keep what runs
+                raise state.unavailable()
+            old = activate(system, info, marker)
+            state.reload_error = None
+            log.info("swapped to router version %s (was %s)", state.router_version, before)
+        if old is not None:
+            await old.close()  # its queued requests finish on the version they started with
+        return {"swapped": True, "router_version": state.router_version, "previous_router_version": before}
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(cfg.reload_poll_s)
+            if state.status != "ready" or read_marker(marker_file) in (None, state.marker):  # type: ignore[arg-type]
+                continue
+            try:
+                await swap(force=False)
+            except (RequestRejected, HTTPException):
+                pass  # logged and reported by /v1/info; tried again at the next change of the marker
+            except Exception as e:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.error("watching %s: %s", run_dir, e)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(load_in_background(), name="moerm-load")
+        task: asyncio.Task[None] | None = None
+        if first:
+            await load_in_background()  # already loaded: ready before the first request
+        else:
+            task = asyncio.create_task(load_in_background(), name="moerm-load")
+        watcher = (asyncio.create_task(watch(), name="moerm-watch")
+                   if marker_file is not None and cfg.reload_poll_s > 0 else None)
         try:
             yield
         finally:
             # uvicorn calls this after in-flight requests have finished; anything still queued is scored first.
             state.status = "stopping"
-            task.cancel()  # a load still running is abandoned (its thread finishes on its own)
+            if task is not None:
+                task.cancel()  # a load still running is abandoned (its thread finishes on its own)
+            if watcher is not None:
+                watcher.cancel()
             if state.batcher is not None:
                 try:
                     await state.batcher.close()
@@ -532,40 +685,110 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
     app.add_middleware(_BodyGuard, state=state)
     app.add_middleware(_Gate, state=state)  # outermost: 401 before the body is read
 
+    def answer(content: dict[str, Any], version: int | None) -> JSONResponse:
+        return JSONResponse(content, headers={VERSION_HEADER: "none" if version is None else str(version)})
+
     @app.post("/v1/score")
-    async def score(request: Request) -> dict[str, Any]:
+    async def score(request: Request) -> JSONResponse:
         """Rewards and their explanations (routing, expert weights, sub-scores) for prompt/response pairs.
 
         Body: `{"items": [{"prompt": str, "response": str, "domain": str | null}, ...]}` (see docs/SERVING.md)."""
-        req = _validate(ScoreRequest, await _json_body(request), {"items": cfg.max_items_per_request})
-        texts = [(f"items.{i}.{k}", getattr(it, k)) for i, it in enumerate(req.items)
-                 for k in ("prompt", "response", "domain")]
-        state.check_limits(len(req.items), "items", texts)
-        rewards, details = await state.score([it.prompt for it in req.items], [it.response for it in req.items],
-                                             [it.domain for it in req.items])
-        return {"rewards": rewards, "details": details}
+
+        def prepare(data: Any) -> ScoreRequest:
+            req = _validate(ScoreRequest, data, {"items": cfg.max_items_per_request})
+            texts = [(f"items.{i}.{k}", getattr(it, k)) for i, it in enumerate(req.items)
+                     for k in ("prompt", "response", "domain")]
+            state.check_limits(len(req.items), "items", texts)
+            return req
+
+        req = await _prepared(request, prepare)
+        rewards, details, version = await state.score([it.prompt for it in req.items],
+                                                      [it.response for it in req.items],
+                                                      [it.domain for it in req.items])
+        return answer({"rewards": rewards, "details": details}, version)
 
     @app.post("/get_reward")
-    async def get_reward(request: Request) -> dict[str, Any]:
+    async def get_reward(request: Request) -> JSONResponse:
         """OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`).
 
         Body: `{"query": [str], "prompts": [str] (optional), "labels": [...] (optional)}`."""
         limit = cfg.max_items_per_request
-        req = _validate(RewardRequest, await _json_body(request), {"query": limit, "prompts": limit})
-        if req.prompts is not None and len(req.prompts) != len(req.query):
-            raise _unprocessable("prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries; send one "
-                                            "per query or none")
-        texts: list[tuple[str, str | None]] = [(f"query.{i}", q) for i, q in enumerate(req.query)]
-        texts += [(f"prompts.{i}", p) for i, p in enumerate(req.prompts or [])]
-        state.check_limits(len(req.query), "query", texts)
-        if state.splitter is None:  # `auto` waiting for the model to load
-            raise state.unavailable()
-        try:
-            prompts, responses = state.splitter.split_all(req.query, req.prompts)
-        except SplitError as e:
-            raise _unprocessable(f"{e.field}.{e.index}", f"cannot split into prompt and response: {e}") from None
-        rewards, _ = await state.score(prompts, responses, None, field="query")
-        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+
+        def prepare(data: Any) -> tuple[list[str], list[str]]:
+            req = _validate(RewardRequest, data, {"query": limit, "prompts": limit})
+            if req.prompts is not None and len(req.prompts) != len(req.query):
+                raise _unprocessable("prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries; send one "
+                                                "per query or none")
+            texts: list[tuple[str, str | None]] = [(f"query.{i}", q) for i, q in enumerate(req.query)]
+            texts += [(f"prompts.{i}", p) for i, p in enumerate(req.prompts or [])]
+            state.check_limits(len(req.query), "query", texts)
+            if state.splitter is None:  # `auto` waiting for the model to load
+                raise state.unavailable()
+            try:
+                return state.splitter.split_all(req.query, req.prompts)
+            except SplitError as e:
+                raise _unprocessable(f"{e.field}.{e.index}", f"cannot split into prompt and response: {e}") from None
+
+        prompts, responses = await _prepared(request, prepare)
+        rewards, _, version = await state.score(prompts, responses, None, field="query")
+        return answer({"rewards": rewards, "scores": rewards, "extra_logs": {}}, version)
+
+    async def engine(request: Request, respond: Callable[..., dict[str, Any]], default_activation: bool,
+                     field: str) -> JSONResponse:
+        """The engines' protocols (moerm/serve/engines.py): split each input, score, answer in the engine's shape."""
+
+        def prepare(data: Any) -> tuple[EngineRequest, list[str], list[str]]:
+            n = count_inputs(data)
+            if n > cfg.max_items_per_request:
+                raise _reject(413, "input", f"{n} inputs, the limit is {cfg.max_items_per_request} per request",
+                              "too_many_items")
+            req = _validate(EngineRequest, data, {})
+            # characters and UTF-8 first (a lone surrogate must not reach a tokenizer), then the split
+            raw = req.input if isinstance(req.input, list) and req.input and isinstance(req.input[0], str) else (
+                [req.input] if isinstance(req.input, str) else [])
+            state.check_limits(n, "input", [(f"input.{i}", t) for i, t in enumerate(raw)])
+            if state.splitter is None and req.messages is None:
+                raise state.unavailable()
+            try:
+                inputs = split_inputs(req, state.splitter, state.decode)
+            except ProtocolError as e:
+                raise _unprocessable(e.field, str(e)) from None
+            state.check_limits(len(inputs.prompts), "input", inputs.texts)
+            return req, inputs.prompts, inputs.responses
+
+        req, prompts, responses = await _prepared(request, prepare)
+        rewards, _, version = await state.score(prompts, responses, None, field=field)
+        lengths = state.lengths
+        tokens = sum(lengths(prompts, responses)) if lengths is not None else 0
+        return answer(respond(req.model or model_name, rewards, activation(req, default_activation), tokens), version)
+
+    @app.post("/classify")
+    async def classify(request: Request) -> JSONResponse:
+        """vLLM's classification protocol (verl's reward loop with a vLLM reward model): one score per input in
+        `data[i].probs`; sigmoid(reward) unless `use_activation` / `activation` is false (then the reward)."""
+        return await engine(request, classify_response, True, "input")
+
+    @app.post("/pooling")
+    async def pooling(request: Request) -> JSONResponse:
+        """vLLM's pooling protocol: the reward of each input in `data[i].data` (raw unless activation is asked)."""
+        return await engine(request, pooling_response, False, "input")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        """SGLang's reward-model protocol (verl's reward loop with an SGLang RM): the reward in `embedding`."""
+        return await engine(request, embeddings_response, False, "input")
+
+    @app.post("/v1/reload")
+    async def reload() -> dict[str, Any]:
+        """Load the run folder again and swap to it now (behind the API key; requests in flight finish on the
+        version they started with). 403 when the server has no API key, 409 when it was not given a run folder."""
+        if cfg.api_key is None:
+            raise _reject(403, "Authorization", "reloading needs an API key: start the server with one "
+                                                "($MOERM_API_KEY or --api-key-file); polling the run folder "
+                                                "(--reload-poll-s) needs none")
+        if marker_file is None:
+            raise _reject(409, "run", "the server was given a loaded system, not a run folder: nothing to reload")
+        return await swap(force=True)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -580,11 +803,12 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:
-        """The loaded system (name, domains, backbone, parameters) and the server's settings."""
+        """The loaded system (name, domains, backbone, parameters, router version) and the server's settings."""
         if state.status != "ready":
             raise state.unavailable()
         query_format = state.splitter.format.describe() if state.splitter is not None else None
-        return {**state.info, "load_seconds": state.load_seconds,
+        return {**state.info, "router_version": state.router_version, "loads": state.loads,
+                "reload_error": state.reload_error, "model": model_name, "load_seconds": state.load_seconds,
                 "server": {**cfg.public(), "query_format": query_format}}
 
     @app.get("/metrics")

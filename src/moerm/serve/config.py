@@ -78,6 +78,14 @@ class ServeConfig:
             stay collectable.
         keep_alive_s: how long an idle keep-alive connection stays open. Longer than clients' own pool expiry
             (httpx: 5 s), so a client never sends on a connection the server is closing at that moment.
+        max_batch_tokens: token budget of one forward pass (TEI's batching): a scoring call's pairs are sorted by
+            token count and cut into passes of at most this many padded tokens (rows x longest row), each at most
+            `batch_size` rows (`moerm/serve/forward.py`). None: passes of `batch_size` rows, as `score` cuts them.
+        reload_poll_s: how often (seconds) the server checks the run folder's save marker and, when `moerm
+            add-domain` has saved a new version, loads it and swaps to it without a restart (`moerm/serve/reload.py`);
+            0 turns polling off (`POST /v1/reload` still swaps on demand). Only for a run-folder source.
+        model_name: the `model` the engine protocols (/classify, /pooling, /v1/embeddings) answer with; None: the
+            run folder's name.
     """
 
     host: str = "127.0.0.1"
@@ -104,6 +112,9 @@ class ServeConfig:
     retry_after_s: int = 1
     keep_alive_s: float = 75.0
     freeze_gc: bool = True
+    max_batch_tokens: int | None = None
+    reload_poll_s: float = 2.0
+    model_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.api_key is not None and self.api_key_file is not None:
@@ -121,6 +132,10 @@ class ServeConfig:
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_s"):
             if not float(getattr(self, name)) > 0:
                 raise ServeConfigError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ServeConfigError(f"max_batch_tokens must be >= 1; got {self.max_batch_tokens}")
+        if not self.reload_poll_s >= 0:
+            raise ServeConfigError(f"reload_poll_s must be >= 0 (0: no polling); got {self.reload_poll_s}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ServeConfigError(f"torch_threads must be >= 1; got {self.torch_threads}")
         if self.quantize is not None and self.quantize not in ("none", "int8"):
@@ -143,5 +158,6 @@ class ServeConfig:
                 "max_chars_per_text": self.max_chars_per_text, "max_request_chars": self.max_request_chars,
                 "max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s,
                 "header_timeout_s": self.header_timeout_s, "max_connections": self.max_connections,
-                "batch_size": self.batch_size,
+                "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
+                "reload_poll_s": self.reload_poll_s,
                 "query_template": self.query_template, "auth": self.api_key is not None}
