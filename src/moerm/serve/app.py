@@ -40,7 +40,8 @@ from moerm.errors import UserError
 from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
 from moerm.serve.config import MAX_DRAIN_BYTES, ServeConfig
 from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
-from moerm.serve.openrlhf import QuerySplitter, SplitError, run_backbone
+from moerm.integrations.logs import numeric_columns
+from moerm.serve.openrlhf import QuerySplitter, SplitError, label_domain, run_backbone
 from moerm.systems.base import ScoreOutput
 
 log = logging.getLogger("moerm.serve")
@@ -549,23 +550,35 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None) -> FastAPI:
     async def get_reward(request: Request) -> dict[str, Any]:
         """OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`).
 
-        Body: `{"query": [str], "prompts": [str] (optional), "labels": [...] (optional)}`."""
+        Body: `{"query": [str], "prompts": [str] (optional), "labels": [...] (optional)}`. With
+        `labels_as_domain`, `labels[i]` names query i's domain (`openrlhf.label_domain`). `extra_logs` holds
+        per-query columns of the route fields (`moerm.integrations.logs.numeric_columns`); OpenRLHF logs them."""
         limit = cfg.max_items_per_request
         req = _validate(RewardRequest, await _json_body(request), {"query": limit, "prompts": limit})
         if req.prompts is not None and len(req.prompts) != len(req.query):
             raise _unprocessable("prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries; send one "
                                             "per query or none")
-        texts: list[tuple[str, str | None]] = [(f"query.{i}", q) for i, q in enumerate(req.query)]
-        texts += [(f"prompts.{i}", p) for i, p in enumerate(req.prompts or [])]
-        state.check_limits(len(req.query), "query", texts)
+        if req.labels is not None and len(req.labels) != len(req.query):
+            raise _unprocessable("labels", f"{len(req.labels)} labels for {len(req.query)} queries; send one per "
+                                           "query or none")
         if state.splitter is None:  # `auto` waiting for the model to load
             raise state.unavailable()
+        splitter = state.splitter
+        # The limits count text, not padding: older clients pad every query of a micro-batch to the longest (the
+        # raw body is bounded by max_body_bytes before it is read).
+        texts: list[tuple[str, str | None]] = [(f"query.{i}", splitter.strip(q)) for i, q in enumerate(req.query)]
+        texts += [(f"prompts.{i}", splitter.strip(p)) for i, p in enumerate(req.prompts or [])]
+        state.check_limits(len(req.query), "query", texts)
         try:
-            prompts, responses = state.splitter.split_all(req.query, req.prompts)
+            prompts, responses = splitter.split_all(req.query, req.prompts)
+            domains = ([label_domain(x, i) for i, x in enumerate(req.labels)]
+                       if cfg.labels_as_domain and req.labels is not None else None)
         except SplitError as e:
-            raise _unprocessable(f"{e.field}.{e.index}", f"cannot split into prompt and response: {e}") from None
-        rewards, _ = await state.score(prompts, responses, None, field="query")
-        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+            what = "read a domain from it" if e.field == "labels" else "split into prompt and response"
+            raise _unprocessable(f"{e.field}.{e.index}", f"cannot {what}: {e}") from None
+        rewards, details = await state.score(prompts, responses, domains, field="query")
+        extra_logs = numeric_columns(details, state.info.get("domains") or [])
+        return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs}
 
     @app.get("/health")
     async def health() -> JSONResponse:
