@@ -26,7 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from moerm.config import TrainConfig
 from moerm.errors import UserError
-from moerm.train import distributed
+from moerm.train import distributed, tracking
 from moerm.train.checkpoint import load_latest_checkpoint, save_checkpoint
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -152,7 +152,8 @@ class Trainer:
         self.desc = desc
         self.progress = progress and distributed.is_main()  # one progress bar, not one per process
         self.stop_after_steps = stop_after_steps
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                                       **tracking.accelerator_kwargs(cfg.report_to, self.out_dir))
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Saving gathers nothing from shards yet: refuse up front rather than fail at the first checkpoint.
             raise UserError(f"{desc}: {self.accelerator.distributed_type.value} sharding is not supported yet; "
@@ -193,6 +194,7 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.log(self.accelerator, record)
 
     def _truncate_metrics(self, step: int) -> None:
         """After resuming from step N, drop log lines the killed run wrote after N (they will be redone)."""
@@ -248,6 +250,7 @@ class Trainer:
 
     def train(self, resume: bool = False) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
+        tracking.start(acc, self.out_dir, self.desc, dataclasses.asdict(cfg))
         step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
         resumed_from = None
         found = load_latest_checkpoint(self.ckpt_dir, self._raw_optimizer(), self.scheduler, acc.device,
@@ -352,4 +355,5 @@ class Trainer:
                           "padding_fraction": 1.0 - run_real / run_padded})
         self._save(step, epoch, 0, seconds, tokens=[tok_window, tok_run])
         distributed.barrier()  # no process moves on (to the next component, or to saving) before the checkpoint is written
+        tracking.finish(acc)
         return TrainResult(steps=step, seconds=seconds, final_metrics=final, resumed_from=resumed_from)
