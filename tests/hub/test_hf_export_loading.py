@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import toy_pairs
 from hubutil import PAIRS

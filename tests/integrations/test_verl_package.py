@@ -9,7 +9,6 @@ pylatexenc, torchdata and pyvers on PYTHONPATH) and is skipped elsewhere."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -45,7 +45,6 @@ and a routed system routes by its router. `ground_truth` is not used: a reward m
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
