@@ -98,8 +98,12 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations in the backward pass (less memory, ~30% slower)"})
     group_by_length: bool = field(default=False, metadata={"help": "batch pairs of similar token length (less padding; as Hugging Face's group_by_length); no effect on cached features"})
     fsdp: FSDPConfig = field(default_factory=FSDPConfig, metadata={"help": "sharded training: train.fsdp.enabled=true (see docs/DISTRIBUTED.md)"})
+    report_to: str = field(default="none", metadata={"help": "experiment trackers: none | tensorboard | wandb | mlflow, comma-separated for several (moerm.train.tracking)"})
 
     def __post_init__(self) -> None:
+        from moerm.train.tracking import parse_report_to
+
+        parse_report_to(self.report_to)  # an unknown tracker is a config error
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         if self.lr is not None:

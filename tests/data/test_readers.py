@@ -174,12 +174,17 @@ def test_csv_with_aspects_margin_and_defaults(tmp_path: Path) -> None:
     assert all(e.source == str(path) for e in report.invalid)
 
 
-def test_csv_without_default_domain_is_missing_field(tmp_path: Path) -> None:
+def test_csv_without_a_domain_column_is_one_domain_named_after_the_file(tmp_path: Path) -> None:
+    """TRL's standard layout (prompt, chosen, rejected, no domain): one domain, the file's name, or --domain."""
     path = tmp_path / "p.csv"
     path.write_text("prompt,chosen,rejected\np,c,r\n")
+    assert [x.domain for x in load_pairs([path])[0]] == ["p"]
+    assert [x.domain for x in load_pairs([path], default_domain="math")[0]] == ["math"]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"prompt": "p", "chosen": "c", "rejected": "r", "domain": ""}\n')  # an empty one is an error
     with pytest.raises(InvalidRecord) as exc:
-        load_pairs([path])
-    assert_invalid(exc.value, path, 2, "domain")
+        load_pairs([jsonl])
+    assert_invalid(exc.value, jsonl, 1, "domain")
 
 
 def test_parquet(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from conftest import toy_pairs
 from hubutil import PAIRS, hf_logits, make_hf_rms
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel
 
 from moerm.config import ModelConfig, RunConfig, TrainConfig
 from moerm.errors import UserError
@@ -82,7 +82,12 @@ def test_decoder_export_reads_as_openrlhf_does(tiny_llama: str, tmp_path: Path) 
     weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
     w = weights["score.weight"]  # (1, H)
     assert w.shape[0] == 1 and all(k.startswith(("model.", "score.")) for k in weights)
-    base = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    # OpenRLHF's loader: the config (trust_remote_code), the stock base class looked up from its class, then
+    # that class's weights under the base prefix
+    config = AutoConfig.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    base_class = AutoModel._model_mapping[type(config)]
+    assert base_class.__name__ == "LlamaModel"
+    base = base_class.from_pretrained(str(tmp_path / "hf"), config=config).eval()
     enc = load_system(run).encoder
     batch = enc.pad([enc.encode(p, r) for p, r in PAIRS])
     mask = batch["attention_mask"]

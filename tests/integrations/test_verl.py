@@ -4,7 +4,6 @@ loaded by file path as verl loads it, local and HTTP modes giving `system.score`
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +52,11 @@ def verl_batch(n: int, seed: int) -> tuple[list[str], list[str], dict[str, Any]]
     return prompts, responses, kwargs
 
 
+def scores(results: Sequence[Any]) -> list[float]:
+    """The rewards of verl results ({"score": r, ...})."""
+    return [r["score"] for r in results]
+
+
 class Recording:
     """Fake system: reward = len(prompt) + len(response) / 1000; records the prompts and domains it was given."""
 
@@ -76,20 +80,21 @@ def test_both_verl_signatures_give_system_scores_locally(run_dir: Path, monkeypa
     offline = torch.tensor(load_system(run_dir).score(prompts, responses).rewards)
     module = load_by_path()
     batched = module.compute_score(**batch, extra_kwarg_from_reward_kwargs=1)  # BatchRewardManager
-    assert isinstance(batched, list) and all(isinstance(r, float) for r in batched)
-    torch.testing.assert_close(torch.tensor(batched), offline, atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.tensor(module.compute_score_batch(**batch)), offline, atol=1e-5, rtol=0)
+    assert isinstance(batched, list) and all(set(r) == {"score"} for r in batched)  # a baseline logs no route
+    torch.testing.assert_close(torch.tensor(scores(batched)), offline, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(scores(module.compute_score_batch(**batch))), offline, atol=1e-5, rtol=0)
+    bare = module.compute_score(**batch, fields=False)
+    assert all(isinstance(r, float) for r in bare) and bare == scores(batched)
     infos = batch["extra_infos"]
     singles = [module.compute_score(data_source="openai/gsm8k", solution_str=responses[i], ground_truth="42",
                                     extra_info=infos[i]) for i in range(6)]  # NaiveRewardManager's call
-    assert all(isinstance(r, float) for r in singles)
-    torch.testing.assert_close(torch.tensor(singles), offline, atol=1e-5, rtol=0)
-    positional = module.compute_score("openai/gsm8k", responses[0], "42", {"prompt": prompts[0]})
+    torch.testing.assert_close(torch.tensor(scores(singles)), offline, atol=1e-5, rtol=0)
+    positional = module.compute_score("openai/gsm8k", responses[0], "42", {"prompt": prompts[0]}, fields=False)
     assert positional == pytest.approx(float(offline[0]), abs=1e-5)
     # a chat-messages prompt (verl's raw_prompt shape, a numpy array of dicts) reads as its user turn
     messages = np.array([{"role": "system", "content": "Think step by step."},
                          {"role": "user", "content": prompts[1]}], dtype=object)
-    chat = module.compute_score("openai/gsm8k", responses[1], None, {"prompt": messages})
+    chat = module.compute_score("openai/gsm8k", responses[1], None, {"prompt": messages}, fields=False)
     assert chat == pytest.approx(float(offline[1]), abs=1e-5)
 
 
@@ -105,7 +110,7 @@ def test_http_mode_passes_prompts_and_domains(monkeypatch: pytest.MonkeyPatch) -
         from_source = verl.compute_score(**batch, moerm_domain="data_source")  # as custom_reward_function.reward_kwargs
         monkeypatch.setenv("MOERM_DOMAIN", "router")
         routed = verl.compute_score(**batch)
-    assert default == from_source == routed == [len(p) + len(r) / 1000 for p, r in zip(prompts, responses)]
+    assert scores(default) == scores(from_source) == scores(routed) == [len(p) + len(r) / 1000 for p, r in zip(prompts, responses)]
     assert fake.prompts == prompts * 3
     assert fake.domains == ([None, "math", None, None] + ["openai/gsm8k", "math", "openai/gsm8k", "openai/gsm8k"]
                             + [None] * 4)
@@ -127,4 +132,3 @@ def test_clear_errors(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         verl.compute_score("openai/gsm8k", responses[0], "42")
     with pytest.raises(UserError, match="MOERM_DOMAIN must be one of extra_info, data_source, router"):
         verl.compute_score(**batch, moerm_domain="label")
-    assert math.isnan(verl._rewards([None])[0])

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from moerm.cli.common import OnInvalid, Split, fail, on_invalid_option, paths_argument, run_guarded, split_option
-from moerm.data.readers import load_pairs
+from moerm.data.readers import load_pairs, write_jsonl
 from moerm.data.stats import dataset_stats, stats_markdown
 
 data_app = typer.Typer(help="Validate, describe and convert preference-pair data.", no_args_is_help=True)
@@ -25,6 +25,8 @@ class Format(str, Enum):
     hellaswag = "hellaswag"
     dahoas = "dahoas"
     oasst = "oasst"
+    trl = "trl"
+    to_trl = "to-trl"
 
 
 @data_app.command()
@@ -88,11 +90,24 @@ def convert(
     out_path: Path = typer.Argument(..., help="Output .jsonl or .jsonl.gz."),
     fmt: Format = typer.Option(..., "--format", help="Format of the input file."),
     domain: str | None = typer.Option(None, "--domain", help="Domain name for the pairs (default: the format)."),
+    conversational: bool = typer.Option(False, "--conversational", help="to-trl: write TRL's conversational "
+                                        "layout (messages) instead of strings"),
 ) -> None:
-    """Convert a raw public dataset file into validated JSON Lines."""
+    """Convert a raw public dataset file into validated JSON Lines (`--format trl`: TRL's preference layouts, a file
+    or a `datasets` save_to_disk folder); `--format to-trl` writes moerm pairs in TRL's explicit-prompt layout."""
     from moerm.data.converters import convert as run_convert
 
     def go() -> None:
+        if fmt in (Format.trl, Format.to_trl):  # TRL's layouts (moerm.data.trl): a file or a save_to_disk folder
+            from moerm.data.trl import write_trl
+
+            pairs, _ = load_pairs([str(in_path)], default_domain=domain)
+            if fmt is Format.trl:
+                write_jsonl(pairs, out_path)
+            else:
+                write_trl(pairs, out_path, conversational=conversational)
+            typer.echo(f"{len(pairs)} pairs\nwrote {out_path}")
+            return
         report = run_convert(fmt.value, in_path, out_path, domain)
         typer.echo(report.summary())
         typer.echo(f"wrote {out_path}")

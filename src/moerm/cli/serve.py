@@ -42,6 +42,8 @@ def serve(
                                        "OpenRLHF queries: chatml | llama3 | hh | plain | auto (the run's backbone "
                                        "tokenizer) | tokenizer:PATH (the policy's tokenizer), or a string with "
                                        "{prompt} then {response}"),
+    labels_as_domain: bool = typer.Option(False, "--labels-as-domain", help="read OpenRLHF's labels[i] as query "
+                                          "i's domain: a domain name, or a JSON object with \"domain\""),
     batch_size: int = typer.Option(64, "--batch-size", help="forward batch size inside one scoring call (with "
                                    "--max-batch-tokens: the most rows of one forward pass)"),
     max_batch_tokens: int | None = typer.Option(None, "--max-batch-tokens", help="token budget of one forward pass: "
@@ -77,7 +79,8 @@ def serve(
                           body_timeout_s=body_timeout_s, header_timeout_s=header_timeout_s,
                           max_connections=max_connections, keep_alive_s=keep_alive_s, api_key=api_key,
                           api_key_file=str(api_key_file) if api_key_file is not None else None,
-                          query_template=query_template, batch_size=batch_size, device=device,
+                          query_template=query_template, labels_as_domain=labels_as_domain,
+                          batch_size=batch_size, device=device,
                           torch_threads=torch_threads, quantize=quantize, max_batch_tokens=max_batch_tokens,
                           reload_poll_s=reload_poll_s, model_name=model_name)
         if api_key:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moerm.data.schema import InvalidRecord, PreferencePair, validate_record
+from moerm.data.trl import from_trl, is_trl_record
 from moerm.errors import UserError
 
 DATA_SUFFIXES: tuple[str, ...] = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".parquet")
@@ -419,6 +420,10 @@ def _prepare(rec: Any, column_map: dict[str, str] | None, default_domain: str | 
     for ours, theirs in (column_map or {}).items():
         if theirs in rec:
             rec[ours] = rec.pop(theirs)
+    if is_trl_record(rec):  # TRL's layouts (moerm.data.trl); without a domain: --domain, else the file's name
+        rec = from_trl(rec)
+        if rec.get("domain") is None:
+            rec["domain"] = default_domain if default_domain is not None else stem
     if rec.get("id") is None:
         rec["id"] = f"{stem}-{line}"
     if rec.get("domain") is None and default_domain is not None:

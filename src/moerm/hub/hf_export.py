@@ -5,9 +5,15 @@ Two formats, chosen by what reproduces the rewards exactly:
     code    any other baseline / baselora RM: stock HF classes cannot hold a moerm head (BERT and RoBERTa put a
             dense + tanh before the classifier, decoders' `score` has no bias, none pools by the mean), so the
             folder carries `modeling_moerm_reward.py` (plain code, `auto_map`) and loads with
-            `trust_remote_code=True`. Its weight names are the stock ones (`<base prefix>.*`, `score.weight`), so
-            OpenRLHF's `--reward_pretrain` reads a decoder with last-token pooling and a linear head; the head's bias
-            is in config.json as `mean: -bias, std: 1` (OpenRLHF applies them with `--normalize_reward`).
+            `trust_remote_code=True`. Its `model_type` is `moerm_reward`, which no stock class claims, so a load
+            without `trust_remote_code=True` fails instead of giving the base's stock class with a fresh head. Its
+            weight names are the stock ones (`<base prefix>.*`, `score.weight`) and its config class keeps the base's
+            class name, so OpenRLHF's `--reward_pretrain` reads a decoder with last-token pooling and a linear head;
+            the head's bias is in config.json as `mean: -bias, std: 1` (OpenRLHF applies them with
+            `--normalize_reward`).
+Both formats carry moerm's truncation: the tokenizer's `model_max_length` is the run's `max_length` and its
+`truncation_side` is left (moerm keeps the response's start and trims the prompt from its left), and config.json's
+`moerm_truncation` says so.
 LoRA is merged into the base (peft merge_and_unload). Every export is loaded back and checked against moerm's own
 rewards on probe pairs before it is moved into place. Weights are safetensors only.
 """
@@ -28,6 +34,7 @@ from moerm.hub.hf_import import PROBE, hf_head_modules, write_atomically
 
 MODELING_FILE = "modeling_moerm_reward.py"
 EXPORT_FILE = "moerm_export.json"
+MODEL_TYPE = "moerm_reward"
 EXPORTABLE = ("baseline", "baselora")
 PROBES = [PROBE, ("Hi", "Hello! How can I help you today?"), ("Tell me a joke.", "No.")]
 
@@ -104,24 +111,39 @@ def _code(rm, base: torch.nn.Module, tmp: Path, pad_id: int | None) -> dict[str,
     cfg = copy.deepcopy(base.config)
     cfg.num_labels = 1
     cfg.architectures = ["MoermRewardModel"]
-    cfg.auto_map = {"AutoModelForSequenceClassification": "modeling_moerm_reward.MoermRewardModel"}
+    cfg.auto_map = {"AutoConfig": "modeling_moerm_reward.MoermRewardConfig",
+                    "AutoModelForSequenceClassification": "modeling_moerm_reward.MoermRewardModel"}
     decoder = rm.backbone.decoder_positions
     cfg.moerm_reward = {"pooling": rm.backbone.pooling, "head": head.kind, "head_hidden": m.head_hidden,
                         "head_dropout": m.head_dropout, "decoder_positions": bool(decoder),
-                        "max_length": m.max_length}
+                        "max_length": m.max_length, "base_model_type": base.config.model_type}
     if getattr(cfg, "pad_token_id", None) is None:
         cfg.pad_token_id = pad_id
     openrlhf = is_decoder(base.config) and rm.backbone.pooling == "last" and head.kind == "linear"
     if openrlhf:  # OpenRLHF's reward model has no bias: (reward - mean) / std with --normalize_reward restores it
         cfg.mean, cfg.std = -float(head.net[1].bias.detach()), 1.0
-    cfg.save_pretrained(tmp)
+    config = json.loads(cfg.to_json_string(use_diff=False))
+    config["model_type"] = MODEL_TYPE  # no stock class claims it: loading without trust_remote_code is an error
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     code = (Path(__file__).parent / MODELING_FILE).read_text()
-    line = 'BASE_PREFIX = "model"'
-    if code.count(line) != 1:
-        raise RuntimeError(f"{MODELING_FILE}: expected one line {line!r}")
-    (tmp / MODELING_FILE).write_text(code.replace(line, f'BASE_PREFIX = "{prefix}"'))
+    values = {"BASE_PREFIX": prefix, "BASE_CONFIG": type(base.config).__name__, "BASE_MODEL": type(base).__name__}
+    for name, value in values.items():
+        line = next((ln for ln in code.splitlines() if ln.startswith(f"{name} = ")), None)
+        if line is None or code.count(line) != 1:
+            raise RuntimeError(f"{MODELING_FILE}: expected one line starting {name} = ")
+        code = code.replace(line, f'{name} = "{value}"  # written by moerm export')
+    (tmp / MODELING_FILE).write_text(code)
     return {"openrlhf": openrlhf, "base_prefix": prefix}
+
+
+def carry_truncation(tok, max_length: int) -> dict[str, Any]:
+    """The tokenizer truncates as moerm does where it can: from the left (the prompt's start goes first, the response
+    is kept), at the run's max_length. Returns what config.json records about it."""
+    tok.truncation_side = "left"
+    tok.model_max_length = max_length
+    return {"max_length": max_length, "side": "left",
+            "rule": "the response's start is kept; the prompt is trimmed from its left (moerm's PairEncoder)"}
 
 
 @torch.no_grad()
@@ -168,7 +190,12 @@ def export_run(run: str | Path, out: str | Path, domain: str | None = None, comm
             info["openrlhf"] = is_decoder(base.config)  # a bias-free `score` on the last token
         else:
             info.update(_code(rm, base, tmp, tok.pad_token_id))
-        tok.save_pretrained(tmp)  # with its chat template, if it has one
+        saved = copy.deepcopy(tok)
+        info["truncation"] = carry_truncation(saved, rm.config.model.max_length)
+        saved.save_pretrained(tmp)  # with its chat template, if it has one
+        config = json.loads((tmp / "config.json").read_text())
+        config["moerm_truncation"] = info["truncation"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         info["max_abs_diff_on_probes"] = _verify(tmp, rm, trust_remote_code=not native)
         atomic_write_text(tmp / EXPORT_FILE, json.dumps({**info, "command": command}, indent=2))
 

@@ -3,17 +3,34 @@
     AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)
 
 gives one logit per input (`.logits`, shape (B, 1)): the reward moerm gives for the same token ids. It is the
-backbone (AutoModel of the config's model_type, under BASE_PREFIX), pooled as moerm pools (`config.moerm_reward`:
-first real token, masked mean or last real token, all from the attention mask, so right and left padding agree),
-then moerm's head: `score` is a Linear (with a bias) or a small MLP (Linear -> GELU -> Dropout -> Linear).
+backbone (BASE_MODEL, the stock model class of the base's architecture, under BASE_PREFIX), pooled as moerm pools
+(`config.moerm_reward`: first real token, masked mean or last real token, all from the attention mask, so right and
+left padding agree), then moerm's head: `score` is a Linear (with a bias) or a small MLP (Linear -> GELU -> Dropout
+-> Linear).
+
+config.json's `model_type` is `moerm_reward`, which no stock transformers class claims: loading the folder without
+`trust_remote_code=True` is an error, never the stock class of the base with a freshly initialised head. The config
+class is the base's own config class under a new model type, and keeps the base's class name, so code that looks
+the base model up from the config's class (`AutoModel.from_pretrained(DIR, trust_remote_code=True)`, OpenRLHF's
+reward-model loader) finds the stock backbone.
+
+Truncation: moerm keeps the response's start and trims the prompt from its left (`config.moerm_reward["truncation"]`);
+the exported tokenizer truncates from the left with `model_max_length` set to moerm's `max_length`.
 """
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 BASE_PREFIX = "model"  # the base model's attribute (and weight-key prefix); `moerm export` writes the backbone's own
+BASE_CONFIG = "BertConfig"  # the stock config class of the base architecture; `moerm export` writes the base's own
+BASE_MODEL = "BertModel"  # the stock model class of the base architecture; `moerm export` writes the base's own
+MODEL_TYPE = "moerm_reward"
+
+# The base's config class under a model type of its own; the class name stays the base's (see the docstring).
+MoermRewardConfig = type(BASE_CONFIG, (getattr(transformers, BASE_CONFIG),), {"model_type": MODEL_TYPE})
 
 
 def pool(hidden, attention_mask, pooling):
@@ -32,7 +49,7 @@ def pool(hidden, attention_mask, pooling):
 
 
 class MoermRewardModel(PreTrainedModel):
-    config_class = PretrainedConfig
+    config_class = MoermRewardConfig
     base_model_prefix = BASE_PREFIX
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -40,7 +57,7 @@ class MoermRewardModel(PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         spec = config.moerm_reward
-        base = AutoModel.from_config(config)
+        base = getattr(transformers, BASE_MODEL)(config)
         if getattr(base, "pooler", None) is not None:
             base.pooler = None  # BERT-style poolers are not part of a moerm reward model
         setattr(self, BASE_PREFIX, base)

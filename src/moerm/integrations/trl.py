@@ -13,6 +13,12 @@ completion is scored by its last assistant message; a conversational prompt is r
 prompt (`moerm.integrations.conversation`): its system messages dropped, so the router and the reward model read
 the user's words; one user turn as its text, several turns as an HH transcript. A dataset column named `domain`
 (TRL passes columns as keyword arguments) routes each row to that domain's expert in routed systems.
+
+What reaches TRL's logs (GRPOTrainer passes `log_metric` and `log_extra` to reward functions): for a routed system,
+the batch means of `moerm.integrations.logs`'s fields (fallback and OOD rates, each route's share, DMoERM's
+capability sub-scores) as metrics, and each completion's routed domain as a `moerm/domain` column of the
+completions table. A busy server is retried (503, connection errors, timeouts: `RewardClient`), and a reward that
+is not finite is an error, never a None that TRL would turn into NaN and average away.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Sequence
 
 from moerm.integrations.client import RewardClient
 from moerm.integrations.conversation import completion_text, prompt_text
+from moerm.integrations.logs import PREFIX, batch_metrics, item_fields
 
 __all__ = ["DOMAIN_COLUMN", "RewardFunction", "completion_text", "prompt_text", "reward_function"]
 
@@ -46,12 +53,19 @@ class RewardFunction:
                                    max_items_per_request=max_items_per_request, retries=retries)
         self.target, self.remote = self.client.target, self.client.remote
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
         ps = [prompt_text(p) for p in prompts]
         cs = [completion_text(c) for c in completions]
-        return self.client.score(ps, cs, _domains(kwargs.get(DOMAIN_COLUMN), len(ps)))
+        rewards, details = self.client.score_with_details(ps, cs, _domains(kwargs.get(DOMAIN_COLUMN), len(ps)))
+        log_metric, log_extra = kwargs.get("log_metric"), kwargs.get("log_extra")
+        if callable(log_metric):
+            for name, value in batch_metrics(details).items():
+                log_metric(name, value)
+        if callable(log_extra) and any(item_fields(d) for d in details):
+            log_extra(f"{PREFIX}domain", [str(item_fields(d).get(f"{PREFIX}domain", "")) for d in details])
+        return rewards
 
     def close(self) -> None:
         """Close the HTTP connection pool (remote mode)."""

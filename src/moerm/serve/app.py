@@ -45,7 +45,8 @@ from moerm.serve.engines import (
 )
 from moerm.serve.forward import budget_score, length_fn
 from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
-from moerm.serve.openrlhf import TOKENIZER_PREFIX, QuerySplitter, SplitError, run_backbone
+from moerm.integrations.logs import numeric_columns
+from moerm.serve.openrlhf import TOKENIZER_PREFIX, QuerySplitter, SplitError, label_domain, run_backbone
 from moerm.serve.reload import Marker, marker_path, read_marker, router_version
 from moerm.systems.base import ScoreOutput
 
@@ -711,27 +712,40 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None, preloaded: 
     async def get_reward(request: Request) -> JSONResponse:
         """OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`).
 
-        Body: `{"query": [str], "prompts": [str] (optional), "labels": [...] (optional)}`."""
+        Body: `{"query": [str], "prompts": [str] (optional), "labels": [...] (optional)}`. With
+        `labels_as_domain`, `labels[i]` names query i's domain (`openrlhf.label_domain`). `extra_logs` holds
+        per-query columns of the route fields (`moerm.integrations.logs.numeric_columns`); OpenRLHF logs them."""
         limit = cfg.max_items_per_request
 
-        def prepare(data: Any) -> tuple[list[str], list[str]]:
+        def prepare(data: Any) -> tuple[list[str], list[str], list[str | None] | None]:
             req = _validate(RewardRequest, data, {"query": limit, "prompts": limit})
             if req.prompts is not None and len(req.prompts) != len(req.query):
                 raise _unprocessable("prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries; send one "
                                                 "per query or none")
-            texts: list[tuple[str, str | None]] = [(f"query.{i}", q) for i, q in enumerate(req.query)]
-            texts += [(f"prompts.{i}", p) for i, p in enumerate(req.prompts or [])]
-            state.check_limits(len(req.query), "query", texts)
+            if req.labels is not None and len(req.labels) != len(req.query):
+                raise _unprocessable("labels", f"{len(req.labels)} labels for {len(req.query)} queries; send one "
+                                               "per query or none")
             if state.splitter is None:  # `auto` waiting for the model to load
                 raise state.unavailable()
+            splitter = state.splitter
+            # The limits count text, not padding: older clients pad every query of a micro-batch to the longest
+            # (the raw body is bounded by max_body_bytes before it is read).
+            texts: list[tuple[str, str | None]] = [(f"query.{i}", splitter.strip(q)) for i, q in enumerate(req.query)]
+            texts += [(f"prompts.{i}", splitter.strip(p)) for i, p in enumerate(req.prompts or [])]
+            state.check_limits(len(req.query), "query", texts)
             try:
-                return state.splitter.split_all(req.query, req.prompts)
+                prompts, responses = splitter.split_all(req.query, req.prompts)
+                domains = ([label_domain(x, i) for i, x in enumerate(req.labels)]
+                           if cfg.labels_as_domain and req.labels is not None else None)
             except SplitError as e:
-                raise _unprocessable(f"{e.field}.{e.index}", f"cannot split into prompt and response: {e}") from None
+                what = "read a domain from it" if e.field == "labels" else "split into prompt and response"
+                raise _unprocessable(f"{e.field}.{e.index}", f"cannot {what}: {e}") from None
+            return prompts, responses, domains
 
-        prompts, responses = await _prepared(request, prepare)
-        rewards, _, version = await state.score(prompts, responses, None, field="query")
-        return answer({"rewards": rewards, "scores": rewards, "extra_logs": {}}, version)
+        prompts, responses, domains = await _prepared(request, prepare)
+        rewards, details, version = await state.score(prompts, responses, domains, field="query")
+        extra_logs = numeric_columns(details, state.info.get("domains") or [])
+        return answer({"rewards": rewards, "scores": rewards, "extra_logs": extra_logs}, version)
 
     async def engine(request: Request, respond: Callable[..., dict[str, Any]], default_activation: bool,
                      field: str) -> JSONResponse:

@@ -65,6 +65,10 @@ class ServeConfig:
             `{response}` (single-turn).
         strip_tokens: padding / boundary tokens removed (repeatedly) from the ends of OpenRLHF queries (and the
             start of prompts) before splitting, besides the format's own (its tokenizer's BOS, EOS and pad).
+            `max_chars_per_text` and `max_request_chars` count a query without them (older OpenRLHF clients pad a
+            micro-batch's queries to the longest); the raw body is bounded by `max_body_bytes`.
+        labels_as_domain: read each OpenRLHF `labels[i]` as the domain of query i (`openrlhf.label_domain`: a
+            domain name, or an object with "domain"); off, labels are ignored and routed systems route by router.
         batch_size: the forward batch size passed to `system.score`.
         device: where the model is loaded (None: the system's default).
         quantize: "none" | "int8" (int8 dynamic quantization of the backbone after loading, CPU only; None: the
@@ -105,6 +109,7 @@ class ServeConfig:
     api_key_file: str | None = None
     query_template: str = DEFAULT_QUERY_TEMPLATE
     strip_tokens: tuple[str, ...] = field(default=DEFAULT_STRIP_TOKENS)
+    labels_as_domain: bool = False
     batch_size: int = 64
     device: str | None = None
     torch_threads: int | None = None
@@ -159,5 +164,5 @@ class ServeConfig:
                 "max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s,
                 "header_timeout_s": self.header_timeout_s, "max_connections": self.max_connections,
                 "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
-                "reload_poll_s": self.reload_poll_s,
+                "reload_poll_s": self.reload_poll_s, "labels_as_domain": self.labels_as_domain,
                 "query_template": self.query_template, "auth": self.api_key is not None}

@@ -254,22 +254,22 @@ class QuerySplitter:
     # ---------------------------------------------------------------------------------------------- pieces
 
     def _lstrip(self, text: str) -> str:
-        changed = True
-        while changed and text:
+        start, changed = 0, True  # an index, not repeated slicing: a long run of padding costs linear time
+        while changed and start < len(text):
             changed = False
             for tok in self.format.strip_tokens:
-                if text.startswith(tok):
-                    text, changed = text[len(tok):], True
-        return text
+                if text.startswith(tok, start):
+                    start, changed = start + len(tok), True
+        return text[start:]
 
     def _rstrip(self, text: str) -> str:
-        changed = True
-        while changed and text:
+        end, changed = len(text), True
+        while changed and end > 0:
             changed = False
             for tok in self.format.strip_tokens:
-                if text.endswith(tok):
-                    text, changed = text[: -len(tok)], True
-        return text
+                if end >= len(tok) and text.endswith(tok, 0, end):
+                    end, changed = end - len(tok), True
+        return text[:end]
 
     def strip(self, text: str) -> str:
         """Remove padding / boundary tokens from both ends, repeatedly."""
@@ -380,3 +380,35 @@ class QuerySplitter:
             ps.append(p)
             rs.append(r)
         return ps, rs
+
+
+LABEL_DOMAIN_KEY = "domain"
+
+
+def label_domain(label: Any, index: int) -> str | None:
+    """The domain OpenRLHF's `labels[index]` names (with `moerm serve --labels-as-domain`).
+
+    A label is the dataset's `--label_key` column, sent as is: a string is the domain itself ("" or null: none, the
+    router decides); an object, or a string holding a JSON object (`{"domain": "math", ...}`), names it under
+    "domain" (absent or null: none), so a label column can carry other fields too.
+
+    Raises:
+        SplitError: a label of another type, or an object whose "domain" is not a string.
+    """
+    if label is None:
+        return None
+    if isinstance(label, str):
+        text = label.strip()
+        if not text.startswith("{"):
+            return text or None
+        try:
+            label = json.loads(text)
+        except ValueError as e:
+            raise SplitError(index, f"starts like a JSON object but is not one ({e})", "labels") from None
+    if isinstance(label, dict):
+        domain = label.get(LABEL_DOMAIN_KEY)
+        if domain is None or isinstance(domain, str):
+            return domain or None
+        raise SplitError(index, f'"domain" must be a string; got {type(domain).__name__}', "labels")
+    raise SplitError(index, f"a label names a domain as a string or an object with \"domain\"; got "
+                            f"{type(label).__name__}", "labels")

@@ -26,7 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from moerm.config import TrainConfig
 from moerm.errors import UserError
-from moerm.train import distributed
+from moerm.train import distributed, tracking
 from moerm.train.checkpoint import load_latest_checkpoint, per_rank_rng, rng_state, save_checkpoint
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -152,7 +152,8 @@ class Trainer:
         self.desc = desc
         self.progress = progress and distributed.is_main()  # one progress bar, not one per process
         self.stop_after_steps = stop_after_steps
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                                       **tracking.accelerator_kwargs(cfg.report_to, self.out_dir))
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Sharding is ours (train.fsdp, PyTorch FSDP2), not accelerate's plugin: one mechanism, one place.
             raise UserError(f"{desc}: an accelerate {self.accelerator.distributed_type.value} config is not used by "
@@ -202,6 +203,7 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.log(self.accelerator, record)
 
     def _truncate_metrics(self, step: int) -> None:
         """After resuming from step N, drop log lines the killed run wrote after N (they will be redone)."""
@@ -301,6 +303,7 @@ class Trainer:
 
     def train(self, resume: bool = False) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
+        tracking.start(acc, self.out_dir, self.desc, dataclasses.asdict(cfg))
         step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
         resumed_from = None
         found = load_latest_checkpoint(self.ckpt_dir, self._load_optimizer, self.scheduler, acc.device,
@@ -416,4 +419,5 @@ class Trainer:
             distributed.unshard_model(self.sharded)
             self.sharded = None
         distributed.barrier()  # no process moves on (to the next component, or to saving) before the checkpoint is written
+        tracking.finish(acc)
         return TrainResult(steps=step, seconds=seconds, final_metrics=final, resumed_from=resumed_from)
