@@ -118,3 +118,19 @@ def test_routed_and_other_systems_are_refused(tiny_bert: str, tmp_path: Path) ->
     with pytest.raises(UserError, match="--domain picks one domain RM of a rodos system"):
         export_run(base, tmp_path / "out", domain="x")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_calibrated_rm_exports_its_calibrated_reward(tiny_bert: str, tmp_path: Path) -> None:
+    """options.calibration=zscore: the exported logit is the reward `moerm score` gives (the map folded into the
+    head), and export.json records the map."""
+    cfg = RunConfig(system="baseline", model=ModelConfig(backbone=tiny_bert, max_length=64),
+                    train=TrainConfig(max_steps=3, batch_size=8, lr=1e-3, save_every=0, seed=0),
+                    options={"calibration": "zscore"})
+    s = build_system(cfg)
+    s.fit(toy_pairs(40), None, FitContext(tmp_path / "run", progress=False))
+    s.save(tmp_path / "run" / "model")
+    info = export_run(tmp_path / "run", tmp_path / "hf")
+    scale = load_system(tmp_path / "run").calibration.scales["rm"]
+    assert info["calibration"] == {"mean": scale.mean, "std": scale.std} and scale.std != 1.0
+    theirs = hf_logits(str(tmp_path / "hf"), load_system(tmp_path / "run").encoder, trust_remote_code=True)
+    torch.testing.assert_close(theirs, moerm_rewards(tmp_path / "run"), atol=1e-4, rtol=0)

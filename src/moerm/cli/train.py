@@ -172,7 +172,7 @@ def info(run: Path = typer.Argument(..., help="run folder or saved model folder;
          ) -> None:
     """Parameters (total, trainable) and bytes on disk, per component; or, with --estimate, the memory a training
     run needs per device."""
-    from moerm.eval.report import info_table
+    from moerm.eval.report import calibration_table, info_table
     from moerm.systems.base import find_model_dir, load_system
 
     quiet_hf()
@@ -205,6 +205,9 @@ def info(run: Path = typer.Argument(..., help="run folder or saved model folder;
         else:
             console.print(f"system [bold]{d['system']}[/], backbone {d['backbone']}, tuning {d['tuning']}", highlight=False)
             console.print(info_table(d), highlight=False)
+            cal = calibration_table(d)
+            if cal is not None:
+                console.print(cal, highlight=False)
 
     run_guarded(go)
 

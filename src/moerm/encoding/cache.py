@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from moerm.atomic import atomic_save_safetensors
 from moerm.encoding.backbone import Backbone, resolve_model_path
 from moerm.encoding.pairs import PairEncoder
 
@@ -73,9 +74,7 @@ class FeatureCache:
         """Append one shard atomically (temp file, then rename)."""
         n = len(list(self.dir.glob("shard-*.safetensors")))
         path = self.dir / f"shard-{n:06d}-{os.getpid()}.safetensors"
-        tmp = path.with_name("." + path.name + ".tmp")
-        save_file({"features": feats.detach().float().contiguous().cpu()}, str(tmp), metadata={"keys": json.dumps(keys)})
-        os.replace(tmp, path)
+        atomic_save_safetensors({"features": feats.detach().float()}, path, metadata={"keys": json.dumps(keys)})
         for row, k in enumerate(keys):
             self.index[k] = (path, row)
 

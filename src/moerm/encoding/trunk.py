@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moerm.atomic import atomic_write_text
 from moerm.encoding.backbone import Backbone, decoder_position_ids, find_backbones
 from moerm.encoding.blocks import transformer_blocks, trunk_states
 from moerm.errors import UserError
@@ -124,10 +125,8 @@ class TrunkCache:
             flat = torch.cat([s.to(torch.float16) for s in states]).cpu().numpy()
             with open(data, "wb") as fh:
                 fh.write(np.ascontiguousarray(flat, dtype="<f2").tobytes())
-            tmp = meta.with_name("." + meta.name + ".tmp")
-            tmp.write_text(json.dumps({"backbone": self.ident, "first": self.first, "hidden": self.hidden,
-                                       "tokens": int(offsets[-1]), "keys": list(keys), "offsets": offsets}))
-            os.replace(tmp, meta)
+            atomic_write_text(meta, json.dumps({"backbone": self.ident, "first": self.first, "hidden": self.hidden,
+                                                "tokens": int(offsets[-1]), "keys": list(keys), "offsets": offsets}))
         except OSError as e:
             for f in (data, meta):
                 f.unlink(missing_ok=True)

@@ -125,6 +125,18 @@ def info_table(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(info: dict[str, Any]) -> str | None:
+    """Each route's map onto the common reward scale (`moerm info`), None when the system keeps raw rewards."""
+    cal = info.get("calibration") or {}
+    if cal.get("kind", "none") == "none":
+        return None
+    lines = [f"calibration {cal['kind']}: reward = (raw - mean) / std per route; fitted on {cal.get('reference', '')}",
+             "", "| route | mean | std | reference texts |", "|---|---:|---:|---:|"]
+    for route, m in cal.get("routes", {}).items():
+        lines.append(f"| {route} | {m['mean']:+.4f} | {m['std']:.4f} | {m['texts']} |")
+    return "\n".join(lines)
+
+
 def comparison_table(rows: dict[str, dict[str, Any]], reference: str) -> str:
     """Each evaluated run (or seed group) minus `reference` on the same pairs: macro and pair-weighted differences
     in points with the paired clustered bootstrap's 95% interval, and the domains whose interval excludes 0."""

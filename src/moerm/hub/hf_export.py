@@ -58,6 +58,31 @@ def pick_reward_model(system, domain: str | None):
     return system
 
 
+def route_scale(system, domain: str | None):
+    """The calibration map of the exported route (a RODOS domain, or a single RM's own), None when uncalibrated."""
+    calibration = getattr(system, "calibration", None)
+    if calibration is None or calibration.kind == "none":
+        return None
+    return calibration.scales.get(domain if domain is not None else "rm")
+
+
+@torch.no_grad()
+def fold_scale(rm, scale) -> None:
+    """Put the route's map into the head's last Linear (w / std, (b - mean) / std), so the exported model's logit
+    is the calibrated reward; the RM then scores calibrated by itself (its own map is cleared)."""
+    from moerm.systems.calibration import Calibration
+
+    head = rm.head
+    last = head.out if hasattr(head, "out") else head.net[-1]
+    if last.bias is None and scale.mean != 0.0:
+        raise UnsupportedError("export: this head has no bias to carry its calibration map's offset; export with "
+                               "the run's options.calibration=none")
+    last.weight.div_(scale.std)
+    if last.bias is not None:
+        last.bias.sub_(scale.mean).div_(scale.std)
+    rm.calibration = Calibration()
+
+
 def _base_model(rm) -> torch.nn.Module:
     """The RM's backbone as a plain HF model: LoRA merged into a copy of the weights."""
     from peft import PeftModel
@@ -174,6 +199,9 @@ def export_run(run: str | Path, out: str | Path, domain: str | None = None, comm
     model_dir = find_model_dir(run)
     system = load_system(model_dir, device="cpu", quantize="none")
     rm = pick_reward_model(system, domain)
+    scale = route_scale(system, domain)
+    if scale is not None:  # the exported reward is on the run's common scale, as `moerm score` gives it
+        fold_scale(rm, scale)
     rm.model.eval()
     base = _base_model(rm)
     tok = rm.encoder.tokenizer
@@ -182,7 +210,8 @@ def export_run(run: str | Path, out: str | Path, domain: str | None = None, comm
                             "format": "native" if native else "code", "tuning": rm.config.model.tuning,
                             "pooling": rm.backbone.pooling, "head": rm.config.model.head,
                             "max_length": rm.config.model.max_length,
-                            "trust_remote_code": not native}
+                            "trust_remote_code": not native,
+                            "calibration": None if scale is None else {"mean": scale.mean, "std": scale.std}}
 
     def fill(tmp: Path) -> None:
         if native:

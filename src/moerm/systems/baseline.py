@@ -150,6 +150,7 @@ class BaselineSystem(RewardSystem):
     def describe(self, path: str | Path | None = None) -> dict[str, Any]:
         info = super().describe(path)
         info["max_length"] = self.config.model.max_length
+        info["calibration"] = self.calibration.to_dict()
         return info
 
 

@@ -1,0 +1,123 @@
+"""One reward scale across routes, measured on held-out pairs the calibration never saw.
+
+For a saved routed run (RODOS, ARLISS, DMoERM): per route, the mean and standard deviation of its rewards on both
+replies of the held-out pairs of its domains (each pair's domain given, so every text goes to its own route), raw and
+calibrated; then the macro accuracy of hard, gated, soft routing and the mixture fallback, raw vs calibrated, on the
+same trained routes and the same pairs, with the paired prompt-clustered 95% interval of calibrated minus raw.
+
+    python benchmarks/reward_scale.py runs/demo/rodos --data examples/data [--out scale.json]
+
+Accuracy only, no timing: the figures do not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+
+from moerm.data.grouping import pair_keys
+from moerm.data.readers import load_pairs
+from moerm.eval.intervals import paired_clustered_diff_ci
+from moerm.systems import load_system
+from moerm.systems.calibration import Calibration
+
+MODES = {"hard": {"routing": "hard", "min_confidence": 0.0},
+         "gated": {"routing": "gated", "min_confidence": 0.6, "routing_top_k": 2},
+         "soft": {"routing": "soft", "routing_top_k": 0},
+         "mixture fallback": {"routing": "hard", "min_confidence": 0.6}}
+
+
+def route_stats(system: Any, pairs: Sequence[Any], calibration: Calibration) -> dict[str, dict[str, float]]:
+    """Per route: mean and std of its rewards on both replies of its domains' pairs, the domain given."""
+    system.calibration = calibration
+    by: dict[str, list[Any]] = defaultdict(list)
+    for p in pairs:
+        route = system.route_of(p.domain)
+        if route in system.domains:
+            by[route].append(p)
+    out = {}
+    for route, ps in sorted(by.items()):
+        prompts = [p.prompt for p in ps] * 2
+        replies = [p.chosen for p in ps] + [p.rejected for p in ps]
+        r = torch.tensor(system.score(prompts, replies, [ps[0].domain if system.name == "dmoerm" else route]
+                                      * len(prompts)).rewards)
+        out[route] = {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
+    return out
+
+
+def correct(system: Any, pairs: Sequence[Any]) -> list[bool]:
+    prompts = [p.prompt for p in pairs]
+    c = system.score(prompts, [p.chosen for p in pairs]).rewards
+    r = system.score(prompts, [p.rejected for p in pairs]).rewards
+    return [a > b for a, b in zip(c, r)]
+
+
+def macro(ok: Sequence[bool], pairs: Sequence[Any]) -> float:
+    per: dict[str, list[bool]] = defaultdict(list)
+    for o, p in zip(ok, pairs):
+        per[p.domain].append(o)
+    return sum(sum(v) / len(v) for v in per.values()) / len(per)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a saved routed run whose routes were calibrated (options.calibration=zscore)")
+    ap.add_argument("--data", action="append", required=True, help="held-out pairs (folders: their test* files)")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    command = "python benchmarks/reward_scale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    system = load_system(args.run)
+    calibrated = system.calibration
+    if calibrated.kind == "none":
+        raise SystemExit(f"{args.run}: its routes were not calibrated (options.calibration=none)")
+    pairs, _ = load_pairs(args.data, split="test")
+    known = set(system.domains)
+    pairs = [p for p in pairs if system.route_of(p.domain) in known]
+    keys = pair_keys(pairs)
+    stats = {"raw": route_stats(system, pairs, Calibration()), "calibrated": route_stats(system, pairs, calibrated)}
+    accuracy = {}
+    base_opts = copy.copy(system.opts)  # the router reads the same options object: set, then restore, in place
+    for name, opts in MODES.items():
+        for k, v in vars(base_opts).items():
+            setattr(system.opts, k, v)
+        for k, v in opts.items():
+            setattr(system.opts, k, v)
+        rows = {}
+        for label, cal in (("raw", Calibration()), ("calibrated", calibrated)):
+            system.calibration = cal
+            rows[label] = correct(system, pairs)
+        diff = paired_clustered_diff_ci(rows["calibrated"], rows["raw"], keys, [p.domain for p in pairs], macro=True)
+        accuracy[name] = {"raw": macro(rows["raw"], pairs), "calibrated": macro(rows["calibrated"], pairs),
+                          "calibrated_minus_raw": diff.to_dict()}
+    for k, v in vars(base_opts).items():
+        setattr(system.opts, k, v)
+    system.calibration = calibrated
+    result = {"command": command, "run": args.run, "pairs": len(pairs), "prompts": len(set(keys)),
+              "route_scale": stats, "accuracy": accuracy, "reference": calibrated.reference}
+    print(f"command: {command}\n{len(pairs)} held-out pairs, {len(set(keys))} prompts\n")
+    print("| route | raw mean | raw std | calibrated mean | calibrated std | texts |\n|---|---:|---:|---:|---:|---:|")
+    for route, raw in stats["raw"].items():
+        cal = stats["calibrated"][route]
+        print(f"| {route} | {raw['mean']:+.2f} | {raw['std']:.2f} | {cal['mean']:+.2f} | {cal['std']:.2f} | "
+              f"{raw['texts']} |")
+    print("\n| routing | macro raw | macro calibrated | calibrated - raw (paired 95%, resampling prompts) |")
+    print("|---|---:|---:|---|")
+    for name, a in accuracy.items():
+        d = a["calibrated_minus_raw"]
+        print(f"| {name} | {100 * a['raw']:.1f}% | {100 * a['calibrated']:.1f}% | {100 * d['point']:+.1f} "
+              f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
