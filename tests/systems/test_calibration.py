@@ -165,3 +165,19 @@ def test_route_selection_keeps_a_domain_rm_only_where_it_beats_the_general_rm(ti
     assert load_system(tmp_path / "model").selection["alpha"]["served_by"] == "general"
     with pytest.raises(Exception, match="fallback=general"):
         build_system(_cfg(tiny_bert, tmp_path / "cache", select_routes=True))
+
+
+def test_tune_confidence_picks_the_best_grid_value_on_the_held_back_slice(tiny_bert, tmp_path):
+    from moerm.systems.rodos import CONFIDENCE_GRID
+
+    train = domain_pairs("alpha", 40, 1) + domain_pairs("beta", 40, 2)
+    system = build_system(_cfg(tiny_bert, tmp_path / "cache", tune_confidence=True))
+    system.fit(train, None, FitContext(tmp_path / "run", progress=False))
+    tuned = system.tuned
+    scores = {float(c): v for c, v in tuned["validation_macro"].items()}
+    assert set(scores) == {c for c in CONFIDENCE_GRID if c > 0}  # gated routing needs a threshold above 0
+    best = max(scores.values())
+    assert tuned["min_confidence"] == min(c for c, v in scores.items() if v == best)  # ties: the lower threshold
+    assert system.opts.min_confidence == tuned["min_confidence"]
+    system.save(tmp_path / "model")
+    assert load_system(tmp_path / "model").opts.min_confidence == tuned["min_confidence"]

@@ -16,6 +16,7 @@ from moerm.data.readers import write_jsonl
 from moerm.eval.metrics import evaluate_system
 from moerm.labeling.aspects import oriented_pair
 from moerm.systems import build_system, load_system
+from moerm.systems.calibration import hold_back, reference_texts
 from moerm.systems.base import FitContext
 from moerm.systems.dmoerm import adapter_of, split_ab
 
@@ -88,10 +89,18 @@ def test_each_phase_ranks_in_its_labels_direction(trained):
 
 def test_splits_and_components(trained):
     system, result, train, _, _ = trained
-    a, b = split_ab(train, 0.6, 0)
-    assert len(a) == 24 + 24 + 36 and len(a) + len(b) == len(train) and not {p.id for p in a} & {p.id for p in b}
-    assert result.metrics["beta:split_a_pairs"] == 36 and result.metrics["beta:split_b_pairs"] == 24
-    assert result.metrics["beta:expert:judged:train_pairs"] == 36  # judge labels from split A only
+    fit, held = hold_back(train, "zscore", 0.1, system.config.train.seed)  # the calibration slice, held back first
+    assert set(held) == {"a1", "a2", "b1"} and all(held.values())
+    beta = [p for p in fit if p.domain == "b1"]
+    a, b = split_ab(beta, 0.6, 0)
+    assert len(a) + len(b) == len(beta) == 60 - len(held["b1"]) and not {p.id for p in a} & {p.id for p in b}
+    assert result.metrics["beta:split_a_pairs"] == len(a) and result.metrics["beta:split_b_pairs"] == len(b)
+    assert result.metrics["beta:expert:judged:train_pairs"] == len(a)  # judge labels from split A only
+    # each task model's rewards on both replies of its domains' held-back pairs: mean 0, std 1 after its map
+    for task, domains in (("alpha", ["a1", "a2"]), ("beta", ["b1"])):
+        prompts, responses = reference_texts([p for d in domains for p in held[d]])
+        r = system.calibration(task, system.score_task(task, prompts, responses)[0].float())
+        assert abs(float(r.mean())) < 1e-5 and float(r.std()) == pytest.approx(1.0, abs=1e-5)
     assert {"router", "alpha:phase1", "alpha:expert:quality", "alpha:expert:contrary", "alpha:phase3"} <= set(
         result.seconds_per_component)
     info = system.describe()

@@ -112,7 +112,8 @@ def test_left_out_prompts_fall_back_to_every_rm_equally_flagged_ood(trained):
     out = system.score(prompts, responses)
     flagged = [i for i, d in enumerate(out.details) if d["ood"]]
     assert len(flagged) >= 10, [d["ood_score"] for d in out.details]
-    per = {d: system.rms[d].score(prompts, responses).rewards for d in system.domains}
+    per = {d: system.calibration(d, torch.tensor(system.rms[d].score(prompts, responses).rewards)).tolist()
+           for d in system.domains}  # each route's reward on the common scale
     for i in flagged:
         det = out.details[i]
         assert det["fallback"] and det["fallback_to"] == "mixture" and "out of distribution" in det["fallback_reason"]

@@ -7,6 +7,7 @@ from moerm.config import ModelConfig, RunConfig, TrainConfig
 from moerm.eval.metrics import evaluate_system
 from moerm.systems import build_system, load_system
 from moerm.systems.base import FitContext
+from moerm.systems.rodos import GENERAL
 
 from conftest import BACKBONES, toy_pairs
 
@@ -61,7 +62,8 @@ def test_router_routes_each_example_to_its_domains_rm(trained):
     out = system.score([p.prompt for p in test], [p.chosen for p in test])
     for dom in ("alpha", "beta"):
         rows = [i for i, p in enumerate(test) if p.domain == dom]
-        alone = system.rms[dom].score([test[i].prompt for i in rows], [test[i].chosen for i in rows]).rewards
+        alone = system.calibration(dom, torch.tensor(  # the routed reward is its RM's, on the common scale
+            system.rms[dom].score([test[i].prompt for i in rows], [test[i].chosen for i in rows]).rewards)).tolist()
         torch.testing.assert_close(torch.tensor([out.rewards[i] for i in rows]), torch.tensor(alone))
         assert all(out.details[i]["routed_domain"] == dom for i in rows)
 
@@ -75,7 +77,8 @@ def test_fallback_is_the_probability_weighted_mixture(trained):
     finally:
         system.opts.min_confidence = 0.0
     probs = system.router.probs([x.prompt for x in p])
-    per = {d: system.rms[d].score([x.prompt for x in p], [x.chosen for x in p]).rewards for d in ("alpha", "beta")}
+    per = {d: system.calibration(d, torch.tensor(system.rms[d].score([x.prompt for x in p], [x.chosen for x in p]).rewards)
+                                 ).tolist() for d in ("alpha", "beta")}
     for i, d in enumerate(out.details):
         assert d["fallback"] and d["routed_domain"] is None and "confidence" in d["fallback_reason"]
         expected = sum(float(probs[i, j]) * per[dom][i] for j, dom in enumerate(system.router.domains))
@@ -126,7 +129,8 @@ def test_general_fallback_rm(tiny_bert, tmp_path):
     assert "rm:general" in result.seconds_per_component
     test = domain_pairs("alpha", 4, 3)
     out = system.score([p.prompt for p in test], [p.chosen for p in test])
-    general = system.general.score([p.prompt for p in test], [p.chosen for p in test]).rewards
+    general = system.calibration(GENERAL, torch.tensor(
+        system.general.score([p.prompt for p in test], [p.chosen for p in test]).rewards)).tolist()
     torch.testing.assert_close(torch.tensor(out.rewards), torch.tensor(general))
     assert all(d["fallback"] and d["fallback_to"] == "general" for d in out.details)
     system.save(tmp_path / "model")

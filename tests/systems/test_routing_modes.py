@@ -160,7 +160,8 @@ def test_rodos_mixes_its_domain_rms_as_the_route_says(rodos, mode):
         alone = [rodos.score([p], [r]).rewards[0] for p, r in zip(prompts, responses)]
     finally:
         rodos.opts = rodos.router.opts = saved
-    per = {d: rodos.rms[d].score(prompts, responses).rewards for d in rodos.domains}
+    per = {d: rodos.calibration(d, torch.tensor(rodos.rms[d].score(prompts, responses).rewards)).tolist()
+           for d in rodos.domains}  # each route's reward on the common scale
     for i, det in enumerate(out.details):
         p = {d: float(probs[i, j]) for j, d in enumerate(rodos.router.domains)}
         top = max(p, key=p.get)

@@ -30,6 +30,7 @@ from moerm.systems.calibration import Calibration, fit_calibration, hold_back, r
 
 RODOS_FILE = "rodos.json"
 GENERAL_DIR = "general_rm"  # the general fallback RM (options.fallback=general), beside rms/, never a domain name
+CONFIDENCE_GRID = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # options.tune_confidence's candidates
 GENERAL = "rm/general"  # its route's name in the calibration maps (no domain name holds a "/")
 
 
@@ -47,6 +48,9 @@ class RODOSOptions(FallbackOptions):
     # with fallback=general: per domain, keep its RM only where it beats the general RM on that domain's held-back
     # prompt-disjoint validation pairs (the calibration slice); the other domains' routes are served by the general RM
     select_routes: bool = False
+    # choose options.min_confidence on the held-back prompt-disjoint slice: the grid value whose own-router routing
+    # scores the best macro accuracy there (ties: the lower one), used at inference and saved in the index
+    tune_confidence: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +79,7 @@ class RODOSSystem(RewardSystem):
         self.router_version = 0  # which RouterStore version the saved folder uses (add-domain moves it on)
         self.calibration = Calibration()  # each route's map onto the common scale (options.calibration)
         self.selection: dict[str, dict[str, Any]] = {}  # options.select_routes: per domain, who serves its route
+        self.tuned: dict[str, Any] = {}  # options.tune_confidence: the chosen min_confidence and its evidence
 
     @property
     def domains(self) -> list[str]:
@@ -104,7 +109,7 @@ class RODOSSystem(RewardSystem):
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         require_routes([p.domain for p in train], self.name)
         o = self.opts
-        held = "zscore" if o.select_routes else o.calibration  # the held-back slice serves both
+        held = "zscore" if (o.select_routes or o.tune_confidence) else o.calibration  # one slice serves them all
         train, reference = hold_back(train, held, o.calibration_share, self.config.train.seed)
         result = FitResult({})
         for domain in sorted({p.domain for p in train}):
@@ -124,7 +129,32 @@ class RODOSSystem(RewardSystem):
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
         result.add(self._train_router(ctx, eval), "router")  # router:eval_accuracy on held-out prompts only
         self._share_trunks()
+        if o.tune_confidence:
+            self._tune_confidence([p for ps in reference.values() for p in ps], train)
         return result
+
+    def _tune_confidence(self, held: list[PreferencePair], train: Sequence[PreferencePair]) -> None:
+        """options.min_confidence: the grid value with the best macro accuracy of the routed system (own router) on
+        the held-back pairs; the router never trained on their prompts."""
+        trained = {id(p) for p in train}
+        held = [p for p in held if id(p) not in trained]
+        if not held:
+            return
+        grid = CONFIDENCE_GRID if self.opts.routing == "hard" else [c for c in CONFIDENCE_GRID if c > 0]
+        prompts = [p.prompt for p in held]
+        scores = {}
+        for c in grid:
+            self.opts.min_confidence = c
+            chosen = self.score(prompts, [p.chosen for p in held]).rewards
+            rejected = self.score(prompts, [p.rejected for p in held]).rewards
+            per: dict[str, list[bool]] = {}
+            for p, a, b in zip(held, chosen, rejected):
+                per.setdefault(p.domain, []).append(a > b)
+            scores[c] = sum(sum(v) / len(v) for v in per.values()) / len(per)
+        best = max(grid, key=lambda c: (scores[c], -c))
+        self.opts.min_confidence = best
+        self.tuned = {"min_confidence": best, "validation_macro": {str(c): v for c, v in scores.items()},
+                      "pairs": len(held)}
 
     def _share_trunks(self) -> None:
         """`top` tuning: domain RMs of one base share its frozen trunk in memory (one trunk + top blocks each)."""
@@ -259,7 +289,8 @@ class RODOSSystem(RewardSystem):
     def _index(self) -> dict[str, Any]:
         assert self.router is not None
         return {"domains": self.router.domains, "dirs": {d: domain_dir(d) for d in self.rms},
-                **({"selection": self.selection} if self.selection else {})}
+                **({"selection": self.selection} if self.selection else {}),
+                **({"tuned": self.tuned} if self.tuned else {})}
 
     def save_components(self, path: Path) -> None:
         for d, rm in self.rms.items():
@@ -277,6 +308,9 @@ class RODOSSystem(RewardSystem):
         system = cls(config, rms=rms)  # type: ignore[arg-type]
         system.router_version = store.version()
         system.selection = dict(index.get("selection") or {})
+        system.tuned = dict(index.get("tuned") or {})
+        if system.tuned:  # the threshold chosen on the held-back slice, over the config's
+            system.opts.min_confidence = float(system.tuned["min_confidence"])
         paths = store.paths(system.router_version)
         system.router = Router.load(paths, config, system.opts, index["domains"])
         if device is not None:
@@ -295,4 +329,6 @@ class RODOSSystem(RewardSystem):
         info["calibration"] = self.calibration.to_dict()
         if self.selection:
             info["route_selection"] = self.selection
+        if self.tuned:
+            info["tuned"] = self.tuned
         return info
