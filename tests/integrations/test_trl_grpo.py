@@ -18,6 +18,15 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """GRPOTrainer sets accelerate's process-wide state (its mixed precision): reset it for the tests after."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_grpo_trainer_logs_moerm_routes(tiny_llama: str, tmp_path: Path) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -30,7 +39,8 @@ def test_grpo_trainer_logs_moerm_routes(tiny_llama: str, tmp_path: Path) -> None
         srv.wait_ready()
         reward = reward_function(srv.url)
         args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2,
-                              max_completion_length=4, report_to=[], use_cpu=True, logging_steps=1)
+                              max_completion_length=4, report_to=[], use_cpu=True, logging_steps=1,
+                              bf16=False)
         trainer = trl.GRPOTrainer(model=str(tmp_path / "policy"), reward_funcs=reward, args=args,
                                   train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
         completions = ["four", "a b c"]
