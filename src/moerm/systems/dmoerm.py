@@ -170,6 +170,7 @@ class DMoERMSystem(RewardSystem):
         self.router: Router | None = None
         self.router_examples: list[tuple[str, str]] = []
         self.calibration = Calibration()  # each task model's map onto the common scale (options.calibration)
+        self._held_ids: set[str] = set()  # the calibration slice's pair ids, kept from every phase's training
         self.encoder = make_encoder(config.model.backbone, config.model.max_length)
         if self.opts.tasks or self.opts.tasks_file:
             self._set_tasks(self.opts.resolve_tasks())
@@ -285,6 +286,8 @@ class DMoERMSystem(RewardSystem):
         o = self.opts
         owner = self.task_of_domain  # a route is a task: its reference, the held-back pairs of its domains
         train, held = hold_back(train, o.calibration, o.calibration_share, self.config.train.seed)
+        kept = {id(p) for p in train}
+        self._held_ids = {p.id for ps in held.values() for p in ps if id(p) not in kept}
         reference: dict[str, list[PreferencePair]] = {t: [] for t in self.task_names} if held else {}
         for d, ps in held.items():
             if d in owner:  # a domain of no task is refused by _task_pairs, next
@@ -327,7 +330,8 @@ class DMoERMSystem(RewardSystem):
         if not split_a or not split_b:
             raise ConfigError(f"task {task.name!r}: {len(pairs)} pairs cannot be split {self.opts.split_a:.0%}/"
                               f"{1 - self.opts.split_a:.0%} into non-empty splits A and B")
-        cap_train = self.capability_data(task, split_a, judged, {p.id for p in split_b})
+        # judge labels of split B's pairs and of the held-back calibration slice never train an expert
+        cap_train = self.capability_data(task, split_a, judged, {p.id for p in split_b} | self._held_ids)
         short = {c: len(v) for c, v in cap_train.items() if len(v) < self.opts.min_capability_pairs}
         if short:
             raise ConfigError(
