@@ -246,8 +246,15 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, whole (gathered from the shards: every process must call this)."""
-    return {n: full_tensor(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by name, whole, in CPU memory on the main process ({} on the others): gathered one
+    parameter at a time, so no device holds them all at once. Every process must call this."""
+    out: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            whole = full_tensor(p.detach())
+            if is_main():
+                out[n] = whole.cpu()
+    return out
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
