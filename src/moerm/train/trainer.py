@@ -312,7 +312,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
         resumed_from = None
-        found = load_latest_checkpoint(self.ckpt_dir, self._load_optimizer, self.scheduler, acc.device,
+        # sharded: the whole state stays in CPU memory; loading it copies each process's shard to its device
+        where = acc.device if self.sharded is None else torch.device("cpu")
+        found = load_latest_checkpoint(self.ckpt_dir, self._load_optimizer, self.scheduler, where,
                                        warn=lambda msg: tqdm.write(f"warning: {msg}"),
                                        rank=acc.process_index) if resume else None
         if found is not None:
