@@ -9,8 +9,9 @@ optimizer state, and gives the model back whole (same Parameter objects, no FSDP
 
 from __future__ import annotations
 
+import json
 import os
-import sys
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -130,15 +131,11 @@ if distributed.is_main():
 
 
 def test_shard_then_give_back_whole(tmp_path):
-    import subprocess
-
     (tmp_path / "w.py").write_text(WORKER)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(ddp.TORCHRUN), "--standalone", "--nproc_per_node=2", str(tmp_path / "w.py"),
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    import json
-
     out = json.loads((tmp_path / "out.json").read_text())
     for i in range(2):
         assert out[f"sharded{i}"] == ["FSDPBertLayer", "FSDPM"]  # each block, then the root
