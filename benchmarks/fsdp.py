@@ -7,9 +7,10 @@ in one run: moerm's own Trainer, reward model and Bradley-Terry step, under `tor
 Shapes (random weights built from a config, no download): `tiny` (CI), `decoder-150m` (a Llama-style decoder of
 187M parameters), `deberta-v3-large` (DeBERTa-v3-large's shape, 435M) and `llama-1b` (Llama-3.2-1B's shape,
 1.24B). Each mode runs `--steps` optimizer steps of `--batch` pairs per process of `--max-length` tokens.
-Peak memory: on a GPU, `torch.cuda.max_memory_allocated` over the training steps; on the CPU, the process's peak
-resident set (VmHWM) over the training steps, minus its resident set before them (the Linux counter is reset first
-through /proc/self/clear_refs), so the libraries are not counted. Memory does not depend on the machine's load;
+Peak memory: on a GPU, `torch.cuda.max_memory_allocated` over the training steps (weights, gradients, optimizer
+state, activations, buffers); on the CPU, the process's peak resident set (VmHWM) over the training steps (the
+Linux counter is reset first through /proc/self/clear_refs, after free memory is given back with malloc_trim),
+minus its resident set before the model was built (the libraries), so it counts the same things. Memory does not depend on the machine's load;
 pairs/s does (quote it only from an idle machine). `--dtype bf16`: FSDP gathers and computes in bf16 (fp32
 reductions), DDP autocasts to bf16 (train.mixed_precision); both keep fp32 weights and optimizer state.
 Writes its JSON to `--out` (default: printed only); nothing else outside a temporary folder.
@@ -49,6 +50,16 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def _trim() -> None:
+    """glibc's malloc_trim(0): return free heap memory to the OS, so the resident set counts what is in use."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def worker(args: argparse.Namespace) -> None:
     """One process of one mode: build, train `--steps` steps, report peak memory and time (rank 0 writes)."""
     import torch
@@ -62,6 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     from moerm.train.pairwise import make_pairwise_step
     from moerm.train.trainer import Trainer
 
+    base = _rss_kib("VmRSS") * 1024  # CPU: the libraries, before any model exists
     model_type, fields = SHAPES[args.shape]
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **fields, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -90,10 +102,9 @@ def worker(args: argparse.Namespace) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
     else:
+        _trim()  # give freed memory (the full copy FSDP replaced by shards) back to the OS, as it would be reused
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-        before = _rss_kib("VmRSS") * 1024
     distributed.barrier()
     t0 = time.perf_counter()
     result = trainer.train()
@@ -103,7 +114,8 @@ def worker(args: argparse.Namespace) -> None:
     else:
         peak = _rss_kib("VmHWM") * 1024
     seconds = time.perf_counter() - t0
-    peaks = distributed.gather_rows([peak - before], distributed.world_size())
+    used = peak if dev.type == "cuda" else peak - base
+    peaks = distributed.gather_rows([used], distributed.world_size())
     if distributed.is_main():
         Path(args.result).write_text(json.dumps({
             "mode": args.mode, "shape": args.shape, "parameters": n_params, "processes": distributed.world_size(),

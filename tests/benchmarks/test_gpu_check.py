@@ -17,7 +17,7 @@ def test_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", str(out)], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["gpus"] == 0 and list(report["shapes"]) == ["tiny"]

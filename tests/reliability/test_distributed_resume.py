@@ -117,7 +117,7 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
     write_jsonl(toy_pairs(40, seed=1, domain="alpha"), data / "alpha" / "train.jsonl")
     ref = tmp_path / "ref"
     subprocess.run(_cmd(tiny_bert, data, ref, 2, 2, *extra), env=_env(tmp_path), check=True, capture_output=True,
-                   timeout=300)
+                   timeout=600)
     run = tmp_path / "run"
     _killed_run(tiny_bert, data, run, tmp_path, extra)
     if mode == "fsdp":
@@ -128,7 +128,7 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
         moved = tmp_path / "moved"  # a copy to resume on one process below
         shutil.copytree(run, moved)
     res = subprocess.run(_cmd(tiny_bert, data, run, 2, 2, *extra, "--resume"), env=_env(tmp_path),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     a, b = _weights(ref), _weights(run)
     assert a.keys() == b.keys()
@@ -138,7 +138,7 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
     if mode == "fsdp":
         # N=2 -> M=1: one process with batch 4 sees the same pairs per step; batch 2 would not, and says so
         bad = subprocess.run(_cmd(tiny_bert, data, moved, 1, 2, *extra, "--resume"), env=_env(tmp_path),
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=600)
         assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
         assert "written by 2 processes x batch 2" in bad.stdout + bad.stderr
         assert "train.batch_size: 4" in bad.stdout + bad.stderr
@@ -146,7 +146,7 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
         saved["train"]["batch_size"] = 4
         (moved / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
         ok = subprocess.run(_cmd(tiny_bert, data, moved, 1, 4, *extra, "--resume"), env=_env(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=600)
         assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]
         # it continued from the checkpoint to the same end (dropout draws differ per process, so not the same bits)
         resumed = _losses(moved)

@@ -9,8 +9,9 @@ optimizer state, and gives the model back whole (same Parameter objects, no FSDP
 
 from __future__ import annotations
 
+import json
 import os
-import sys
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,12 @@ from test_distributed import setup  # noqa: F401 - the module-scoped tiny BERT a
 from conftest import toy_pairs
 
 FSDP = ["--set", "train.fsdp.enabled=true"]
-# Baseline and LoRA: within the DDP test's 1e-5. Routed systems train three components (router, then one RM per
-# domain), and round-off grows with the steps: measured up to 2.3e-5 (RODOS, one element of a rarely seen position
-# embedding row, which AdamW's g / sqrt(v) amplifies), so they are compared within 1e-4.
-ATOL = {"baseline": 1e-5, "baselora": 1e-5, "rodos": 1e-4, "arliss-top": 1e-4}
+# The reference: 1 process with batch 2b, within the DDP test's 1e-5 (baseline, LoRA), or within 1e-4 for ARLISS-top
+# (three components; round-off grows with the steps). RODOS's router does not train the same on 2 DDP processes as
+# on 1 (measured: 2.9e-3 apart, a DDP matter, not a sharding one), so RODOS is held to DDP on 2 processes, which it
+# matched bit for bit when measured; 1e-6 is allowed.
+ATOL = {"baseline": 1e-5, "baselora": 1e-5, "rodos": 1e-6, "arliss-top": 1e-4}
+AGAINST_DDP = {"rodos"}
 CASES = {
     "baseline": ["--system", "baseline"],
     "baselora": ["--system", "baselora", "--set", "train.lr=5e-3"],
@@ -50,9 +53,12 @@ def _scores(run: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_fsdp_two_processes_equal_one_process_with_the_global_batch_and_score_the_same(setup, name):  # noqa: F811
-    one, two = setup / f"fsdp1-{name}", setup / f"fsdp2-{name}"
+    one, two = setup / f"ref-{name}", setup / f"fsdp2-{name}"
     args = [*CASES[name], "--set", "train.log_every=2"]
-    ddp._train(setup, one, [*args, "--set", "train.batch_size=8"], nproc=1)
+    if name in AGAINST_DDP:
+        ddp._train(setup, one, [*args, "--set", "train.batch_size=4"], nproc=2)
+    else:
+        ddp._train(setup, one, [*args, "--set", "train.batch_size=8"], nproc=1)
     res = ddp._train(setup, two, [*args, *FSDP, "--set", "train.batch_size=4"], nproc=2)
     assert res.stdout.count("saved ") == 1 and "2 processes" in res.stdout
     assert _files(two / "model") == _files(one / "model")  # today's format: the same files
@@ -74,9 +80,9 @@ def test_fsdp_two_processes_equal_one_process_with_the_global_batch_and_score_th
         for a, b in zip(m1, m2):  # the sharded log is the global one
             for key in ("loss", "accuracy", "eval_accuracy", "eval_margin_mean"):
                 if key in a:
-                    assert b[key] == pytest.approx(a[key], abs=10 * ATOL[name]), (log, key, a, b)
+                    assert b[key] == pytest.approx(a[key], abs=max(1e-5, 10 * ATOL[name])), (log, key, a, b)
     s1, s2 = _scores(one), _scores(two)
-    torch.testing.assert_close(s2 - s2.mean(), s1 - s1.mean(), atol=10 * ATOL[name], rtol=1e-4)  # offset-free
+    torch.testing.assert_close(s2 - s2.mean(), s1 - s1.mean(), atol=max(1e-5, 10 * ATOL[name]), rtol=1e-4)
 
 
 WORKER = r'''
@@ -125,15 +131,11 @@ if distributed.is_main():
 
 
 def test_shard_then_give_back_whole(tmp_path):
-    import subprocess
-
     (tmp_path / "w.py").write_text(WORKER)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(ddp.TORCHRUN), "--standalone", "--nproc_per_node=2", str(tmp_path / "w.py"),
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    import json
-
     out = json.loads((tmp_path / "out.json").read_text())
     for i in range(2):
         assert out[f"sharded{i}"] == ["FSDPBertLayer", "FSDPM"]  # each block, then the root
@@ -142,3 +144,20 @@ def test_shard_then_give_back_whole(tmp_path):
         assert out[f"local_numel{i}"] <= out["total_numel"] // 2 + 64  # each process holds about half
     assert out["same_objects"] and out["plain"] and out["left"] == [] and out["hooks"] == 0
     assert len(out["head"]) == 16
+
+
+def test_fsdp_options_bf16_cpu_offload_no_reshard_train_evaluate_checkpoint_and_save(setup):  # noqa: F811
+    """bf16 gathers, CPU offload, reshard_after_forward off, gradient accumulation and evaluation between steps (a
+    forward with no backward leaves blocks gathered: they are resharded before the next checkpoint)."""
+    run = setup / "fsdp-options"
+    ddp._train(setup, run, ["--system", "baseline", *FSDP, "--set", "train.fsdp.mixed_precision=bf16",
+                            "--set", "train.fsdp.cpu_offload=true", "--set", "train.fsdp.reshard_after_forward=false",
+                            "--set", "train.grad_accum=2", "--set", "train.eval_every=2", "--set", "train.save_every=4",
+                            "--set", "train.log_every=2"], nproc=2)
+    assert _files(run / "model") == ["backbone/config.json", "backbone/model.safetensors", "backbone/tokenizer.json",
+                                     "backbone/tokenizer_config.json", "head.safetensors", "system.json"]
+    evals = [ln for ln in ddp._metric_lines(run) if "eval_accuracy" in ln]
+    assert len(evals) >= 2  # evaluated between steps, then trained on
+    weights = ddp._weights(run / "model")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())  # fp32 masters
+    assert torch.isfinite(_scores(run)).all()

@@ -149,7 +149,7 @@ def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     mesh = init_device_mesh(dev.type, (world_size(),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
-    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=dev.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     originals = {(id(m), n): p for m in model.modules() for n, p in m._parameters.items() if p is not None}
     modules = [*transformer_blocks_of(model), model]
     # our step functions never write in place into a model's output, which is all this warning is about
@@ -160,6 +160,13 @@ def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     for p in originals.values():  # their values live in the shards now: free the full copies
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     return Sharded(model, modules, originals, mesh)
+
+
+def reshard(sharded: Sharded) -> None:
+    """Back to shards after a forward without backward (evaluation): with reshard_after_forward off, FSDP keeps the
+    gathered parameters until a backward that never comes, and the optimizer's parameters would not be the model's."""
+    for m in sharded.modules:
+        m.reshard()  # type: ignore[operator]
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -246,8 +253,15 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, whole (gathered from the shards: every process must call this)."""
-    return {n: full_tensor(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by name, whole, in CPU memory on the main process ({} on the others): gathered one
+    parameter at a time, so no device holds them all at once. Every process must call this."""
+    out: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            whole = full_tensor(p.detach())
+            if is_main():
+                out[n] = whole.cpu()
+    return out
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

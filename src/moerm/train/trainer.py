@@ -219,8 +219,10 @@ class Trainer:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._fsdp_autocast():
             metrics = self.eval_fn(model)
+        if self.sharded is not None:
+            distributed.reshard(self.sharded)
         model.train()
         if log:
             self._log({"step": step, "component": self.desc, **{f"eval_{k}": v for k, v in metrics.items()}})
@@ -253,6 +255,13 @@ class Trainer:
             state["grad_scaler"] = scaler.state_dict()
         save_checkpoint(self.ckpt_dir, step, weights, opt_state, self.scheduler, state, keep=self.cfg.keep_checkpoints,
                         rng=rng)
+
+    def _fsdp_autocast(self) -> Any:
+        """train.fsdp.mixed_precision=bf16: FSDP gathers bf16 parameters, and autocast keeps the modules that get
+        float32 inputs from inside the root (heads after a backbone's float32 features) in step with them."""
+        if self.sharded is None or self.cfg.fsdp.mixed_precision != "bf16":
+            return nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         """A checkpoint's optimizer state, keyed by index (torch's own) or by parameter name (a sharded run's)."""
@@ -306,7 +315,9 @@ class Trainer:
         tracking.start(acc, self.out_dir, self.desc, dataclasses.asdict(cfg))
         step, epoch, start_batch, seconds_before = 0, 0, 0, 0.0
         resumed_from = None
-        found = load_latest_checkpoint(self.ckpt_dir, self._load_optimizer, self.scheduler, acc.device,
+        # sharded: the whole state stays in CPU memory; loading it copies each process's shard to its device
+        where = acc.device if self.sharded is None else torch.device("cpu")
+        found = load_latest_checkpoint(self.ckpt_dir, self._load_optimizer, self.scheduler, where,
                                        warn=lambda msg: tqdm.write(f"warning: {msg}"),
                                        rank=acc.process_index) if resume else None
         if found is not None:
@@ -356,7 +367,7 @@ class Trainer:
                 will_step = micro_in_step + 1 == n_micro
                 ctx = (nullcontext() if will_step else distributed.grad_sync(self.model, False) if self.sharded is not None
                        else acc.no_sync(self.model))
-                with ctx, acc.autocast():
+                with ctx, acc.autocast(), self._fsdp_autocast():
                     loss, metrics = self.step_fn(self.model, batch)
                     acc.backward(loss / n_micro)
                 micro_in_step += 1
