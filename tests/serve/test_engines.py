@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from moerm.serve import BackgroundServer, ServeConfig, create_app
+from moerm.serve import BackgroundServer
 from moerm.serve.engines import sigmoid
 from moerm.systems import load_system
 from test_openrlhf import TOKENIZERS, cases, save_tokenizer
