@@ -42,16 +42,22 @@ from serve_faults import free_port, pct, pool, tiny_model  # noqa: E402
 VERSION_HEADER = "X-Moerm-Router-Version"
 
 
-async def clients(url: str, items: list[tuple[str, str]], seconds: float, n: int) -> dict[str, Any]:
-    """`n` clients for `seconds`, each sending 1-4 pairs per request; every answer is kept (pair indices, the
-    router version it names, its rewards) to be checked by `check` once every version's offline rewards are known."""
+async def clients(url: str, items: list[tuple[str, str]], seconds: float, n: int,
+                  until: asyncio.Event | None = None) -> dict[str, Any]:
+    """`n` clients for `seconds` (or until `until` is set), each sending 1-4 pairs per request; every answer is kept
+    (pair indices, the router version it names, its rewards) to be checked by `check` once every version's offline
+    rewards are known."""
     out: dict[str, Any] = {"lost": 0, "pairs": 0, "latency": [], "answers": [], "samples": []}
     stop = time.monotonic() + seconds
+    t_start = time.monotonic()
+
+    def running() -> bool:
+        return not until.is_set() if until is not None else time.monotonic() < stop
 
     async def one(seed: int) -> None:
         rng = random.Random(seed)
         async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-            while time.monotonic() < stop:
+            while running():
                 idx = [rng.randrange(len(items)) for _ in range(rng.randint(1, 4))]
                 t0 = time.perf_counter()
                 try:
@@ -70,7 +76,7 @@ async def clients(url: str, items: list[tuple[str, str]], seconds: float, n: int
                 out["latency"].append(time.perf_counter() - t0)
 
     await asyncio.gather(*(one(s) for s in range(n)))
-    out["pairs_per_s"] = out["pairs"] / seconds
+    out["pairs_per_s"] = out["pairs"] / (time.monotonic() - t_start)
     out["p50_ms"], out["p99_ms"] = 1000 * pct(out["latency"], 0.5), 1000 * pct(out["latency"], 0.99)
     del out["latency"]
     return out
@@ -170,13 +176,23 @@ def swap_mode(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         wait_ready(url)
 
         async def go() -> dict[str, Any]:
-            load = asyncio.create_task(clients(url, items, args.seconds, args.clients))
+            # the clients run from before add-domain starts until --seconds after the server has swapped
+            done = asyncio.Event()
+            load = asyncio.create_task(clients(url, items, args.seconds, args.clients, until=done))
             await asyncio.sleep(min(1.0, args.seconds / 4))
             env = {**os.environ, "HF_HUB_OFFLINE": "1"}
             add = await asyncio.create_subprocess_exec(sys.executable, "-m", "moerm.cli", "add-domain", str(run),
                                                        "--data", str(data), "--no-progress", env=env,
                                                        stdout=asyncio.subprocess.DEVNULL)
             code = await add.wait()
+            deadline = time.monotonic() + 120
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                while time.monotonic() < deadline and code == 0:
+                    if (await c.get("/v1/info")).json().get("router_version") != before.router_version:
+                        break
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(args.seconds)
+            done.set()
             res = await load
             res["add_domain_exit"] = code
             return res

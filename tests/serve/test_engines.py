@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from moerm.serve import BackgroundServer, ServeConfig, create_app
+from moerm.serve import BackgroundServer
 from moerm.serve.engines import sigmoid
 from moerm.systems import load_system
 from test_openrlhf import TOKENIZERS, cases, save_tokenizer
@@ -116,6 +116,7 @@ def test_inputs_that_do_not_parse_get_422_naming_them_and_nothing_is_scored(tmp_
         surrogate = post(srv, "/pooling", {"input": [good, good.replace("two", "\ud800")]})
         wrong_type = post(srv, "/classify", {"input": 5})
         too_many = post(srv, "/classify", {"input": [good] * 300})
+        empty = post(srv, "/classify", {"input": []})
     assert wrong_format.status_code == 422 and wrong_format.json()["errors"][0]["field"] == "input.1"
     assert "does not start the way chatml conversations start" in wrong_format.json()["detail"]
     assert ids_without_tokenizer.status_code == 422 and "tokenizer" in ids_without_tokenizer.json()["detail"]
@@ -126,6 +127,7 @@ def test_inputs_that_do_not_parse_get_422_naming_them_and_nothing_is_scored(tmp_
     assert surrogate.status_code == 422 and surrogate.json()["errors"][0]["field"] == "input.1"
     assert wrong_type.status_code == 422
     assert too_many.status_code == 413 and "300 inputs" in too_many.json()["detail"]
+    assert empty.status_code == 422 and "empty list" in empty.json()["detail"]
     assert fake.prompts == []
 
 

@@ -751,7 +751,7 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None, preloaded: 
                      field: str) -> JSONResponse:
         """The engines' protocols (moerm/serve/engines.py): split each input, score, answer in the engine's shape."""
 
-        def prepare(data: Any) -> tuple[EngineRequest, list[str], list[str]]:
+        def prepare(data: Any) -> tuple[EngineRequest, list[str], list[str], int]:
             n = count_inputs(data)
             if n > cfg.max_items_per_request:
                 raise _reject(413, "input", f"{n} inputs, the limit is {cfg.max_items_per_request} per request",
@@ -768,12 +768,12 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None, preloaded: 
             except ProtocolError as e:
                 raise _unprocessable(e.field, str(e)) from None
             state.check_limits(len(inputs.prompts), "input", inputs.texts)
-            return req, inputs.prompts, inputs.responses
+            lengths = state.lengths  # the tokens the model reads, for `usage` (tokenizing: off the loop when large)
+            tokens = sum(lengths(inputs.prompts, inputs.responses)) if lengths is not None else 0
+            return req, inputs.prompts, inputs.responses, tokens
 
-        req, prompts, responses = await _prepared(request, prepare)
+        req, prompts, responses, tokens = await _prepared(request, prepare)
         rewards, _, version = await state.score(prompts, responses, None, field=field)
-        lengths = state.lengths
-        tokens = sum(lengths(prompts, responses)) if lengths is not None else 0
         return answer(respond(req.model or model_name, rewards, activation(req, default_activation), tokens), version)
 
     @app.post("/classify")

@@ -75,7 +75,8 @@ class Inputs:
 
 
 def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(x, int) for x in value)
+    """One input given as token ids: a non-empty list of ints."""
+    return isinstance(value, list) and bool(value) and all(isinstance(x, int) for x in value)
 
 
 def activation(req: EngineRequest, default: bool) -> bool:
