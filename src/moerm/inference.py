@@ -16,6 +16,23 @@ def sorted_batches(encoded: Sequence[dict[str, list[int]]], batch_size: int) -> 
         yield order[s : s + batch_size]
 
 
+def in_sorted_batches(encoded: Sequence[dict[str, list[int]]], batch_size: int,
+                      run: Callable[[list[int]], torch.Tensor]) -> torch.Tensor | None:
+    """`run(indices)` -> (b, ...) rows for each length-sorted batch of `encoded`; all rows back in input order (None
+    when there is nothing to run). The one "sort by length, run, scatter back" of every batched inference path."""
+    order: list[int] = []
+    outs: list[torch.Tensor] = []
+    for idx in sorted_batches(encoded, batch_size):
+        outs.append(run(idx))
+        order += idx
+    if not outs:
+        return None
+    sorted_out = torch.cat(outs)
+    result = torch.empty_like(sorted_out)
+    result[torch.tensor(order)] = sorted_out
+    return result
+
+
 @torch.no_grad()
 def batched_forward(
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
@@ -33,15 +50,10 @@ def batched_forward(
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     encoded = [encoder.encode(p, r) for p, r in zip(prompts, responses)]
-    order: list[int] = []
-    outs: list[torch.Tensor] = []
-    for idx in sorted_batches(encoded, batch_size):
+
+    def run(idx: list[int]) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in encoder.pad([encoded[i] for i in idx]).items()}
-        outs.append(forward(batch).float().cpu())
-        order += idx
-    if not outs:
-        return torch.zeros(0)
-    sorted_out = torch.cat(outs)
-    result = torch.empty_like(sorted_out)
-    result[torch.tensor(order)] = sorted_out
-    return result
+        return forward(batch).float().cpu()
+
+    out = in_sorted_batches(encoded, batch_size, run)
+    return out if out is not None else torch.zeros(0)

@@ -9,7 +9,7 @@ import torch
 
 from moerm.encoding import Backbone, PairEncoder
 from moerm.encoding.backbone import pooled
-from moerm.inference import sorted_batches
+from moerm.inference import in_sorted_batches
 
 
 @torch.no_grad()
@@ -23,17 +23,15 @@ def prompt_outputs(prompts: Sequence[str], encoder: PairEncoder,
     """
     unique = list(dict.fromkeys(prompts))
     encoded = [encoder.encode_single(p) for p in unique]
-    probs = torch.empty(len(unique), num_domains)
-    feats: torch.Tensor | None = None
-    for idx in sorted_batches(encoded, batch_size):
+
+    def run(idx: list[int]) -> torch.Tensor:
         f = features([encoded[i] for i in idx])  # (b, H)
-        if feats is None:
-            feats = torch.empty(len(unique), f.shape[-1])
-        feats[torch.tensor(idx)] = f.float().cpu()
-        probs[torch.tensor(idx)] = torch.softmax(head(f).float(), -1).cpu()  # (b, D)
-    feats = feats if feats is not None else torch.empty(0, 0)
-    if not prompts:
-        return probs, feats
+        return torch.cat([torch.softmax(head(f).float(), -1).cpu(), f.float().cpu()], -1)  # (b, D + H)
+
+    both = in_sorted_batches(encoded, batch_size, run)
+    if both is None:
+        return torch.empty(0, num_domains), torch.empty(0, 0)
+    probs, feats = both[:, :num_domains], both[:, num_domains:]
     where = {p: i for i, p in enumerate(unique)}
     pos = torch.tensor([where[p] for p in prompts], dtype=torch.long)
     return probs[pos], feats[pos]
@@ -70,12 +68,7 @@ def prompt_features(prompts: Sequence[str], encoder: PairEncoder,
     batches; rows in input order."""
     unique = list(dict.fromkeys(prompts))
     encoded = [encoder.encode_single(p) for p in unique]
-    out: torch.Tensor | None = None
-    for idx in sorted_batches(encoded, batch_size):
-        f = features([encoded[i] for i in idx]).float().cpu()  # (b, H)
-        if out is None:
-            out = torch.empty(len(unique), f.shape[-1])
-        out[torch.tensor(idx)] = f
+    out = in_sorted_batches(encoded, batch_size, lambda idx: features([encoded[i] for i in idx]).float().cpu())
     if out is None:
         return torch.empty(0, 0)
     where = {p: i for i, p in enumerate(unique)}
