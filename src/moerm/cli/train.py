@@ -50,7 +50,7 @@ def train(
     data: list[str] = data_option("training files or folders (train* files in folders)"),
     out: Path = typer.Option(..., "--out", help="run folder"),
     system: Optional[str] = typer.Option(None, "--system", help="reward system (listed below)"),
-    tuning: Optional[str] = typer.Option(None, "--tuning", help="full | lora | frozen | auto (default: the system's)"),
+    tuning: Optional[str] = typer.Option(None, "--tuning", help="full | lora | frozen | top | auto (default: the system's)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="HF model path/name, or 'minilm'"),
     eval_data: Optional[list[str]] = typer.Option(None, "--eval-data", help="held-out files or folders (default: test* files in the --data folders)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)"),
