@@ -2,7 +2,7 @@
 
     backbone.py  load any HF encoder/decoder (safetensors only), pooling, dtype, gradient checkpointing
     pairs.py     prompt/response -> token ids (token-exact truncation, chat templates for decoders)
-    tuning.py    one parsed tuning spec (full | lora | frozen) and the one function that applies it to a backbone
+    tuning.py    one parsed tuning spec (full | lora | frozen | top) and the one function that applies it to a backbone
     adapters.py  encode a batch through named LoRA adapters (one mixed batch, or grouped passes)
     cache.py     backbone identity and the frozen-feature cache (one keying scheme)
 """
