@@ -21,9 +21,9 @@ from rich.console import Console
 from moerm.config import ConfigError, RunConfig, from_dict
 from moerm.data.readers import DataError, json_error, load_pairs, read_lines, resolve_data_paths, too_long
 from moerm.data.schema import PreferencePair
+from moerm.encoding.cache import backbone_id
 from moerm.eval.metrics import aggregate_runs, evaluate_system
 from moerm.eval.report import accuracy_table, aggregate_table
-from moerm.encoding.cache import backbone_id
 from moerm.run_folder import RunLock, inspect_run_folder
 from moerm.systems.base import SYSTEM_FILE, FitContext, build_system, find_model_dir, load_system
 from moerm.train import distributed
@@ -168,10 +168,10 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
             if (inspect_run_folder(run_dir) == "run") != (kind == "run"):
                 raise ConfigError(f"{run_dir}: another moerm process started a run in this folder meanwhile; "
                                   "pass --resume to continue it, or choose another --out")
-            if kind != "run":
-                atomic_write_text(cfg_path, cfg.to_yaml())
+            if kind != "run":  # the backbone's identity first: config.yaml, written next, makes the folder a run
                 atomic_write_text(run_dir / BACKBONE_FILE, json.dumps(
                     {"backbone": cfg.model.backbone, "backbone_id": identity}, indent=2))
+                atomic_write_text(cfg_path, cfg.to_yaml())
             atomic_write_text(run_dir / "command.txt", command + "\n")
             atomic_write_text(run_dir / "data.json", json.dumps(data_info, indent=2))
         distributed.barrier()
