@@ -18,8 +18,9 @@ from moerm.errors import UserError
 
 LOCK_FILE = ".moerm.lock"
 RUN_MARKER = "config.yaml"  # written first by a run: a folder holding it is a moerm run
-# What a run folder may hold before its config.yaml without being the user's: our lock, our error logs
-_OURS = re.compile(r"^(\.moerm\.lock|last-error(\.rank\d+)?\.log)$")
+# What a run folder may hold before its config.yaml without being the user's: our lock, our error logs, the
+# backbone record a start writes just before config.yaml (runs.BACKBONE_FILE)
+_OURS = re.compile(r"^(\.moerm\.lock|last-error(\.rank\d+)?\.log|backbone\.json)$")
 
 Kind = Literal["absent", "empty", "run"]
 

@@ -173,10 +173,10 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
             if (inspect_run_folder(run_dir) == "run") != (kind == "run"):
                 raise ConfigError(f"{run_dir}: another moerm process started a run in this folder meanwhile; "
                                   "pass --resume to continue it, or choose another --out")
-            if kind != "run":
-                atomic_write_text(cfg_path, cfg.to_yaml())
+            if kind != "run":  # the backbone's identity first: config.yaml, written next, makes the folder a run
                 atomic_write_text(run_dir / BACKBONE_FILE, json.dumps(
                     {"backbone": cfg.model.backbone, "backbone_id": identity}, indent=2))
+                atomic_write_text(cfg_path, cfg.to_yaml())
             atomic_write_text(run_dir / "command.txt", command + "\n")
             atomic_write_text(run_dir / "data.json", json.dumps(data_info, indent=2))
         distributed.barrier()
