@@ -158,8 +158,8 @@ def train_run(cfg: RunConfig, run_dir: Path, command: str = "", resume: bool = F
         world = distributed.world_size()
         console.print(f"[bold]{cfg.system}[/] ({cfg.model.tuning}, {cfg.model.backbone}): "
                       f"{len(train)} training pairs ({sum(data_info['train_prompts'].values())} prompts) in "
-                      f"{len(data_info['train_pairs'])} domains, {len(evals)} held-out pairs "
-                      f"({sum(data_info['eval_prompts'].values())} prompts)" + (f", {world} processes" if world > 1 else ""), highlight=False)
+                      f"{len(data_info['train_pairs'])} domains, {len(evals)} held-out pairs"
+                      + (f" ({sum(data_info['eval_prompts'].values())} prompts)" if evals else "") + (f", {world} processes" if world > 1 else ""), highlight=False)
     # Seed before anything random is built (heads, routers, adapters): this torch build seeds randomly at import,
     # so without it the same command twice trains different weights.
     set_seed(cfg.train.seed)

@@ -81,6 +81,11 @@ def test_seeds_are_aggregated(tmp_path, data_dir, tiny_bert):
     assert len(accs) == 2
     assert agg["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
     assert agg["accuracy"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))  # sample std of two
+    # prompts beside pairs, and the 95% interval of the seed mean (prompts resampled within each domain)
+    assert agg["per_domain"]["alpha"]["prompts"] >= 1 and agg["per_domain"]["alpha"]["pairs"] == 16
+    assert agg["macro_accuracy_ci"]["low"] <= agg["macro_accuracy"]["mean"] <= agg["macro_accuracy_ci"]["high"]
+    md = (run / "eval" / "eval.md").read_text()
+    assert "| domain | pairs | prompts |" in md and "95% interval" in md
 
 
 def test_invalid_training_data_is_reported_with_file_line_field(tmp_path, tiny_bert):

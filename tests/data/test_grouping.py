@@ -65,3 +65,18 @@ def test_split_of_single_pair_prompts_hits_the_share_exactly():
     assert split_by_prompt(pairs, 0.6, 1)[0] != a  # the seed picks which prompts
     with pytest.raises(ValueError):
         split_by_prompt(pairs, 1.5, 0)
+
+
+def test_split_of_single_pair_prompts_is_the_seeded_shuffle_it_replaced():
+    # DMoERM's A/B split was a per-domain seeded shuffle of pairs; with one pair per prompt it is unchanged
+    import random
+
+    pairs = _pairs([(d, f"{d}{i}", 1) for d in "xyz" for i in range(37)])
+    random.Random(1).shuffle(pairs)
+    for seed in range(3):
+        rng, in_a = random.Random(seed), set()
+        for d in "xyz":
+            idx = [i for i, p in enumerate(pairs) if p.domain == d]
+            rng.shuffle(idx)
+            in_a.update(idx[: round(0.6 * len(idx))])
+        assert split_by_prompt(pairs, 0.6, seed)[0] == [p for i, p in enumerate(pairs) if i in in_a]

@@ -23,7 +23,7 @@ def test_per_domain_and_overall() -> None:
     s = dataset_stats(PAIRS, words)
     assert list(s["domains"]) == ["a", "b"]
     a = s["domains"]["a"]
-    assert a["n_pairs"] == 2
+    assert a["n_pairs"] == 2 and a["n_prompts"] == 2 and s["overall"]["n_prompts"] == 3
     assert a["prompt_tokens"] == {"p50": 3.0, "p90": pytest.approx(3.8), "p99": pytest.approx(3.98), "max": 4.0}
     assert a["chosen_longer"] == 0.5 and a["with_aspects"] == 0.5
     o = s["overall"]
@@ -47,11 +47,11 @@ def test_markdown_table() -> None:
     md = stats_markdown(dataset_stats(PAIRS, words))
     lines = md.splitlines()
     assert lines[0].startswith("| domain | pairs |") and len(lines) == 2 + 3
-    assert lines[2] == "| a | 2 | 3 / 4 / 4 / 4 | 2 / 3 / 3 / 3 | 2 / 2 / 2 / 2 | 50% | 50% |"
+    assert lines[2] == "| a | 2 | 2 | 3 / 4 / 4 / 4 | 2 / 3 / 3 / 3 | 2 / 2 / 2 / 2 | 50% | 50% |"
     assert lines[-1].startswith("| **overall** | 3 |")
 
 
 def test_empty() -> None:
     s = dataset_stats([], words)
     assert s["domains"] == {} and s["overall"]["n_pairs"] == 0 and s["overall"]["chosen_longer"] is None
-    assert "| **overall** | 0 | - | - | - | - | - |" in stats_markdown(s)
+    assert "| **overall** | 0 | 0 | - | - | - | - | - |" in stats_markdown(s)

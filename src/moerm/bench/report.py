@@ -19,7 +19,7 @@ from moerm.atomic import atomic_write_text
 from moerm.data.readers import load_pairs
 from moerm.eval.intervals import Interval, accuracy_intervals, clustered_accuracy_ci
 from moerm.eval.metrics import aggregate_subsets, ci_record, compare_runs, pair_index, per_pair_rows
-from moerm.eval.report import INTERVAL_NOTE, ci_text, diff_text, matrix_table
+from moerm.eval.report import ci_text, diff_text, matrix_table
 
 PLOTS = {"accuracy_per_domain": "accuracy per domain, grouped by system",
          "accuracy_vs_params": "average accuracy against total parameters",
@@ -35,10 +35,6 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ results
-
-EVAL_KEYS = {"accuracy": "eval", "accuracy_domain_given": "eval_domain_given",
-             "accuracy_oracle_routing": "eval_oracle_routing"}  # results table -> the cell's evaluation
-
 
 def held_out_index(prepared: Prepared) -> dict[str, tuple[str, str]]:
     """Held-out pair id -> (domain, prompt key), over the shared sample and every plan's own held-out file: what
@@ -56,7 +52,8 @@ def _reports(cells: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     return [c[key] for c in cells if key in c]
 
 
-def macro_ci(reports: list[dict[str, Any]], index: dict[str, tuple[str, str]], domains: list[str]) -> dict[str, Any] | None:
+def macro_ci(reports: list[dict[str, Any]], index: dict[str, tuple[str, str]],
+             domains: list[str]) -> dict[str, Any] | None:
     """The 95% interval of the seed-mean macro accuracy over `domains` (prompts resampled within each domain)."""
     rows = per_pair_rows(reports, index, domains)
     if rows is None:
@@ -64,6 +61,7 @@ def macro_ci(reports: list[dict[str, Any]], index: dict[str, tuple[str, str]], d
     ids, correct = rows
     ci = clustered_accuracy_ci(correct, [index[i][1] for i in ids], [index[i][0] for i in ids], macro=True)
     return ci_record(ci)
+
 
 def build_results(cfg: BenchConfig, cells: dict[str, dict[str, Any]], inference: dict[str, Any], prepared: Prepared,
                   skipped: dict[str, str], failed: dict[str, str]) -> dict[str, Any]:
@@ -218,8 +216,9 @@ def _group(res: dict[str, Any], by_system: dict[str, list[dict[str, Any]]], titl
         cov = _covered(acc, domains)
         if not cov:
             continue
+        ci = macro_ci(_reports(by_system[s], key), index, cov)
         out["systems"][s] = {"per_domain": {d: acc["per_domain"][d] for d in cov},
-                             "average": _with_ci(_seed_macro(acc, cov), macro_ci(_reports(by_system[s], key), index, cov)),
+                             "average": _with_ci(_seed_macro(acc, cov), ci),
                              "domains": cov, "pairs": sum(acc["per_domain"][d].get("pairs", 0) for d in cov),
                              "prompts": sum(acc["per_domain"][d].get("prompts", 0) for d in cov)}
         oracle = res["accuracy_oracle_routing"].get(s)
@@ -534,6 +533,11 @@ def _capabilities(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ markdown
 
+SPREAD_NOTE = ("mean ± sample std over seeds (the seed spread), then [low, high]: the 95% interval of that mean "
+               "from a bootstrap that resamples held-out prompts, all pairs of a drawn prompt together, within each domain "
+               "(the sampling spread)")
+
+
 def _pct(v: dict[str, Any] | None, std: bool = True) -> str:
     """"61.3 ± 1.2 [58.1, 64.4]": mean ± std over seeds and, where there is one, the 95% interval over prompts."""
     if not v:
@@ -577,10 +581,9 @@ def _group_rows(table: dict[str, Any], domains: list[str]) -> list[str]:
 def groups_markdown(res: dict[str, Any]) -> str:
     """A table per domain group: accuracy per domain and the macro over the group (routed, or domain given)."""
     seeds = sorted({len(v["seeds"]) for t in (res["accuracy"], res["accuracy_domain_given"]) for v in t.values()})
-    out = [f"Pairwise accuracy (%) on the held-out pairs, mean ± sample std over {' / '.join(map(str, seeds))} seed(s) "
-           "(the seed spread), then in brackets the 95% interval of that mean over the held-out prompts (the sampling "
-           "spread: " + INTERVAL_NOTE[:1].lower() + INTERVAL_NOTE[1:-1] + "); **average** = mean over the group's "
-           "domains (macro) per seed, then over seeds; ¹ over the domains the system covers only."]
+    out = [f"Pairwise accuracy (%) on the held-out pairs over {' / '.join(map(str, seeds))} seed(s): {SPREAD_NOTE}. "
+           "**average** = mean over the group's domains (macro) per seed, then over seeds; ¹ over the domains the "
+           "system covers only."]
     for name, g in res["groups"].items():
         how = ("each pair's domain passed to `score` (`domain` in `score`, the server and the TRL function), as an "
                "RLHF trainer that knows each prompt's source passes it; systems that do not route ignore it"
@@ -619,9 +622,9 @@ def comparisons_markdown(comp: dict[str, Any]) -> list[str]:
               "| comparison | pairs (prompts) | macro | pair-weighted | domains whose interval excludes 0 |",
               "|---|---:|---:|---:|---|"]
     for name, d in rows:
-        sure = [f"{dom} {100 * v['diff']:+.1f} {ci_text(v)}" for dom, v in d["per_domain"].items() if v["excludes_zero"]]
-        lines.append(f"| {name} | {d['pairs']} ({d['prompts']}) | {diff_text(d['macro'])} | {diff_text(d['overall'])} | "
-                     f"{'; '.join(sure) or 'none'} |")
+        sure = [f"{dom} {diff_text(v)}" for dom, v in d["per_domain"].items() if v["excludes_zero"]]
+        lines.append(f"| {name} | {d['pairs']} ({d['prompts']}) | {diff_text(d['macro'])} | "
+                     f"{diff_text(d['overall'])} | {'; '.join(sure) or 'none'} |")
     return lines
 
 
@@ -720,9 +723,8 @@ def accuracy_markdown(res: dict[str, Any]) -> str:
     n_seeds = {s: len(v["seeds"]) for s, v in res["accuracy"].items()}
     lines, partial = _accuracy_rows(res["accuracy"], domains)
     seeds = sorted(set(n_seeds.values()))
-    head = (f"Pairwise accuracy (%) on the held-out pairs: chosen scored strictly above rejected. Mean ± sample std over "
-            f"{' / '.join(map(str, seeds))} seed(s) (the seed spread), then in brackets the 95% interval of that mean "
-            "over the held-out prompts (the sampling spread; " + INTERVAL_NOTE[:1].lower() + INTERVAL_NOTE[1:-1] + "); "
+    head = (f"Pairwise accuracy (%) on the held-out pairs: chosen scored strictly above rejected, over "
+            f"{' / '.join(map(str, seeds))} seed(s); {SPREAD_NOTE}. "
             "**average** = mean over the system's domains (macro), then over seeds. "
             "Routed systems route with their own router (no domain given).")
     out = [head, "", *lines]

@@ -8,7 +8,6 @@ splits, the clustered bootstrap's clusters, the prompt counts in reports) uses `
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections import defaultdict
@@ -79,31 +78,28 @@ def sample_round_robin(pairs: Sequence[PreferencePair], cap: int | None, seed: i
     return [p for i, p in enumerate(pairs) if i in keep]
 
 
-def _unit(seed: int, key: str) -> float:
-    """A seeded uniform number in [0, 1) per key: the same key gets the same number in every domain."""
-    h = hashlib.sha256(f"{seed}\0{key}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
-
-
 def split_by_prompt(pairs: Sequence[PreferencePair], share: float, seed: int
                     ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Split (A, B) with no prompt on both sides: per domain, whole prompts go to A in a seeded order until A holds
-    the closest it can to round(`share` x the domain's pairs) (exactly that when every prompt has one pair); the
-    rest to B. A prompt that several domains share is on the same side in all of them (A only where every domain
-    put it in A). Both keep file order. Used wherever training data is split for validation, model selection,
-    thresholds, calibration or a later training phase."""
+    """Split (A, B) with no prompt on both sides: per domain (sorted), whole prompts in a seeded shuffle go to A
+    while that brings A closer to round(`share` x the domain's pairs) (exactly that when every prompt has one pair:
+    then the split is a plain seeded shuffle of the pairs); the rest to B. A prompt that several domains share is on
+    the same side in all of them (A only where every domain put it in A). Both keep file order. Used wherever
+    training data is split for validation, model selection, thresholds, calibration or a later training phase."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1]; got {share}")
     keys = pair_keys(pairs)
-    sizes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    sizes: dict[str, dict[str, int]] = defaultdict(dict)  # domain -> key -> pairs, keys in first-seen order
     for p, k in zip(pairs, keys):
-        sizes[p.domain][k] += 1
+        sizes[p.domain][k] = sizes[p.domain].get(k, 0) + 1
+    rng = random.Random(seed)
     side: dict[str, bool] = {}  # key -> in A
     for domain in sorted(sizes):
         groups = sizes[domain]
         target = round(share * sum(groups.values()))
+        order = list(groups)
+        rng.shuffle(order)
         count = 0
-        for k in sorted(groups, key=lambda k: (_unit(seed, k), k)):
+        for k in order:
             n = groups[k]
             take = abs(count + n - target) < abs(count - target)
             count += n if take else 0

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from moerm.data.grouping import pair_keys
 from moerm.data.schema import PreferencePair
 
 OVERALL = "overall"
@@ -28,6 +29,8 @@ def _group_stats(pairs: Sequence[PreferencePair], count: Callable[[str], int]) -
     with_aspects = sum(p.aspects_chosen is not None or p.aspects_rejected is not None for p in pairs)
     return {
         "n_pairs": n,
+        # distinct prompt keys (`data.grouping.prompt_key`): pairs of one prompt are not independent evidence
+        "n_prompts": len(set(pair_keys(pairs))),
         **{f"{name}_tokens": _percentiles(lengths[name]) for name in _TEXTS},
         # Share of pairs whose chosen reply has more tokens: far from 0.5 means a length shortcut is available.
         "chosen_longer": longer / n if n else None,
@@ -67,13 +70,13 @@ def _fmt_share(x: float | None) -> str:
 def stats_markdown(stats: dict[str, Any]) -> str:
     """The output of `dataset_stats` as a Markdown table, one row per domain plus an overall row."""
     header = (
-        "| domain | pairs | prompt tokens p50/p90/p99/max | chosen tokens p50/p90/p99/max "
+        "| domain | pairs | prompts | prompt tokens p50/p90/p99/max | chosen tokens p50/p90/p99/max "
         "| rejected tokens p50/p90/p99/max | chosen longer | with aspects |"
     )
-    rows = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups = [*stats["domains"].items(), (f"**{OVERALL}**", stats[OVERALL])]
     for name, s in groups:
-        cells = [name, str(s["n_pairs"]), *(_fmt_lengths(s[f"{t}_tokens"]) for t in _TEXTS)]
+        cells = [name, str(s["n_pairs"]), str(s["n_prompts"]), *(_fmt_lengths(s[f"{t}_tokens"]) for t in _TEXTS)]
         cells += [_fmt_share(s["chosen_longer"]), _fmt_share(s["with_aspects"])]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import nn
 
 from moerm.encoding import Backbone, backbone_kwargs, load_backbone, make_encoder
 from moerm.config import ConfigError, RunConfig, from_dict, resolve_path
+from moerm.data.grouping import split_by_prompt
 from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.inference import sorted_batches
@@ -105,17 +105,9 @@ def adapter_of(capability: str) -> str:
 
 
 def split_ab(pairs: Sequence[PreferencePair], share_a: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Per domain, a seeded shuffle: the first `share_a` go to split A, the rest to split B (both keep file order)."""
-    by: dict[str, list[int]] = defaultdict(list)
-    for i, p in enumerate(pairs):
-        by[p.domain].append(i)
-    rng = random.Random(seed)
-    in_a: set[int] = set()
-    for d in sorted(by):
-        idx = list(by[d])
-        rng.shuffle(idx)
-        in_a.update(idx[: round(share_a * len(idx))])
-    return [p for i, p in enumerate(pairs) if i in in_a], [p for i, p in enumerate(pairs) if i not in in_a]
+    """Per domain, about `share_a` of the pairs to split A, the rest to split B, whole prompts on one side only (the
+    aggregator learns on prompts the experts never saw); both keep file order."""
+    return split_by_prompt(pairs, share_a, seed)
 
 
 class TaskModel(nn.Module):

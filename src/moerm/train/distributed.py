@@ -125,7 +125,7 @@ def fsdp_wanted(cfg: Any) -> bool:
 def transformer_blocks_of(model: nn.Module) -> list[nn.Module]:
     """Every transformer block inside `model` (of every backbone it holds): the items of a ModuleList named as Hugging
     Face names block lists (`layer`, `layers`, `h`, ...), each once."""
-    from moerm.modules.experts import BLOCK_LIST_NAMES
+    from moerm.encoding.blocks import BLOCK_LIST_NAMES
 
     seen: set[int] = set()
     blocks: list[nn.Module] = []

@@ -61,7 +61,7 @@ def count_backbone(name_or_path: str, tuning: str = "full", lora_r: int = 8,
     from transformers import AutoModel
 
     from moerm.encoding.backbone import load_config
-    from moerm.modules.experts import transformer_blocks
+    from moerm.encoding.blocks import transformer_blocks
 
     config = load_config(name_or_path)
     with torch.device("meta"):
