@@ -277,7 +277,8 @@ class DMoERMSystem(RewardSystem):
             self._set_tasks(self.opts.resolve_tasks())
         o = self.opts
         owner = self.task_of_domain  # a route is a task: its reference, the held-back pairs of its domains
-        train, held = hold_back(train, o.calibration, o.calibration_share, self.config.train.seed)
+        hold = "zscore" if o.ood != "none" else o.calibration  # the slice also sets the OOD threshold
+        train, held = hold_back(train, hold, o.calibration_share, self.config.train.seed)
         kept = {id(p) for p in train}
         self._held_ids = {p.id for ps in held.values() for p in ps if id(p) not in kept}
         reference: dict[str, list[PreferencePair]] = {t: [] for t in self.task_names} if held else {}
@@ -294,8 +295,12 @@ class DMoERMSystem(RewardSystem):
         self.router = Router(self.config, self.opts, self.task_names)
         held_out = router_examples([dataclasses.replace(p, domain=self.task_of_domain[p.domain]) for p in eval or []
                                     if p.domain in self.task_of_domain], self.opts.max_router_prompts_per_domain)
+        kept = {id(p) for p in train}
+        calibration = router_examples([dataclasses.replace(p, domain=owner[p.domain]) for ps in held.values()
+                                       for p in ps if id(p) not in kept and p.domain in owner],
+                                      self.opts.max_router_prompts_per_domain)
         result.add(self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx,
-                                   self.train_config("router"), held_out), "router")
+                                   self.train_config("router"), held_out, calibration), "router")
         self.router.model.requires_grad_(False)
         for task in self.tasks:
             self._fit_task(task, by_task[task.name], eval_by_task.get(task.name, []), judged, ctx, result)

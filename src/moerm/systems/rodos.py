@@ -100,16 +100,18 @@ class RODOSSystem(RewardSystem):
         result = rm.fit([p for p in train if keep(p)], [p for p in eval if keep(p)] if eval else None, sub)
         return rm, result
 
-    def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None) -> ComponentFit:
+    def _train_router(self, ctx: FitContext, eval: Sequence[PreferencePair] | None = None,
+                      calibration: Sequence[PreferencePair] = ()) -> ComponentFit:
         self.router = Router(self.config, self.opts, self.domains)
-        held_out = router_examples(eval, self.opts.max_router_prompts_per_domain) if eval else []
+        cap = self.opts.max_router_prompts_per_domain
+        held_out = router_examples(eval, cap) if eval else []
         return self.router.fit(self.router_examples, ctx.out_dir / "components" / "router", ctx,
-                               self.train_config("router"), held_out)
+                               self.train_config("router"), held_out, router_examples(calibration, cap))
 
     def fit(self, train: Sequence[PreferencePair], eval: Sequence[PreferencePair] | None, ctx: FitContext) -> FitResult:
         require_routes([p.domain for p in train], self.name)
         o = self.opts
-        held = "zscore" if (o.select_routes or o.tune_confidence) else o.calibration  # one slice serves them all
+        held = "zscore" if (o.select_routes or o.tune_confidence or o.ood != "none") else o.calibration  # one slice
         train, reference = hold_back(train, held, o.calibration_share, self.config.train.seed)
         result = FitResult({})
         for domain in sorted({p.domain for p in train}):
@@ -127,7 +129,9 @@ class RODOSSystem(RewardSystem):
         if o.select_routes:
             self._select_routes(reference, train)
         self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
-        result.add(self._train_router(ctx, eval), "router")  # router:eval_accuracy on held-out prompts only
+        trained = {id(p) for p in train}
+        held = [p for ps in reference.values() for p in ps if id(p) not in trained]  # the OOD threshold's prompts
+        result.add(self._train_router(ctx, eval, held), "router")  # router:eval_accuracy on held-out prompts only
         self._share_trunks()
         if o.tune_confidence:
             self._tune_confidence([p for ps in reference.values() for p in ps], train)

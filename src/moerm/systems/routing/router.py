@@ -90,8 +90,11 @@ class Router:
         return FeatureTexts.labelled(feats, examples, self.domains)
 
     def fit(self, examples: Sequence[tuple[str, str]], out_dir: Path, ctx: Any, train_cfg: TrainConfig,
-            eval_examples: Sequence[tuple[str, str]] = ()) -> ComponentFit:
-        """Train on `examples`; `eval_examples` (held-out prompts, unknown domains dropped) give its eval accuracy."""
+            eval_examples: Sequence[tuple[str, str]] = (),
+            calibration_examples: Sequence[tuple[str, str]] = ()) -> ComponentFit:
+        """Train on `examples`; `eval_examples` (held-out prompts, unknown domains dropped) give its eval accuracy
+        and nothing else; the OOD threshold is set on `calibration_examples` (prompts held back from training, never
+        the evaluation's), or on the training prompts without any."""
         held_out = [(p, d) for p, d in eval_examples if d in self.domains]
         head_lr = train_cfg.head_lr or train_cfg.lr
         trained = self.backend.trained
@@ -115,8 +118,10 @@ class Router:
         self.eval_accuracy = fit.metrics.get("eval_accuracy")
         if self.opts.ood != "none":
             cached = isinstance(data, FeatureTexts)
-            self.fit_detector(examples, held_out, data.features if cached else None,
-                              eval_data.features if cached and eval_data is not None else None)
+            calib = [(p, d) for p, d in calibration_examples if d in self.domains]
+            calib_feats = self._features(calib, ctx, "features (router calibration)").features if cached and calib \
+                else None
+            self.fit_detector(examples, calib, data.features if cached else None, calib_feats)
         return fit
 
     def fit_detector(self, examples: Sequence[tuple[str, str]], held_out: Sequence[tuple[str, str]] = (),
