@@ -41,6 +41,7 @@ from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.systems import load_system
 from moerm.systems.base import FitContext
+from moerm.systems.rodos import GENERAL
 from moerm.systems.routing import (
     OODCheck, OODDetector, Route, Router, combine_rewards, decide_routes, rm_passes,
 )
@@ -73,10 +74,10 @@ def score_matrix(system: Any, pairs: Sequence[PreferencePair], batch_size: int) 
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     if not pairs:
         return {}
-    rms = dict(system.rms)
+    routes = {d: d for d in system.rms}  # each route's rewards on the common scale, as the system mixes them
     if system.general is not None:
-        rms["__general__"] = system.general
-    return {d: torch.tensor(rm.score(prompts, responses, batch_size=batch_size).rewards) for d, rm in rms.items()}
+        routes["__general__"] = GENERAL
+    return {key: system.route_rewards(route, prompts, responses, batch_size) for key, route in routes.items()}
 
 
 def one_rm_scores(system: Any, pairs: Sequence[PreferencePair], batch_size: int) -> dict[str, torch.Tensor]:

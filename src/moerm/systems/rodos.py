@@ -207,6 +207,11 @@ class RODOSSystem(RewardSystem):
         """The domains whose routes the general RM serves (`options.select_routes`)."""
         return {d for d, s in self.selection.items() if s["served_by"] == "general"}
 
+    def route_rewards(self, route: str, prompts: list[str], responses: list[str], batch_size: int = 32
+                      ) -> torch.Tensor:
+        """(N,) one route's rewards (a domain RM, or GENERAL) on the common scale, as `score` mixes them."""
+        return self.calibration(route, self._raw(route, prompts, responses, batch_size))
+
     def _raw(self, route: str, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
         """(N,) raw rewards of one route (a domain RM, or GENERAL) on the given texts."""
         rm = self.general if route == GENERAL else self.rms[route]
