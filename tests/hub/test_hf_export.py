@@ -131,6 +131,7 @@ def test_a_calibrated_rm_exports_its_calibrated_reward(tiny_bert: str, tmp_path:
     s.save(tmp_path / "run" / "model")
     info = export_run(tmp_path / "run", tmp_path / "hf")
     scale = load_system(tmp_path / "run").calibration.scales["rm"]
-    assert info["calibration"] == {"mean": scale.mean, "std": scale.std} and scale.std != 1.0
+    assert info["calibration"] == {"mean": scale.mean, "std": scale.std, "applied": "folded into the head"}
+    assert scale.std != 1.0
     theirs = hf_logits(str(tmp_path / "hf"), load_system(tmp_path / "run").encoder, trust_remote_code=True)
     torch.testing.assert_close(theirs, moerm_rewards(tmp_path / "run"), atol=1e-4, rtol=0)

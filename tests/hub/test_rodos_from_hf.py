@@ -55,7 +55,10 @@ def test_imported_rm_is_a_domain_of_rodos(tiny_bert: str, hf_rms: dict[str, str]
     res = loaded.score(prompts, responses, domains=["new"] * 4)
     assert all(d["routed_domain"] == "new" and d["route_source"] == "given" for d in res.details)
     theirs = hf_logits(hf_rms["llama"], new_rm.encoder, list(zip(prompts, responses)))
-    torch.testing.assert_close(torch.tensor(res.rewards), theirs, atol=1e-5, rtol=0)
+    raw = torch.tensor([d["raw_rewards"]["new"] for d in res.details])  # the imported RM's own logit ...
+    torch.testing.assert_close(raw, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(res.rewards), loaded.calibration("new", theirs), atol=1e-5, rtol=0)
+    assert set(loaded.calibration.scales) == {"a", "b", "new"}  # ... on the run's common scale, its map fitted at add
     # without a domain the router sends the new domain's prompts to the imported RM
     routed = loaded.score([p.prompt for p in new_domain_pairs(8, seed=5)], ["good"] * 8)
     assert sum(d["routed_domain"] == "new" for d in routed.details) >= 7

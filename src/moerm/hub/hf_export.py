@@ -67,20 +67,21 @@ def route_scale(system, domain: str | None):
 
 
 @torch.no_grad()
-def fold_scale(rm, scale) -> None:
+def fold_scale(rm, scale) -> bool:
     """Put the route's map into the head's last Linear (w / std, (b - mean) / std), so the exported model's logit
-    is the calibrated reward; the RM then scores calibrated by itself (its own map is cleared)."""
+    is the calibrated reward; the RM then scores calibrated by itself (its own map is cleared). A head without a bias
+    (decoders' stock `score`) cannot hold the offset: it is left raw and the map goes into config.json as OpenRLHF's
+    `mean` / `std` (`--normalize_reward` applies them). Returns whether the map was folded."""
     from moerm.systems.calibration import Calibration
 
     head = rm.head
     last = head.out if hasattr(head, "out") else head.net[-1]
-    if last.bias is None and scale.mean != 0.0:
-        raise UnsupportedError("export: this head has no bias to carry its calibration map's offset; export with "
-                               "the run's options.calibration=none")
+    if last.bias is None:
+        return False
     last.weight.div_(scale.std)
-    if last.bias is not None:
-        last.bias.sub_(scale.mean).div_(scale.std)
+    last.bias.sub_(scale.mean).div_(scale.std)
     rm.calibration = Calibration()
+    return True
 
 
 def _base_model(rm) -> torch.nn.Module:
@@ -200,8 +201,7 @@ def export_run(run: str | Path, out: str | Path, domain: str | None = None, comm
     system = load_system(model_dir, device="cpu", quantize="none")
     rm = pick_reward_model(system, domain)
     scale = route_scale(system, domain)
-    if scale is not None:  # the exported reward is on the run's common scale, as `moerm score` gives it
-        fold_scale(rm, scale)
+    folded = scale is not None and fold_scale(rm, scale)  # the exported reward on the run's common scale
     rm.model.eval()
     base = _base_model(rm)
     tok = rm.encoder.tokenizer
@@ -211,7 +211,10 @@ def export_run(run: str | Path, out: str | Path, domain: str | None = None, comm
                             "pooling": rm.backbone.pooling, "head": rm.config.model.head,
                             "max_length": rm.config.model.max_length,
                             "trust_remote_code": not native,
-                            "calibration": None if scale is None else {"mean": scale.mean, "std": scale.std}}
+                            "calibration": None if scale is None else {
+                                "mean": scale.mean, "std": scale.std,
+                                "applied": "folded into the head" if folded else "config.json mean/std (OpenRLHF "
+                                                                                 "--normalize_reward)"}}
 
     def fill(tmp: Path) -> None:
         if native:
@@ -224,6 +227,9 @@ def export_run(run: str | Path, out: str | Path, domain: str | None = None, comm
         saved.save_pretrained(tmp)  # with its chat template, if it has one
         config = json.loads((tmp / "config.json").read_text())
         config["moerm_truncation"] = info["truncation"]
+        if scale is not None and not folded:  # (reward - mean) / std puts the raw logit on the run's common scale
+            config["mean"], config["std"] = scale.mean, scale.std
+            config["moerm_calibration"] = info["calibration"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         info["max_abs_diff_on_probes"] = _verify(tmp, rm, trust_remote_code=not native)
         atomic_write_text(tmp / EXPORT_FILE, json.dumps({**info, "command": command}, indent=2))
