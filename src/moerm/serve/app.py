@@ -722,7 +722,7 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None, preloaded: 
             if req.prompts is not None and len(req.prompts) != len(req.query):
                 raise _unprocessable("prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries; send one "
                                                 "per query or none")
-            if req.labels is not None and len(req.labels) != len(req.query):
+            if cfg.labels_as_domain and req.labels is not None and len(req.labels) != len(req.query):
                 raise _unprocessable("labels", f"{len(req.labels)} labels for {len(req.query)} queries; send one "
                                                "per query or none")
             if state.splitter is None:  # `auto` waiting for the model to load
