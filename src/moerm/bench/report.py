@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from moerm.eval.intervals import sample_std
 from moerm.bench.bon import best_of_n_markdown, write_best_of_n_plot
 from moerm.bench.data import Prepared
 from moerm.bench.measure import environment
@@ -30,7 +31,7 @@ def mean_std(values: list[float]) -> dict[str, float]:
     """Mean and sample standard deviation (0 for one value)."""
     n = len(values)
     mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    std = sample_std(values)
     return {"mean": mean, "std": std, "n": n}
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from moerm.atomic import atomic_path
 from moerm.data.schema import validate_record
 from moerm.errors import UserError
 
@@ -322,12 +321,7 @@ def convert(fmt: str, in_path: Path, out_path: Path, domain: str | None = None, 
     source = in_path.name
     seen_ids: set[str] = set()
     last_line: int | None = None
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.chmod(0o644)  # mkstemp makes 0600; the output is an ordinary data file
-    try:
+    with atomic_path(out_path) as tmp:
         with _open_text(tmp, "wt", gz=out_path.suffix == ".gz") as f:
             for item in items:
                 if item.line != last_line:  # items come in row order and every row yields at least one
@@ -347,8 +341,4 @@ def convert(fmt: str, in_path: Path, out_path: Path, domain: str | None = None, 
                 seen_ids.add(pair.id)
                 f.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
                 report.n_out += 1
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return report

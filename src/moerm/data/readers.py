@@ -8,13 +8,13 @@ import gzip
 import io
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from moerm.atomic import atomic_path
 from moerm.data.schema import InvalidRecord, PreferencePair, validate_record
 from moerm.data.trl import from_trl, is_trl_record
 from moerm.errors import UserError
@@ -474,22 +474,12 @@ def load_pairs(
 
 
 def write_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
-    """Write pairs as JSON Lines (gzip'd when the name ends in `.gz`), atomically via a temp file + os.replace."""
+    """Write pairs as JSON Lines (gzip'd when the name ends in `.gz`), atomically (`moerm.atomic`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # filename="" and mtime=0 keep the gzip header free of the temp name and time: same data, same bytes.
-            out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if path.name.endswith(".gz") else raw
-            with out:
-                for pair in pairs:
-                    out.write(json.dumps(pair.to_dict(), ensure_ascii=False).encode("utf-8") + b"\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions instead
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        # filename="" and mtime=0 keep the gzip header free of the temp name and time: same data, same bytes.
+        out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if path.name.endswith(".gz") else raw
+        with out:
+            for pair in pairs:
+                out.write(json.dumps(pair.to_dict(), ensure_ascii=False).encode("utf-8") + b"\n")
     return path

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from moerm.eval.intervals import sample_std
 from moerm.data.schema import PreferencePair
 from moerm.errors import UserError
 
@@ -229,7 +230,7 @@ def score_candidates(system: Any, domains: Mapping[str, DomainSets], batch_size:
 def _z(rewards: list[list[float]]) -> list[list[float]]:
     flat = [r for row in rewards for r in row]
     mean = sum(flat) / len(flat)
-    std = math.sqrt(sum((r - mean) ** 2 for r in flat) / max(1, len(flat) - 1)) or 1.0
+    std = sample_std(flat) or 1.0
     return [[(r - mean) / std for r in row] for row in rewards]
 
 
@@ -267,7 +268,7 @@ def bon_results(domains: Mapping[str, DomainSets], rewards: Mapping[str, Sequenc
         ns = n_grid(max(sizes))
         all_gold = [g for cs in ds.sets for g in cs.gold]
         g_mean = sum(all_gold) / len(all_gold)
-        g_std = math.sqrt(sum((g - g_mean) ** 2 for g in all_gold) / max(1, len(all_gold) - 1))
+        g_std = sample_std(all_gold)
         # one set of resampled prompts for every curve of the domain: their intervals are comparable (paired)
         rng = np.random.default_rng([seed, zlib.crc32(d.encode())])
         idx = rng.integers(0, len(ds.sets), size=(resamples, len(ds.sets)))

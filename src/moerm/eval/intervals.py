@@ -19,6 +19,7 @@ percentile interval of the replicates; the point is the statistic on the data it
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Hashable, Sequence
@@ -26,6 +27,17 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 
 RESAMPLES = 2000
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n - 1 in the denominator); 0.0 for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
 LEVEL = 0.95
 
 

@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
+from moerm.eval.intervals import sample_std
 from moerm.data.grouping import pair_keys
 from moerm.data.schema import PreferencePair
 from moerm.errors import UserError
@@ -108,7 +109,7 @@ def pairwise_report(chosen: Sequence[float], rejected: Sequence[float], domains:
     per_domain = group_accuracy(correct, domains)
     rewards = list(chosen) + list(rejected)
     mean = sum(rewards) / len(rewards)
-    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(1, len(rewards) - 1))
+    std = sample_std(rewards)
     report = {
         "pairs": len(chosen),
         "accuracy": sum(correct) / len(chosen),
@@ -220,7 +221,7 @@ def explanation_report(details: Sequence[dict[str, Any]], domains: Sequence[str]
 
 def _mean_std(values: list[float]) -> dict[str, float]:
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    std = sample_std(values)
     return {"mean": mean, "std": std, "n": len(values)}
 
 

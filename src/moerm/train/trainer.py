@@ -11,7 +11,6 @@ import dataclasses
 import json
 from contextlib import nullcontext
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from moerm.atomic import atomic_write_text
 from moerm.config import TrainConfig
 from moerm.errors import UserError
 from moerm.train import distributed, tracking
@@ -210,9 +210,7 @@ class Trainer:
         if not self.accelerator.is_main_process or not self.metrics_path.exists():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
 
     def _evaluate(self, step: int, log: bool = True) -> dict[str, float]:
         if self.eval_fn is None:
