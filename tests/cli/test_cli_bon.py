@@ -82,6 +82,9 @@ def test_bon_of_a_length_rm_picks_the_longest(tmp_path, length_run):
     assert not (length_run / "bon").exists()  # nothing written outside --out
     assert (out / "bon.png").read_bytes()[:8] == PNG
     got = json.loads((out / "bon.json").read_text())
+    from moerm.eval.bon import picture_title
+    title = picture_title(got, "test")  # the picture's title: what was measured, no path of this machine
+    assert title == "Best-of-N against human gold, own router, test split: d2t_nlg" and str(tmp_path) not in title
     rec = got["domains"]["d2t_nlg"]
     assert rec["criterion"] == "quality" and rec["prompts"] == 2 and rec["candidates"] == 8 and rec["n"] == [1, 2, 4]
     curve = got["domains"]["d2t_nlg"]["systems"][str(length_run)]["gold"]["mean"]

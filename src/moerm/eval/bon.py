@@ -381,6 +381,13 @@ def bon_markdown(res: dict[str, Any], heading: str = "###") -> str:
     return "\n".join(lines)
 
 
+def picture_title(res: dict[str, Any], split: str | None) -> str:
+    """bon.png's title: what was measured (routing, split, domains), never this machine's paths; the panels give
+    the prompt counts."""
+    return (f"Best-of-N against human gold, {res['routing']}" + (f", {split} split" if split else "") + ": "
+            + ", ".join(res["domains"]))
+
+
 def plot_bon(res: dict[str, Any], path: str | Path, title: str) -> None:
     """One column per domain: the pick's gold against N (random and oracle with bands, each system with its
     interval), and below it proxy (solid) and gold (dashed) of the pick as z-scores against N. PNG, Agg."""
@@ -431,7 +438,7 @@ def plot_bon(res: dict[str, Any], path: str | Path, title: str) -> None:
     fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), max(3, 2 * len(doms))), fontsize=9,
                frameon=False)
     fig.suptitle("\n".join(textwrap.wrap(title, max(60, int(11 * fig.get_figwidth())))), fontsize=11)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)  # the legend below the panels is never cut off
 
 
 # ------------------------------------------------------------------------------------------------ saved runs
@@ -472,8 +479,8 @@ def evaluate_bon_runs(runs: Sequence[str | Path], data: Sequence[str], out: str 
     counts: dict[str, int] = defaultdict(int)
     for m in meta.values():
         counts[m["system"]] += 1
-    for label, m in meta.items():  # the legend: the system's name, with its run where two runs share one
-        m["display"] = m["system"] if counts[m["system"]] == 1 else f"{m['system']} ({label})"
+    for label, m in meta.items():  # the legend: the system's name, with its run folder's name where two share one
+        m["display"] = m["system"] if counts[m["system"]] == 1 else f"{m['system']} ({Path(label).name})"
     res = bon_results(domains, rewards, skipped, meta, resamples, seed)
     res["data"] = [str(p) for p in data]
     res["split"] = split
@@ -482,9 +489,10 @@ def evaluate_bon_runs(runs: Sequence[str | Path], data: Sequence[str], out: str 
     title = (f"Best-of-N against human gold: {', '.join(map(str, data))}"
              + (f" ({split} split)" if split else "") + "; "
              + ", ".join(f"{d} {r['prompts']} prompts" for d, r in res["domains"].items()))
+    picture = picture_title(res, split)
     markdown = f"## {title}\n\n" + bon_markdown(res)
     atomic_write_text(out_dir / "bon.json", json.dumps(res, indent=2))
     atomic_write_text(out_dir / "bon.md", markdown + "\n")
-    plot_bon(res, out_dir / "bon.png", title)
+    plot_bon(res, out_dir / "bon.png", picture)
     return {"json": res, "markdown": markdown, "written": str(out_dir),
             "files": [str(out_dir / f) for f in ("bon.json", "bon.md", "bon.png")]}
