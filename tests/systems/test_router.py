@@ -126,7 +126,8 @@ def test_frozen_router_after_k_blocks_reads_the_early_states_and_runs_only_those
     with pytest.raises(UserError, match="router_layer must be an integer"):
         RouterOptions(router_layer=0)
     # RODOS end to end: its router trains on these features and routes the held-out prompts.
-    system, result = _fit(tiny_bert, tmp_path / "rodos", router_layer=1)
+    # (raw rewards: the router then trains on every training prompt, none held back for calibration maps)
+    system, result = _fit(tiny_bert, tmp_path / "rodos", router_layer=1, calibration="none")
     test = domain_pairs("alpha", 8, 5) + domain_pairs("beta", 8, 6)
     out = system.score([p.prompt for p in test], [p.chosen for p in test])
     right = [d["router_top"] == p.domain for d, p in zip(out.details, test)]  # gated: low confidence mixes
