@@ -4,7 +4,6 @@ aggregation. Every per-group accuracy (domain, subset, route) comes from `group_
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
