@@ -138,9 +138,25 @@ def transformer_blocks_of(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def from_main(model: nn.Module) -> None:
+    """Every process takes the main process's parameters and buffers, in place, as DDP does when it wraps a model.
+    `fully_shard` keeps each process's own values for its shard, so a part built after the processes' random draws
+    parted (a router built after a component trained with dropout on batches of different lengths) would otherwise
+    be a mix of every process's draws."""
+    if world_size() == 1:
+        return
+    dev = device()
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            on_device = t.data.to(dev)
+            torch.distributed.broadcast(on_device, src=0)
+            if on_device is not t.data:
+                t.data.copy_(on_device)
+
+
 def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     """Apply FSDP2 to `model` in place, as torchtune does: each transformer block, then the root (which takes the rest:
-    embeddings, heads, routers). Parameters become DTensors sharded over the processes; frozen ones are sharded
+    embeddings, heads, routers), from the main process's values (`from_main`). Parameters become DTensors sharded over the processes; frozen ones are sharded
     too (only trainable ones get gradients). Build the optimizer after this, from the model's new parameters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -150,6 +166,7 @@ def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy(pin_memory=dev.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+    from_main(model)
     originals = {(id(m), n): p for m in model.modules() for n, p in m._parameters.items() if p is not None}
     modules = [*transformer_blocks_of(model), model]
     # our step functions never write in place into a model's output, which is all this warning is about
