@@ -302,3 +302,63 @@ def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# -- Sharded checkpoints (train.fsdp.checkpoint=sharded): each process's own shards, never gathered -----------------
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This process's shard of every trainable parameter, by name, in CPU memory (no communication)."""
+    return {n: _local(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name (torch.distributed.checkpoint's sharded state dict), each
+    DTensor as this process's shard; `local` names the `<param>.<key>` entries that were shards."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    state = get_optimizer_state_dict(model, optimizer)
+    local = sorted(f"{n}.{k}" for n, s in state["state"].items() for k, v in s.items() if isinstance(v, DTensor))
+    return {"state": {n: {k: _local(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for n, s in state["state"].items()},
+            "param_groups": state["param_groups"], "local": local}
+
+
+def load_local_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load this process's shards (`local_trainable_state` of the same number of processes) into a sharded model."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                shard = _local(p)
+                if shard.shape != state[n].shape:
+                    raise ValueError(f"{n}: a shard of shape {tuple(state[n].shape)}, this process holds "
+                                     f"{tuple(shard.shape)}")
+                shard.copy_(state[n])
+
+
+def load_local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load `local_optimizer_state` (written by this process, the same number of processes) into the optimizer of
+    the sharded model: each shard becomes a DTensor laid out as its parameter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    local = set(state.get("local", ()))
+
+    def whole(name: str, key: str, value: Any) -> Any:
+        p = params[name]
+        if f"{name}.{key}" not in local or not isinstance(p, DTensor):
+            return value
+        return DTensor.from_local(value.to(p.to_local().device), p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+    sharded = {"state": {n: {k: whole(n, k, v) for k, v in s.items()} for n, s in state["state"].items()},
+               "param_groups": state["param_groups"]}
+    set_optimizer_state_dict(model, optimizer, sharded, options=StateDictOptions(full_state_dict=False))
