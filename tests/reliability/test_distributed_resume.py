@@ -115,19 +115,37 @@ def _killed_run(tiny_bert: str, data: Path, run: Path, tmp: Path, extra: list[st
     shutil.copytree(latest, ckpts / f".tmp-step-{step + 3:07d}-12345")
 
 
-MODES = {"ddp": [], "fsdp": FSDP, "fsdp-sharded": [*FSDP, "--set", "train.fsdp.checkpoint=sharded"]}
+SHARDED = ["--set", "train.fsdp.checkpoint=sharded"]
+MODES = {"ddp": [], "fsdp": FSDP, "fsdp-sharded": [*FSDP, *SHARDED]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str):
+    """The training data, and `reference(extra)`: the run never interrupted, trained once per setup. The checkpoint
+    layout does not change training, so fsdp-sharded is held to the fsdp run (gathered checkpoints), bit for bit."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = root / "data"
+    write_jsonl(toy_pairs(40, seed=1, domain="alpha"), data / "alpha" / "train.jsonl")
+    made: dict[tuple[str, ...], Path] = {}
+
+    def reference(extra: list[str]) -> Path:
+        key = tuple(extra)
+        if key not in made:
+            made[key] = root / f"ref-{len(made)}"
+            subprocess.run(_cmd(tiny_bert, data, made[key], 2, 2, *key), env=_env(root), check=True,
+                           capture_output=True, timeout=600)
+        return made[key]
+
+    return data, reference
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
+def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, uninterrupted, mode):
     """Before the fix the resume failed: 'SafetensorError: device cpu:0 is invalid' (each CPU process's device).
     fsdp-sharded: each process wrote its own shards; they resume on 2 processes and refuse 1, saying why."""
     extra = MODES[mode]
-    data = tmp_path / "data"
-    write_jsonl(toy_pairs(40, seed=1, domain="alpha"), data / "alpha" / "train.jsonl")
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(tiny_bert, data, ref, 2, 2, *extra), env=_env(tmp_path), check=True, capture_output=True,
-                   timeout=600)
+    data, reference = uninterrupted
+    ref = reference(FSDP if mode == "fsdp-sharded" else extra)  # the same training, gathered checkpoints
     run = tmp_path / "run"
     _killed_run(tiny_bert, data, run, tmp_path, extra)
     if mode == "fsdp":
