@@ -223,8 +223,8 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in load_file(str(path), device="cpu").items()}
 
 
-def load_checkpoint(path: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any,
-                    device: torch.device, rank: int = 0, world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any, device: torch.device,
+                    rank: int = 0, world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore optimizer (`load_optimizer` applies its state dict), scheduler and RNG; return the model state and the
     trainer state. A sharded checkpoint (`save_sharded_checkpoint`) gives this process's shards, and only on as many
     processes as wrote it."""

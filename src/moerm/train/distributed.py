@@ -156,8 +156,9 @@ def from_main(model: nn.Module) -> None:
 
 def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     """Apply FSDP2 to `model` in place, as torchtune does: each transformer block, then the root (which takes the rest:
-    embeddings, heads, routers), from the main process's values (`from_main`). Parameters become DTensors sharded over the processes; frozen ones are sharded
-    too (only trainable ones get gradients). Build the optimizer after this, from the model's new parameters."""
+    embeddings, heads, routers), from the main process's values (`from_main`). Parameters become DTensors sharded
+    over the processes; frozen ones are sharded too (only trainable ones get gradients). Build the optimizer after
+    this, from the model's new parameters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
