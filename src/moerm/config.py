@@ -67,12 +67,14 @@ class FSDPConfig:
     reshard_after_forward: bool = field(default=True, metadata={"help": "free each block's gathered parameters after its forward (less memory, one more all-gather in backward)"})
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 (bf16: parameters gathered and computed in bfloat16, gradients reduced in float32; sharded weights and optimizer stay float32)"})
     cpu_offload: bool = field(default=False, metadata={"help": "keep sharded parameters, gradients and optimizer state in CPU memory (the optimizer steps on the CPU)"})
+    checkpoint: str = field(default="gathered", metadata={"help": "gathered | sharded (gathered: the main process writes the whole trainable weights and optimizer state, resumable on any number of processes; sharded: each process writes its own shards, no gather, resumable on the same number of processes only)"})
 
     def __post_init__(self) -> None:
         for name in ("enabled", "reshard_after_forward", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.fsdp.{name} must be true or false, got {getattr(self, name)!r}")
         _choice("train.fsdp.mixed_precision", self.mixed_precision, ("no", "bf16"))
+        _choice("train.fsdp.checkpoint", self.checkpoint, ("gathered", "sharded"))
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Killed for real under a 2-process CPU launch (`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`), with DDP and
 with sharded training (train.fsdp): `kill -9` the whole launch after a checkpoint, leave what a kill during the next
 checkpoint write leaves, resume, and reach bit for bit the weights and log of a run that was never interrupted.
-A sharded run's checkpoint also resumes on another number of processes when the pairs per step stay the same, and
-says clearly that it cannot otherwise."""
+A sharded run's gathered checkpoint also resumes on another number of processes when the pairs per step stay the
+same, and says clearly that it cannot otherwise; a sharded checkpoint (train.fsdp.checkpoint=sharded, each process's
+own shards) resumes bit-exact on as many processes, and says clearly that it cannot on another number."""
 
 from __future__ import annotations
 
@@ -105,19 +106,46 @@ def _killed_run(tiny_bert: str, data: Path, run: Path, tmp: Path, extra: list[st
     half = ckpts / f"step-{step + 1:07d}"  # a later step folder cut short: no trainer_state.json
     shutil.copytree(latest, half)
     (half / "trainer_state.json").unlink()
-    (half / "optimizer.safetensors").write_bytes(b"\0" * 10)
-    shutil.copytree(latest, ckpts / f".tmp-step-{step + 2:07d}-12345")
+    for f in half.glob("optimizer*.safetensors"):  # gathered: optimizer.safetensors; sharded: one per process
+        f.write_bytes(b"\0" * 10)
+    tmp = ckpts / f".tmp-step-{step + 2:07d}-sharded"  # what a sharded save killed after the shards leaves
+    tmp.mkdir(exist_ok=True)
+    for f in latest.glob("*.rank*"):
+        shutil.copy(f, tmp / f.name)
+    shutil.copytree(latest, ckpts / f".tmp-step-{step + 3:07d}-12345")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
-    """Before the fix the resume failed: 'SafetensorError: device cpu:0 is invalid' (each CPU process's device)."""
-    extra = FSDP if mode == "fsdp" else []
-    data = tmp_path / "data"
+SHARDED = ["--set", "train.fsdp.checkpoint=sharded"]
+MODES = {"ddp": [], "fsdp": FSDP, "fsdp-sharded": [*FSDP, *SHARDED]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str):
+    """The training data, and `reference(extra)`: the run never interrupted, trained once per setup. The checkpoint
+    layout does not change training, so fsdp-sharded is held to the fsdp run (gathered checkpoints), bit for bit."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = root / "data"
     write_jsonl(toy_pairs(40, seed=1, domain="alpha"), data / "alpha" / "train.jsonl")
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(tiny_bert, data, ref, 2, 2, *extra), env=_env(tmp_path), check=True, capture_output=True,
-                   timeout=600)
+    made: dict[tuple[str, ...], Path] = {}
+
+    def reference(extra: list[str]) -> Path:
+        key = tuple(extra)
+        if key not in made:
+            made[key] = root / f"ref-{len(made)}"
+            subprocess.run(_cmd(tiny_bert, data, made[key], 2, 2, *key), env=_env(root), check=True,
+                           capture_output=True, timeout=600)
+        return made[key]
+
+    return data, reference
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, uninterrupted, mode):
+    """Before the fix the resume failed: 'SafetensorError: device cpu:0 is invalid' (each CPU process's device).
+    fsdp-sharded: each process wrote its own shards; they resume on 2 processes and refuse 1, saying why."""
+    extra = MODES[mode]
+    data, reference = uninterrupted
+    ref = reference(FSDP if mode == "fsdp-sharded" else extra)  # the same training, gathered checkpoints
     run = tmp_path / "run"
     _killed_run(tiny_bert, data, run, tmp_path, extra)
     if mode == "fsdp":
@@ -127,6 +155,17 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
         assert json.loads((ckpt / "optimizer.json").read_text())["keys"] == "name"  # gathered, keyed by name
         moved = tmp_path / "moved"  # a copy to resume on one process below
         shutil.copytree(run, moved)
+    if mode == "fsdp-sharded":
+        ckpt = max(p for p in (run / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists())
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["checkpoint"] == "sharded" and state["processes"] == 2
+        assert not (ckpt / "model.safetensors").exists()
+        shards = [load_file(str(ckpt / f"model.rank{r}.safetensors")) for r in (0, 1)]
+        assert shards[0].keys() == shards[1].keys()
+        assert any(shards[0][k].shape != shards[1][k].shape or not torch.equal(shards[0][k], shards[1][k])
+                   for k in shards[0])  # each process's own shard, not the whole weights twice
+        moved = tmp_path / "moved"
+        shutil.copytree(run, moved)
     res = subprocess.run(_cmd(tiny_bert, data, run, 2, 2, *extra, "--resume"), env=_env(tmp_path),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -135,6 +174,14 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, mode):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert _losses(run) == _losses(ref)
+    if mode == "fsdp-sharded":  # 2 -> 1 process: refused with what to do, whatever the batch; nothing changed
+        before = sorted(p.relative_to(moved) for p in moved.rglob("*"))
+        bad = subprocess.run(_cmd(tiny_bert, data, moved, 1, 4, *extra, "--resume"), env=_env(tmp_path),
+                             capture_output=True, text=True, timeout=600)
+        assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
+        said = " ".join((bad.stdout + bad.stderr).split())
+        assert "is sharded over 2 processes" in said and "Resume on 2 processes" in said, said[-1500:]
+        assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == before
     if mode == "fsdp":
         # N=2 -> M=1: one process with batch 4 sees the same pairs per step; batch 2 would not, and says so
         bad = subprocess.run(_cmd(tiny_bert, data, moved, 1, 2, *extra, "--resume"), env=_env(tmp_path),

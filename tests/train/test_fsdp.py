@@ -3,8 +3,9 @@
 2 sharded processes with per-device batch b reach the weights of 1 process with batch 2b and log the same global
 metrics (the harness and the exceptions of the DDP test, `test_distributed.py`); full fine-tuning, LoRA on a sharded
 base, and routed systems save once in the usual format (the same files as unsharded), load, and score as the
-unsharded model does. In process: sharding puts each block and the root under FSDP, gives only trainable parameters
-optimizer state, and gives the model back whole (same Parameter objects, no FSDP left), ready to shard again.
+unsharded model does. In process: sharding starts from the main process's values, puts each block and the root under
+FSDP, gives only trainable parameters optimizer state, and gives the model back whole (same Parameter objects, no
+FSDP left), ready to shard again.
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ class M(torch.nn.Module):
 m = M()
 m.bert.embeddings.requires_grad_(False)  # a frozen part: sharded, but no gradient and no optimizer state
 before = {n: p for n, p in m.named_parameters()}
+probe = m.bert.encoder.layer[1].intermediate.dense.weight  # (32, 16): half of its rows in each process's shard
+probe0 = probe.detach().clone()
+if distributed.rank() == 1:  # the processes disagree (as after dropout drew differently): the main one's values win
+    probe.data.add_(1.0)
 g = torch.Generator().manual_seed(1)
 data = [torch.randint(0, 50, (6,), generator=g) for _ in range(8)]
 cfg = TrainConfig(batch_size=2, epochs=1, lr=1e-3, save_every=0, fsdp=FSDPConfig(enabled=True))
@@ -112,6 +117,9 @@ step = lambda model, b: ((model(b["x"]) ** 2).mean(), {"accuracy": 0.0})
 out = {}
 for i in range(2):  # the second Trainer shards the model the first gave back
     tr = Trainer(m, step, data, lambda xs: {"x": torch.stack(xs)}, cfg, sys.argv[1] + f"/{i}", progress=False)
+    if i == 0:
+        sharded_probe = m.bert.encoder.layer[1].intermediate.dense.weight  # a DTensor now
+        out["from_main"] = torch.equal(distributed.full_tensor(sharded_probe.detach()), probe0)
     out[f"sharded{i}"] = sorted({type(mod).__name__ for mod in m.modules() if type(mod).__name__.startswith("FSDP")})
     opt = tr._raw_optimizer()
     out[f"opt_params{i}"] = sum(len(gr["params"]) for gr in opt.param_groups)
@@ -143,6 +151,7 @@ def test_shard_then_give_back_whole(tmp_path):
         assert out[f"opt_params{i}"] == out["trainable"] < out["n_params"]  # trainable parameters only
         assert out[f"opt_state{i}"] == out["trainable"]
         assert out[f"local_numel{i}"] <= out["total_numel"] // 2 + 64  # each process holds about half
+    assert out["from_main"]  # sharded from the main process's values, as DDP starts
     assert out["same_objects"] and out["plain"] and out["left"] == [] and out["hooks"] == 0
     assert len(out["head"]) == 16
 

@@ -29,7 +29,10 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     keys = "name" if any(isinstance(pid, str) for pid in state["state"]) else "index"
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "keys": keys}
+    meta = {"param_groups": state["param_groups"], "scalars": scalars, "keys": keys}
+    if "local" in state:  # a process's shards (`distributed.local_optimizer_state`): which entries were shards
+        meta["local"] = state["local"]
+    return tensors, meta
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +43,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         state.setdefault(pid if by_name else int(pid), {})[key] = value
     for pid, values in meta["scalars"].items():
         state.setdefault(pid if by_name else int(pid), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    out = {"state": state, "param_groups": meta["param_groups"]}
+    if "local" in meta:
+        out["local"] = meta["local"]
+    return out
 
 
 def optimizer_state_keys(path: Path) -> str:
@@ -81,6 +87,54 @@ def save_checkpoint(
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+    rng: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """A sharded run's checkpoint, written by every process (each calls this): its own shards as
+    `model.rank<r>.safetensors` and `optimizer.rank<r>.{safetensors,json}` (`distributed.local_trainable_state`,
+    `local_optimizer_state`), into one temporary folder; the main process then writes the rest, trainer_state.json
+    last, and renames the folder. A kill at any point leaves the temporary folder, never a step folder that looks
+    complete. Resumable on the same number of processes only (`load_checkpoint` says so otherwise)."""
+    from moerm.train import distributed
+
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-sharded"
+    main, rank = distributed.is_main(), distributed.rank()
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    distributed.barrier()
+    try:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / f"model.rank{rank}.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+        save_file({k: v.contiguous() for k, v in opt_tensors.items()}, str(tmp / f"optimizer.rank{rank}.safetensors"))
+        (tmp / f"optimizer.rank{rank}.json").write_text(json.dumps(opt_meta))
+    except OSError as e:
+        raise UserError(f"could not write checkpoint {final}: {e.strerror or e} (is {root} writable, with free "
+                        "space?)") from None
+    distributed.barrier()  # every process's shards are on disk
+    if main:
+        save_file(rng if rng is not None else rng_state(), str(tmp / "rng.safetensors"))
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        state = {"step": step, **trainer_state, "checkpoint": "sharded", "processes": distributed.world_size()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: the folder is complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -140,14 +194,17 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_latest_checkpoint(root: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any,
-                           device: torch.device, warn: Any = None, rank: int = 0) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+                           device: torch.device, warn: Any = None, rank: int = 0,
+                           world: int = 1) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint that reads back whole; a corrupt one (truncated file, garbage JSON) is skipped with a
     warning and the one before it is used. None when there is none; an error naming them when none reads."""
     ckpts = list_checkpoints(root)
     errors = []
     for ckpt in reversed(ckpts):
         try:
-            state, tstate = load_checkpoint(ckpt, load_optimizer, scheduler, device, rank)
+            state, tstate = load_checkpoint(ckpt, load_optimizer, scheduler, device, rank, world)
+        except UserError:  # readable, but not resumable here (a sharded checkpoint of another number of processes)
+            raise
         except Exception as e:  # noqa: BLE001 - safetensors, json and torch raise many types for a broken file
             errors.append(f"{ckpt}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             if warn is not None:
@@ -166,14 +223,27 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in load_file(str(path), device="cpu").items()}
 
 
-def load_checkpoint(path: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any,
-                    device: torch.device, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any, device: torch.device,
+                    rank: int = 0, world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore optimizer (`load_optimizer` applies its state dict), scheduler and RNG; return the model state and the
-    trainer state."""
-    model_state = _load_tensors(path / "model.safetensors", device)
-    opt = _unflatten_optimizer(_load_tensors(path / "optimizer.safetensors", device),
-                               json.loads((path / "optimizer.json").read_text()))
+    trainer state. A sharded checkpoint (`save_sharded_checkpoint`) gives this process's shards, and only on as many
+    processes as wrote it."""
+    tstate = json.loads((path / "trainer_state.json").read_text())
+    if tstate.get("checkpoint") == "sharded":
+        n = tstate["processes"]
+        if n != world:
+            raise UserError(f"checkpoint {path} is sharded over {n} processes (train.fsdp.checkpoint: sharded) and "
+                            f"this run has {world}: a sharded checkpoint resumes on the same number of processes "
+                            f"only. Resume on {n} processes, or start again without --resume (a gathered "
+                            "checkpoint, train.fsdp.checkpoint: gathered, resumes on any number)")
+        model_state = _load_tensors(path / f"model.rank{rank}.safetensors", device)
+        opt = _unflatten_optimizer(_load_tensors(path / f"optimizer.rank{rank}.safetensors", device),
+                                   json.loads((path / f"optimizer.rank{rank}.json").read_text()))
+    else:
+        model_state = _load_tensors(path / "model.safetensors", device)
+        opt = _unflatten_optimizer(_load_tensors(path / "optimizer.safetensors", device),
+                                   json.loads((path / "optimizer.json").read_text()))
     load_optimizer(opt)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     _restore_rng(load_file(str(path / "rng.safetensors")), rank)
-    return model_state, json.loads((path / "trainer_state.json").read_text())
+    return model_state, tstate

@@ -138,10 +138,27 @@ def transformer_blocks_of(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def from_main(model: nn.Module) -> None:
+    """Every process takes the main process's parameters and buffers, in place, as DDP does when it wraps a model.
+    `fully_shard` keeps each process's own values for its shard, so a part built after the processes' random draws
+    parted (a router built after a component trained with dropout on batches of different lengths) would otherwise
+    be a mix of every process's draws."""
+    if world_size() == 1:
+        return
+    dev = device()
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            on_device = t.data.to(dev)
+            torch.distributed.broadcast(on_device, src=0)
+            if on_device is not t.data:
+                t.data.copy_(on_device)
+
+
 def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     """Apply FSDP2 to `model` in place, as torchtune does: each transformer block, then the root (which takes the rest:
-    embeddings, heads, routers). Parameters become DTensors sharded over the processes; frozen ones are sharded
-    too (only trainable ones get gradients). Build the optimizer after this, from the model's new parameters."""
+    embeddings, heads, routers), from the main process's values (`from_main`). Parameters become DTensors sharded
+    over the processes; frozen ones are sharded too (only trainable ones get gradients). Build the optimizer after
+    this, from the model's new parameters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -150,6 +167,7 @@ def shard_model(model: nn.Module, cfg: Any) -> Sharded:
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy(pin_memory=dev.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+    from_main(model)
     originals = {(id(m), n): p for m in model.modules() for n, p in m._parameters.items() if p is not None}
     modules = [*transformer_blocks_of(model), model]
     # our step functions never write in place into a model's output, which is all this warning is about
@@ -285,3 +303,63 @@ def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# -- Sharded checkpoints (train.fsdp.checkpoint=sharded): each process's own shards, never gathered -----------------
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This process's shard of every trainable parameter, by name, in CPU memory (no communication)."""
+    return {n: _local(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name (torch.distributed.checkpoint's sharded state dict), each
+    DTensor as this process's shard; `local` names the `<param>.<key>` entries that were shards."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    state = get_optimizer_state_dict(model, optimizer)
+    local = sorted(f"{n}.{k}" for n, s in state["state"].items() for k, v in s.items() if isinstance(v, DTensor))
+    return {"state": {n: {k: _local(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for n, s in state["state"].items()},
+            "param_groups": state["param_groups"], "local": local}
+
+
+def load_local_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load this process's shards (`local_trainable_state` of the same number of processes) into a sharded model."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                shard = _local(p)
+                if shard.shape != state[n].shape:
+                    raise ValueError(f"{n}: a shard of shape {tuple(state[n].shape)}, this process holds "
+                                     f"{tuple(shard.shape)}")
+                shard.copy_(state[n])
+
+
+def load_local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load `local_optimizer_state` (written by this process, the same number of processes) into the optimizer of
+    the sharded model: each shard becomes a DTensor laid out as its parameter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    local = set(state.get("local", ()))
+
+    def whole(name: str, key: str, value: Any) -> Any:
+        p = params[name]
+        if f"{name}.{key}" not in local or not isinstance(p, DTensor):
+            return value
+        return DTensor.from_local(value.to(p.to_local().device), p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+    sharded = {"state": {n: {k: whole(n, k, v) for k, v in s.items()} for n, s in state["state"].items()},
+               "param_groups": state["param_groups"]}
+    set_optimizer_state_dict(model, optimizer, sharded, options=StateDictOptions(full_state_dict=False))

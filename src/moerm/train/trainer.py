@@ -27,7 +27,9 @@ from moerm.atomic import atomic_write_text
 from moerm.config import TrainConfig
 from moerm.errors import UserError
 from moerm.train import distributed, tracking
-from moerm.train.checkpoint import load_latest_checkpoint, per_rank_rng, rng_state, save_checkpoint
+from moerm.train.checkpoint import (
+    load_latest_checkpoint, per_rank_rng, rng_state, save_checkpoint, save_sharded_checkpoint,
+)
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -237,13 +239,6 @@ class Trainer:
         tokens = [[round(v) for v in distributed.sum_across(t)] for t in tokens or [[0, 0], [0, 0]]]
         rng = per_rank_rng(distributed.gather_rows([rng_state()], self.accelerator.num_processes))
         model = self.accelerator.unwrap_model(self.model)
-        if self.sharded is not None:  # gathered from the shards by every process, written by the main one
-            weights, opt_state = (distributed.full_trainable_state(model),
-                                  distributed.full_optimizer_state(model, self._raw_optimizer()))
-        if not self.accelerator.is_main_process:
-            return
-        if self.sharded is None:
-            weights, opt_state = trainable_state(model), self._raw_optimizer().state_dict()
         state = {"epoch": epoch, "next_batch": next_batch, "seconds": seconds, "total_steps": self.total_steps,
                  "window": [list(w) for w in window or []],  # losses since the last log line, so it resumes the same
                  "tokens": tokens, "processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
@@ -251,6 +246,18 @@ class Trainer:
         scaler = self.accelerator.scaler  # fp16 on a GPU: its loss scale must survive a resume for an exact restart
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
+        if self.sharded is not None and self.cfg.fsdp.checkpoint == "sharded":  # each process writes its shards
+            save_sharded_checkpoint(self.ckpt_dir, step, distributed.local_trainable_state(model),
+                                    distributed.local_optimizer_state(model, self._raw_optimizer()), self.scheduler,
+                                    state, keep=self.cfg.keep_checkpoints, rng=rng)
+            return
+        if self.sharded is not None:  # gathered from the shards by every process, written by the main one
+            weights, opt_state = (distributed.full_trainable_state(model),
+                                  distributed.full_optimizer_state(model, self._raw_optimizer()))
+        if not self.accelerator.is_main_process:
+            return
+        if self.sharded is None:
+            weights, opt_state = trainable_state(model), self._raw_optimizer().state_dict()
         save_checkpoint(self.ckpt_dir, step, weights, opt_state, self.scheduler, state, keep=self.cfg.keep_checkpoints,
                         rng=rng)
 
@@ -264,6 +271,12 @@ class Trainer:
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         """A checkpoint's optimizer state, keyed by index (torch's own) or by parameter name (a sharded run's)."""
         optimizer = self._raw_optimizer()
+        if "local" in state:  # this process's shards of a sharded checkpoint (as many processes wrote it)
+            if self.sharded is None:
+                raise UserError(f"{self.desc}: a sharded checkpoint (train.fsdp.checkpoint: sharded) resumes only "
+                                "sharded, on as many processes: set train.fsdp.enabled: true in the run's config.yaml")
+            distributed.load_local_optimizer_state(self.accelerator.unwrap_model(self.model), optimizer, state)
+            return
         by_name = any(isinstance(k, str) for k in state["state"])
         if by_name and self.sharded is None:  # a sharded run's checkpoint resumed unsharded: name -> index
             index = {n: i for i, n in enumerate(self.param_names)}
@@ -317,7 +330,7 @@ class Trainer:
         where = acc.device if self.sharded is None else torch.device("cpu")
         found = load_latest_checkpoint(self.ckpt_dir, self._load_optimizer, self.scheduler, where,
                                        warn=lambda msg: tqdm.write(f"warning: {msg}"),
-                                       rank=acc.process_index) if resume else None
+                                       rank=acc.process_index, world=acc.num_processes) if resume else None
         if found is not None:
             ckpt, state, tstate = found
             self._check_world(ckpt, tstate)
@@ -325,7 +338,9 @@ class Trainer:
             unexpected = sorted(set(state) - set(model.state_dict()))
             if unexpected:
                 raise RuntimeError(f"checkpoint {ckpt} does not match the model: {unexpected[:3]}")
-            if self.sharded is not None:
+            if tstate.get("checkpoint") == "sharded":  # this process's shards (`_load_optimizer` checked sharding)
+                distributed.load_local_model_state(model, state)
+            elif self.sharded is not None:
                 distributed.load_full_model_state(model, state)
             else:
                 model.load_state_dict(state, strict=False)
