@@ -40,7 +40,9 @@ class RODOSOptions(FallbackOptions):
 
     Routing defaults to `gated`: the top-1 domain RM when the router is at least 60% sure, else the probability-
     weighted mix of the top 2. On the demo's domain RMs it gained 2.3 points macro over the paper's hard top-1 at 17%
-    more RM passes (docs/RESULTS.md, benchmarks/routing_variants.py); `routing: hard` is the paper's.
+    more RM passes (docs/RESULTS.md, benchmarks/routing_variants.py). The paper's top-1 is `routing: hard` with
+    `min_confidence: 0`; `hard` at the default 0.6 sends a prompt the router is less sure of to the fallback (the mix
+    of every domain RM, one pass each, or the general RM with `fallback: general`).
     """
 
     routing: str = "gated"
