@@ -5,7 +5,9 @@ replies of the held-out pairs of its domains (each pair's domain given, so every
 calibrated; then the macro accuracy of hard, gated, soft routing and the mixture fallback, raw vs calibrated, on the
 same trained routes and the same pairs, with the paired prompt-clustered 95% interval of calibrated minus raw.
 
-    python benchmarks/reward_scale.py runs/demo/rodos --data examples/data [--out scale.json]
+    python benchmarks/reward_scale.py runs/demo/rodos --data examples/data [--out scale.json] [--scale-only]
+
+`--scale-only` measures the per-route mean and spread alone (no routing modes): what a slow system's run needs.
 
 Accuracy only, no timing: the figures do not depend on the machine's load.
 """
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("run", help="a saved routed run whose routes were calibrated (options.calibration=zscore)")
     ap.add_argument("--data", action="append", required=True, help="held-out pairs (folders: their test* files)")
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--scale-only", action="store_true", help="only the per-route reward mean and spread, raw and "
+                    "calibrated (skip the accuracy of the routing modes)")
     args = ap.parse_args(argv)
     command = "python benchmarks/reward_scale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     system = load_system(args.run)
@@ -84,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stats = {"raw": route_stats(system, pairs, Calibration()), "calibrated": route_stats(system, pairs, calibrated)}
     accuracy = {}
     base_opts = copy.copy(system.opts)  # the router reads the same options object: set, then restore, in place
-    for name, opts in MODES.items():
+    for name, opts in ({} if args.scale_only else MODES).items():
         for k, v in vars(base_opts).items():
             setattr(system.opts, k, v)
         for k, v in opts.items():
@@ -107,8 +111,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cal = stats["calibrated"][route]
         print(f"| {route} | {raw['mean']:+.2f} | {raw['std']:.2f} | {cal['mean']:+.2f} | {cal['std']:.2f} | "
               f"{raw['texts']} |")
-    print("\n| routing | macro raw | macro calibrated | calibrated - raw (paired 95%, resampling prompts) |")
-    print("|---|---:|---:|---|")
+    if args.scale_only:
+        print("\n(routing modes not measured: --scale-only)")
+    else:
+        print("\n| routing | macro raw | macro calibrated | calibrated - raw (paired 95%, resampling prompts) |")
+        print("|---|---:|---:|---|")
     for name, a in accuracy.items():
         d = a["calibrated_minus_raw"]
         print(f"| {name} | {100 * a['raw']:.1f}% | {100 * a['calibrated']:.1f}% | {100 * d['point']:+.1f} "

@@ -157,3 +157,50 @@ def test_bon_of_a_tiny_trained_baseline(tmp_path, tiny_bert):
     assert 2.0 < gold["mean"][-1] <= rec["oracle"]["mean"][-1] == 3.0
     assert all(lo <= m <= hi for lo, m, hi in zip(gold["low"], gold["mean"], gold["high"]))
     assert "summ" in (out / "bon.md").read_text() and Path(out / "bon.png").stat().st_size > 10_000
+
+
+def test_bon_of_a_routed_system_own_router_and_oracle_domains(tmp_path, tiny_bert):
+    """A tiny RODOS (calibrated routes, the routed systems' default) through `moerm bon`: pooled over its two domains,
+    with its own router, and with --oracle-domains; each equals the curves of the system's own `score` that way."""
+    from routedutil import PREFIX, tiny_rodos
+
+    from moerm.eval.bon import bon_results, build_candidate_sets, score_candidates
+    from moerm.systems.base import load_system
+
+    run = tiny_rodos(tiny_bert, tmp_path)
+    rng = random.Random(5)
+    pairs = []
+    for d in ("alpha", "beta"):
+        for i in range(3):
+            # beta's last prompt carries alpha's prefix: the router sends it to alpha's RM, --oracle-domains to beta's
+            prefix = PREFIX["alpha" if (d, i) == ("beta", 2) else d]
+            prompt = f"{prefix} " + " ".join(rng.choice(FILLER) for _ in range(4)) + f" {i}"
+            gold = {" ".join([rng.choice(FILLER) for _ in range(2)] + [rng.choice(POS) for _ in range(k)]
+                             + [rng.choice(NEG) for _ in range(2 - k)]): float(k + 1) for k in range(3)}
+            pairs += _pairs(d, prompt, gold, start=10 * i)
+    data = tmp_path / "data"
+    write_jsonl(pairs, data / "test.jsonl")
+    system = load_system(run)
+    assert system.calibration.kind == "zscore"
+    domains, _ = build_candidate_sets(pairs)
+    for flag, oracle in (([], False), (["--oracle-domains"], True)):
+        out = tmp_path / f"bon-{oracle}"
+        res = runner.invoke(app, ["bon", str(run), "--data", str(data), "--out", str(out), "--bootstrap", "200",
+                                  *flag])
+        assert res.exit_code == 0, res.output
+        got = json.loads((out / "bon.json").read_text())
+        assert got["routing"] == ("oracle domains" if oracle else "own router")
+        want = bon_results(domains, {str(run): [score_candidates(system, domains, oracle_domains=oracle)]},
+                           resamples=200)
+        mine, theirs = got["pooled"]["systems"][str(run)], want["pooled"]["systems"][str(run)]
+        assert got["pooled"]["domains"] == ["alpha", "beta"] and got["pooled"]["prompts"] == 6
+        assert mine["gold"]["mean"] == pytest.approx(theirs["gold"]["mean"])
+        assert mine["spearman"]["point"] == pytest.approx(theirs["spearman"]["point"])
+        for d in ("alpha", "beta"):
+            assert got["domains"][d]["systems"][str(run)]["gold"]["mean"] == pytest.approx(
+                want["domains"][d]["systems"][str(run)]["gold"]["mean"])
+        assert "rank correlation with the human gold" in (out / "bon.md").read_text()
+    # the two ways of routing really score differently (the mislabelled prompt's candidates)
+    own = score_candidates(system, domains)["beta"][2]
+    given = score_candidates(system, domains, oracle_domains=True)["beta"][2]
+    assert max(abs(a - b) for a, b in zip(own, given)) > 1e-4

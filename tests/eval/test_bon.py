@@ -4,14 +4,15 @@ curves, a perfect RM on the oracle, bootstrap intervals, skipped domains and the
 import itertools
 import json
 import math
-from statistics import mean
+from statistics import correlation, mean
 
+import numpy as np
 import pytest
 
 from moerm.data.schema import PreferencePair
 from moerm.errors import UserError
 from moerm.eval.bon import (
-    bon_markdown, bon_results, build_candidate_sets, expected_pick, n_grid, plot_bon, score_candidates,
+    bon_markdown, bon_results, build_candidate_sets, expected_pick, n_grid, plot_bon, prompt_draws, score_candidates,
 )
 from moerm.systems.base import ScoreOutput
 
@@ -203,3 +204,74 @@ def test_a_broken_rm_is_refused():
     domains, _ = build_candidate_sets(summ_pairs())
     with pytest.raises(UserError, match="non-finite"):
         score_candidates(Fake({"d": math.nan}), domains)
+
+
+# ------------------------------------------------------------------------------------------- the pooled view, by hand
+
+def _pooled_pairs():
+    """summ: one prompt, gold 1, 2, 3 (z -1, 0, 1); d2t_nlg: two prompts, quality 2, 4 and 4, 6 (mean 4, sample std
+    sqrt(8/3): z -s, 0 and 0, s with s = sqrt(3/2))."""
+    summ = {"a1": {"q": 1.0}, "a2": {"q": 2.0}, "a3": {"q": 3.0}}
+    one, two = {"b1": {"quality": 2.0}, "b2": {"quality": 4.0}}, {"c1": {"quality": 4.0}, "c2": {"quality": 6.0}}
+    return (all_pairs("summ", "article", list(summ), summ) + all_pairs("d2t_nlg", "mr one", list(one), one, 10)
+            + all_pairs("d2t_nlg", "mr two", list(two), two, 20))
+
+
+OFFSET = {"a1": 11.0, "a2": 12.0, "a3": 13.0, "b1": 1.0, "b2": 2.0, "c1": 2.0, "c2": 3.0}  # right within each domain,
+ONE_SCALE = {"a1": -1.0, "a2": 0.0, "a3": 1.0, "b1": -1.0, "b2": 0.0, "c1": 0.0, "c2": 1.0}  # summ 10 above d2t
+WRONG_SUMM = {"a1": 3.0, "a2": 2.0, "a3": 1.0, "b1": 0.0, "b2": 1.0, "c1": 0.0, "c2": 1.0}
+
+
+def test_pooled_best_of_n_and_rank_correlation_by_hand(tmp_path):
+    domains, _ = build_candidate_sets(_pooled_pairs())
+    assert list(domains) == ["d2t_nlg", "summ"]
+    rewards = {name: [score_candidates(Fake(table), domains)]
+               for name, table in (("offset", OFFSET), ("one scale", ONE_SCALE), ("wrong summ", WRONG_SUMM))}
+    res = bon_results(domains, rewards, resamples=300, seed=3)
+    pooled = res["pooled"]
+    assert pooled["domains"] == ["d2t_nlg", "summ"] and pooled["prompts"] == 3 and pooled["candidates"] == 7
+    assert pooled["n"] == [1, 2, 3] and pooled["prompts_with_at_least_n"] == [3, 3, 1]
+    s = math.sqrt(1.5)
+    # per prompt in gold z: mr one (-s, 0), mr two (0, s), article (-1, 0, 1); every prompt weighs the same
+    assert pooled["random"]["mean"] == pytest.approx([0.0, 0.0, 0.0])
+    oracle = [0.0, (0 + s + 2 / 3) / 3, (0 + s + 1) / 3]  # E[max of 2 of (-1, 0, 1)] = (0 + 1 + 1) / 3
+    assert pooled["oracle"]["mean"] == pytest.approx(oracle)
+    assert pooled["systems"]["offset"]["gold"]["mean"] == pytest.approx(oracle)  # right within every prompt
+    assert pooled["systems"]["offset"]["oracle_gain_share"][1:] == pytest.approx([1.0, 1.0])
+    # wrong on the article: the worse of 2 of (-1, 0, 1) is (-1 - 1 + 0) / 3, of all 3 is -1
+    assert pooled["systems"]["wrong summ"]["gold"]["mean"] == pytest.approx([0.0, (0 + s - 2 / 3) / 3, (s - 1) / 3])
+
+    # pooled Spearman, ranks by hand over (b1, b2, c1, c2, a1, a2, a3): gold z (-s, 0, 0, s, -1, 0, 1) ranks
+    # (1, 4, 4, 7, 2, 4, 6); OFFSET's rewards rank (1, 2.5, 2.5, 4, 5, 6, 7), ONE_SCALE's (1.5, 4, 4, 6.5, 1.5, 4, 6.5)
+    gold_ranks = [1, 4, 4, 7, 2, 4, 6]
+    offset = pooled["systems"]["offset"]["spearman"]
+    one = pooled["systems"]["one scale"]["spearman"]
+    assert offset["point"] == pytest.approx(correlation([1, 2.5, 2.5, 4, 5, 6, 7], gold_ranks))  # 0.486
+    assert one["point"] == pytest.approx(correlation([1.5, 4, 4, 6.5, 1.5, 4, 6.5], gold_ranks))  # 0.981
+    assert offset["candidates"] == 7 and offset["low"] <= offset["point"] <= offset["high"]
+    # per domain the offset does not matter: both order every domain's candidates as its gold does
+    for name in ("offset", "one scale"):
+        for d in domains:
+            assert res["domains"][d]["systems"][name]["spearman"]["point"] == pytest.approx(1.0)
+    assert res["domains"]["summ"]["systems"]["wrong summ"]["spearman"]["point"] == pytest.approx(-1.0)
+
+    # a pooled replicate is the domains' own replicates side by side: the random curve's interval from those draws
+    d2t, summ = prompt_draws("d2t_nlg", 2, 300, 3), prompt_draws("summ", 1, 300, 3)
+    per_prompt = np.array([-s / 2, s / 2, 0.0])
+    reps = (per_prompt[d2t].sum(1) + per_prompt[2 + summ].sum(1)) / 3
+    assert [pooled["random"]["low"][0], pooled["random"]["high"][0]] == pytest.approx(
+        np.percentile(reps, [2.5, 97.5]).tolist())
+
+    md = bon_markdown(res)
+    assert "### pooled over d2t_nlg, summ: gold = each domain's gold as a z-score" in md
+    assert "| offset | 0.486 [" in md and "| one scale | 0.981 [" in md
+    json.dumps(res, allow_nan=False)
+    plot_bon(res, tmp_path / "bon.png", "pooled")
+    assert (tmp_path / "bon.png").read_bytes()[:8] == PNG
+
+    # a system without rewards for one domain has no pooled figure (other prompts), and the report says so
+    part = bon_results(domains, {"offset": rewards["offset"],
+                                 "summ only": [{"summ": rewards["offset"][0]["summ"]}]}, resamples=50)
+    assert set(part["pooled"]["systems"]) == {"offset"} and "no rewards for d2t_nlg" in part["pooled"]["left_out"][
+        "summ only"]
+    assert "pooled" not in bon_results({"summ": domains["summ"]}, {"offset": rewards["offset"]}, resamples=50)

@@ -45,7 +45,9 @@ def bon(
     on_invalid: OnInvalid = on_invalid_option(),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
-    """Best-of-N against human gold: the gold score of the RM's pick among N candidates, with random and oracle."""
+    """Best-of-N against human gold: the gold score of the RM's pick among N candidates, with random and oracle, per
+    domain and pooled over the domains (gold as per-domain z-scores), and the Spearman rank correlation of the
+    rewards with the gold. Any saved system; routed ones route with their own router unless --oracle-domains."""
     from moerm.eval.bon import evaluate_bon_runs
 
     quiet_hf()

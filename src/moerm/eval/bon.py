@@ -30,6 +30,29 @@ not sampled. Curves are means over prompts, with a 95% percentile bootstrap inte
 `random` is a random pick (the mean gold of the candidates, whatever N); `oracle` picks the best gold among the N.
 The proxy reward of the pick is reported raw and as a z-score over the domain's candidates (per run), beside the
 gold as a z-score, so that one axis shows whether the proxy outruns the gold as N grows.
+
+Every system, routed or not (`moerm bon` loads any saved run; a routed system routes each candidate with its own
+router, `--oracle-domains` gives it the candidate's domain instead), gets the same curves.
+
+The pooled view (`bon_results`' `pooled`, with two or more domains). An RL loop optimises one reward across prompts
+of every domain, so the curves and the rank correlation are also pooled over every prompt of every domain (each
+prompt weighs the same). The gold does not share one scale across domains: d2t_nlg's quality is 1-6, the others
+1-5, and beyond the range each domain's raters, criterion (a mean of 4 aspects or one overall score) and candidate
+quality differ, so a 4.0 in one domain is no 4.0 in another. Min-max normalising to the nominal range would keep
+those differences; the pooled gold is therefore each domain's gold as a z-score over that domain's candidates (mean
+0, sample std 1 per domain), which keeps every within-domain ordering and distance and makes "better than the
+domain's typical candidate" the common unit. The pooled Best-of-N curves (random, oracle, each system) are in those
+units; N runs over the powers of 2 up to the largest set of any domain.
+
+Rank correlation (`spearman` per domain and pooled, `moerm.eval.rank`): Spearman's rho between a system's rewards
+and the gold over every candidate (per domain: the raw gold, which the z-score does not reorder; pooled: the
+per-domain z-scores). Pooled, it is where one reward scale across routes matters: rewards whose offset or spread
+differs by route rank a whole domain's candidates above another's whatever their gold. Several runs of a system: the
+mean of their rhos.
+
+Intervals: one set of prompt draws per domain (`prompt_draws`) serves every curve and rank correlation of that
+domain, and the pooled replicate is every domain's replicate side by side (prompts resampled within each domain, as
+the accuracy intervals of `moerm.eval.intervals` do), so all systems' figures are paired.
 """
 
 from __future__ import annotations
@@ -234,6 +257,41 @@ def _z(rewards: list[list[float]]) -> list[list[float]]:
     return [[(r - mean) / std for r in row] for row in rewards]
 
 
+def prompt_draws(domain: str, prompts: int, resamples: int, seed: int) -> Any:
+    """(resamples, prompts) indices of a domain's prompts drawn with replacement: the bootstrap of every curve and
+    rank correlation of the domain, and of the pooled view (one set of draws per domain, so they are paired)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+    return rng.integers(0, prompts, size=(resamples, prompts))
+
+
+def _candidate_counts(idx: Any, sizes: Sequence[int]) -> Any:
+    """(B, P) drawn prompt indices -> (B, sum(sizes)) how often each candidate (prompt by prompt) is in a replicate."""
+    import numpy as np
+
+    counts = np.zeros((idx.shape[0], len(sizes)))  # (B, P)
+    np.add.at(counts, (np.arange(idx.shape[0])[:, None], idx), 1.0)
+    return np.repeat(counts, sizes, axis=1)
+
+
+def _spearman(runs: Sequence[Sequence[float]], gold: Sequence[float], counts: Any) -> dict[str, Any]:
+    """Spearman's rho of rewards (one flat row per run) with gold, the mean over runs, on the data and on the
+    replicates whose candidate counts are `counts` (B, M): the point and its percentile interval."""
+    import numpy as np
+
+    from moerm.eval.rank import spearman
+
+    point = float(np.mean([spearman(np.asarray(r), np.asarray(gold))[0] for r in runs]))
+    reps = np.mean([spearman(np.asarray(r), np.asarray(gold), counts) for r in runs], axis=0)  # (B,)
+    tail = 100 * (1 - LEVEL) / 2
+    finite = reps[np.isfinite(reps)]
+    low, high = (np.percentile(finite, [tail, 100 - tail]).tolist() if finite.size else [math.nan, math.nan])
+    clean = [None if not math.isfinite(v) else v for v in (point, low, high)]
+    return {"point": clean[0], "low": clean[1], "high": clean[2], "candidates": len(gold),
+            "replicates_undefined": int(reps.size - finite.size)}
+
+
 def _interval(per_prompt: list[list[float]], idx: Any) -> dict[str, list[float]]:
     """Mean over prompts per N, and the bootstrap percentile interval from the resampled prompt indices `idx`."""
     import numpy as np
@@ -263,6 +321,7 @@ def bon_results(domains: Mapping[str, DomainSets], rewards: Mapping[str, Sequenc
         "systems": {s: dict((systems or {}).get(s, {})) for s in rewards},
         "domains": {}, "skipped": dict(skipped or {}),
     }
+    draws: dict[str, Any] = {}
     for d, ds in domains.items():
         sizes = [len(cs.responses) for cs in ds.sets]
         ns = n_grid(max(sizes))
@@ -270,8 +329,8 @@ def bon_results(domains: Mapping[str, DomainSets], rewards: Mapping[str, Sequenc
         g_mean = sum(all_gold) / len(all_gold)
         g_std = sample_std(all_gold)
         # one set of resampled prompts for every curve of the domain: their intervals are comparable (paired)
-        rng = np.random.default_rng([seed, zlib.crc32(d.encode())])
-        idx = rng.integers(0, len(ds.sets), size=(resamples, len(ds.sets)))
+        idx = prompt_draws(d, len(ds.sets), resamples, seed)
+        draws[d] = idx
         random_pp = [[sum(cs.gold) / len(cs.gold)] * len(ns) for cs in ds.sets]
         oracle_pp = [[expected_pick(cs.gold, cs.gold, n) for n in ns] for cs in ds.sets]
         random, oracle = _interval(random_pp, idx), _interval(oracle_pp, idx)
@@ -308,9 +367,69 @@ def bon_results(domains: Mapping[str, DomainSets], rewards: Mapping[str, Sequenc
                 "proxy_z": [sum(col) / len(col) for col in zip(*proxy_z_pp)],
                 "gold_z": [(g - g_mean) / g_std if g_std > 0 else 0.0 for g in gold["mean"]],
                 "oracle_gain_share": share,
+                "spearman": _spearman([[x for row in r for x in row] for r in runs], all_gold,
+                                      _candidate_counts(idx, sizes)),
             }
         out["domains"][d] = rec
+    if len(domains) >= 2:
+        out["pooled"] = _pooled(domains, rewards, draws)
     return out
+
+
+def _pooled(domains: Mapping[str, DomainSets], rewards: Mapping[str, Sequence[Mapping[str, list[list[float]]]]],
+            draws: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimisation view pooled over every prompt of every domain, gold as per-domain z-scores (see the module
+    docstring): Best-of-N curves with random and oracle, and the rank correlation of rewards with gold.
+
+    `draws`: domain -> its (B, P) prompt draws; a pooled replicate is every domain's replicate side by side
+    (prompts resampled within each domain), so the pooled intervals are paired with the per-domain ones.
+    """
+    import numpy as np
+
+    doms = list(domains)
+    sets = [cs for d in doms for cs in domains[d].sets]
+    sizes = [len(cs.responses) for cs in sets]
+    ns = n_grid(max(sizes))
+    gold_z: list[list[float]] = []  # per prompt, its candidates' gold as a z-score over their domain's candidates
+    for d in doms:
+        flat = [g for cs in domains[d].sets for g in cs.gold]
+        mean, std = sum(flat) / len(flat), sample_std(flat) or 1.0
+        gold_z += [[(g - mean) / std for g in cs.gold] for cs in domains[d].sets]
+    offsets = np.cumsum([0] + [len(domains[d].sets) for d in doms])
+    idx = np.concatenate([draws[d] + offsets[i] for i, d in enumerate(doms)], axis=1)  # (B, all prompts)
+    random = _interval([[sum(z) / len(z)] * len(ns) for z in gold_z], idx)
+    oracle = _interval([[expected_pick(z, z, n) for n in ns] for z in gold_z], idx)
+    flat_gold = [g for z in gold_z for g in z]
+    rec: dict[str, Any] = {
+        "domains": doms, "prompts": len(sets), "candidates": sum(sizes),
+        "gold": "each domain's gold as a z-score over that domain's candidates (mean 0, sample std 1 per domain)",
+        "gold_short": "gold, z-score within its domain",
+        "set_size": {"min": min(sizes), "max": max(sizes), "mean": sum(sizes) / len(sizes)},
+        "n": ns, "prompts_with_at_least_n": [sum(k >= n for k in sizes) for n in ns],
+        "random": random, "oracle": oracle, "systems": {}, "left_out": {},
+    }
+    for label, runs in rewards.items():
+        missing = [d for d in doms if any(d not in r for r in runs)]
+        if missing:  # pooled over other prompts than the rest: not comparable, so no pooled figure
+            rec["left_out"][label] = f"no rewards for {', '.join(missing)}"
+            continue
+        per_run = [[row for d in doms for row in r[d]] for r in runs]  # per run: per prompt, per candidate
+        z_runs = [[row for d in doms for row in _z(r[d])] for r in runs]  # proxy z within each domain, per run
+        gold_pp = [[sum(expected_pick(r[i], z, n) for r in per_run) / len(per_run) for n in ns]
+                   for i, z in enumerate(gold_z)]
+        proxy_z_pp = [[sum(expected_pick(r[i], zr[i], n) for r, zr in zip(per_run, z_runs)) / len(per_run)
+                       for n in ns] for i in range(len(sets))]
+        gold = _interval(gold_pp, idx)
+        rec["systems"][label] = {
+            "runs": len(runs), "gold": gold,
+            "proxy_z": [sum(col) / len(col) for col in zip(*proxy_z_pp)],
+            "gold_z": gold["mean"],
+            "oracle_gain_share": [(s - a) / (o - a) if o - a > 1e-12 else None
+                                  for s, a, o in zip(gold["mean"], random["mean"], oracle["mean"])],
+            "spearman": _spearman([[x for row in r for x in row] for r in per_run], flat_gold,
+                                  _candidate_counts(idx, sizes)),
+        }
+    return rec
 
 
 # ------------------------------------------------------------------------------------------------ tables and plot
@@ -331,8 +450,55 @@ def _name(res: dict[str, Any], label: str) -> str:
     return res["systems"].get(label, {}).get("display") or label
 
 
+def _curve_rows(res: dict[str, Any], rec: dict[str, Any], labels: list[str]) -> list[str]:
+    """The table of the pick's gold per N (random, oracle, each system) and the share of the oracle's gain."""
+    lines = ["| N | prompts with ≥ N | random | oracle | " + " | ".join(_name(res, s) for s in labels) + " |",
+             "|---:|---:|---:|---:|" + "---:|" * len(labels)]
+    for i, n in enumerate(rec["n"]):
+        cells = [_ci(rec["systems"][s]["gold"], i) for s in labels]
+        lines.append(f"| {n} | {rec['prompts_with_at_least_n'][i]} | {_ci(rec['random'], i)} | "
+                     f"{_ci(rec['oracle'], i)} | " + " | ".join(cells) + " |")
+    if labels:
+        last = len(rec["n"]) - 1
+        shares = [rec["systems"][s]["oracle_gain_share"][last] for s in labels]
+        lines.append(f"| **share of the oracle's gain over random at N={rec['n'][last]}** | | | | "
+                     + " | ".join("–" if v is None else f"**{100 * v:.0f}%**" for v in shares) + " |")
+    return lines
+
+
+def _rho(v: dict[str, Any] | None) -> str:
+    if not v or v["point"] is None:
+        return "–"
+    return f"{v['point']:.3f} [{_f(v['low'], 3)}, {_f(v['high'], 3)}]"
+
+
+def rank_correlation_markdown(res: dict[str, Any]) -> list[str]:
+    """One row per system: Spearman's rho of its rewards with the gold, pooled (when there is a pooled view) and per
+    domain, each with its interval."""
+    doms = list(res["domains"])
+    pooled = res.get("pooled")
+    labels = list(dict.fromkeys(s for d in doms for s in res["domains"][d]["systems"]))
+    if not labels:
+        return []
+    b = res["bootstrap"]
+    head = (["pooled"] if pooled else []) + doms
+    lines = ["Spearman rank correlation of each system's rewards with the human gold over every candidate "
+             f"[{100 * b['level']:.0f}% bootstrap interval, prompts resampled within each domain, the same draws as "
+             "the curves]"
+             + ("; pooled: over all candidates of " + ", ".join(pooled["domains"]) + ", gold as a z-score within its "
+                "domain, so a system whose rewards are on different scales in different domains (uncalibrated "
+                "routes) ranks whole domains above others and loses here" if pooled else "") + ":", "",
+             "| system | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for s in labels:
+        cells = ([_rho(pooled["systems"].get(s, {}).get("spearman"))] if pooled else [])
+        cells += [_rho(res["domains"][d]["systems"].get(s, {}).get("spearman")) for d in doms]
+        lines.append(f"| {_name(res, s)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def bon_markdown(res: dict[str, Any], heading: str = "###") -> str:
-    """The Best-of-N tables: per domain, the gold of the pick per N (with random and oracle) and its proxy reward."""
+    """The Best-of-N tables: the pooled view and the rank correlations, then per domain the gold of the pick per N
+    (with random and oracle) and its proxy reward."""
     b = res["bootstrap"]
     lines = [
         "Best-of-N against human gold: per prompt, N of its candidates drawn at random without replacement (a prompt "
@@ -342,6 +508,21 @@ def bon_markdown(res: dict[str, Any], heading: str = "###") -> str:
         "random: a random pick (any N); oracle: the best gold among the N. Candidate sets are rebuilt from the pairs "
         "that share a prompt (responses deduplicated by text).",
     ]
+    pooled = res.get("pooled")
+    if pooled:
+        size = pooled["set_size"]
+        lines += ["", f"{heading} pooled over {', '.join(pooled['domains'])}: gold = {pooled['gold']}", "",
+                  f"{pooled['prompts']} prompts, {pooled['candidates']} candidates ({_sizes(size)} per prompt, mean "
+                  f"{size['mean']:.1f}); every prompt weighs the same. The domains' gold scales differ (d2t_nlg's "
+                  "quality is 1-6, the others 1-5) and their raters too, so each domain's gold is standardised over "
+                  "its own candidates before pooling.", ""]
+        lines += _curve_rows(res, pooled, list(pooled["systems"]))
+        if pooled["left_out"]:
+            lines += ["", "Left out of the pooled view: " + "; ".join(f"{_name(res, s)}: {why}"
+                                                                        for s, why in pooled["left_out"].items())]
+    rank = rank_correlation_markdown(res)
+    if rank:
+        lines += ["", f"{heading} rank correlation with the human gold", ""] + rank
     for d, rec in res["domains"].items():
         labels = list(rec["systems"])
         size = rec["set_size"]
@@ -354,18 +535,9 @@ def bon_markdown(res: dict[str, Any], heading: str = "###") -> str:
                   + (f"; {rec['conflicts']} response text(s) scored differently in different pairs (gold averaged)"
                      if rec["conflicts"] else "")
                   + (f"; {rec['dropped_sets']} prompt(s) with fewer than 2 scored candidates left out"
-                     if rec["dropped_sets"] else "") + ".", "",
-                  "| N | prompts with ≥ N | random | oracle | " + " | ".join(_name(res, s) for s in labels) + " |",
-                  "|---:|---:|---:|---:|" + "---:|" * len(labels)]
-        for i, n in enumerate(rec["n"]):
-            cells = [_ci(rec["systems"][s]["gold"], i) for s in labels]
-            lines.append(f"| {n} | {rec['prompts_with_at_least_n'][i]} | {_ci(rec['random'], i)} | "
-                         f"{_ci(rec['oracle'], i)} | " + " | ".join(cells) + " |")
+                     if rec["dropped_sets"] else "") + ".", ""]
+        lines += _curve_rows(res, rec, labels)
         if labels:
-            last = len(rec["n"]) - 1
-            shares = [rec["systems"][s]["oracle_gain_share"][last] for s in labels]
-            lines.append(f"| **share of the oracle's gain over random at N={rec['n'][last]}** | | | | "
-                         + " | ".join("–" if v is None else f"**{100 * v:.0f}%**" for v in shares) + " |")
             lines += ["", "Proxy reward of the pick against its gold, as z-scores over the domain's candidates "
                       "(proxy per run; the proxy outrunning the gold as N grows is overoptimisation); raw proxy "
                       "reward in brackets:", "",
@@ -389,19 +561,20 @@ def picture_title(res: dict[str, Any], split: str | None) -> str:
 
 
 def plot_bon(res: dict[str, Any], path: str | Path, title: str) -> None:
-    """One column per domain: the pick's gold against N (random and oracle with bands, each system with its
-    interval), and below it proxy (solid) and gold (dashed) of the pick as z-scores against N. PNG, Agg."""
+    """One column per domain (the pooled view first, when there is one): the pick's gold against N (random and
+    oracle with bands, each system with its interval), and below it proxy (solid) and gold (dashed) of the pick as
+    z-scores against N. PNG, Agg."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
 
     doms = list(res["domains"])
     if not doms:
         raise ValueError("no domain to plot")
     labels = list(dict.fromkeys(s for d in doms for s in res["domains"][d]["systems"]))
+    columns = ([("pooled", res["pooled"])] if res.get("pooled") else []) + [(d, res["domains"][d]) for d in doms]
     colours = {s: f"C{i % 10}" for i, s in enumerate(labels)}
-    fig = Figure(figsize=(max(6.0, 4.3 * len(doms)), 7.6), dpi=110, layout="constrained")
-    axes = fig.subplots(2, len(doms), squeeze=False, sharex="col")
-    for j, d in enumerate(doms):
-        rec = res["domains"][d]
+    fig = Figure(figsize=(max(6.0, 4.3 * len(columns)), 7.6), dpi=110, layout="constrained")
+    axes = fig.subplots(2, len(columns), squeeze=False, sharex="col")
+    for j, (d, rec) in enumerate(columns):
         ns = rec["n"]
         top, bottom = axes[0][j], axes[1][j]
         for key, colour, style, name in (("random", "0.45", ":", "random pick"), ("oracle", "black", "--",
@@ -435,7 +608,7 @@ def plot_bon(res: dict[str, Any], path: str | Path, title: str) -> None:
                 Line2D([], [], color="0.3", lw=1.8, marker="o", ms=4), Line2D([], [], color="0.3", lw=1.4, ls="--")]
     names += ["random pick", "oracle (best gold of N)", "bottom: proxy reward of the pick (solid)",
               "bottom: gold of the pick (dashed)"]
-    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), max(3, 2 * len(doms))), fontsize=9,
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), max(3, 2 * len(columns))), fontsize=9,
                frameon=False)
     fig.suptitle("\n".join(textwrap.wrap(title, max(60, int(11 * fig.get_figwidth())))), fontsize=11)
     fig.savefig(path, bbox_inches="tight", pad_inches=0.15)  # the legend below the panels is never cut off
