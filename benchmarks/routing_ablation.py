@@ -18,7 +18,7 @@ on the prompt-disjoint slice held back from training (never on these pairs). Var
     general               every prompt to the general RM (one RM trained on every domain, 90% of the pairs)
     oracle                each pair's domain given, top-1 (the domain RMs alone, no router)
 
-Each (route, reply) is scored once and shared by every variant (the system's `_raw` is memoised), so the ablation
+Each (route, reply) is scored once and shared by every variant (`RODOSSystem.reusing_route_rewards`), so the ablation
 costs about what one `moerm eval` with the top-2 mix costs. Accuracies are macro over `--domains`, paired with the
 baseline (a separate run trained on every pair) by a clustered bootstrap over prompts within each domain; per
 domain, a variant is flagged `worse` when its paired interval against the baseline lies below 0.
@@ -56,21 +56,6 @@ VARIANTS: dict[str, tuple[str, bool, bool, bool, bool]] = {
     "oracle": ("hard", False, False, False, True),
 }
 GATED_DEFAULT = 0.6  # gated needs a threshold > 0: RODOS's default when the tuned one is 0
-
-
-def memoised(raw: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`raw(route, prompts, responses, batch_size)` computing each (route, prompt, response) once."""
-    seen: dict[tuple[str, str, str], float] = {}
-
-    def run(route: str, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
-        keys = [(route, p, r) for p, r in zip(prompts, responses)]
-        todo = sorted({k for k in keys if k not in seen})
-        if todo:
-            out = raw(route, [k[1] for k in todo], [k[2] for k in todo], batch_size)  # (len(todo),)
-            seen.update(zip(todo, out.tolist()))
-        return torch.tensor([seen[k] for k in keys])
-
-    return run
 
 
 def correct_of(score: Callable[..., Any], pairs: Sequence[PreferencePair], domains: list[str] | None,
@@ -111,9 +96,9 @@ def main() -> None:
 
     tuned = float(rodos.tuned.get("min_confidence", 0.0)) if rodos.tuned else 0.0
     selection = dict(rodos.selection)
-    rodos._raw = memoised(rodos._raw)  # every variant reads the same (route, reply) rewards
     correct: dict[str, list[int]] = {}
     with ExitStack() as stack:
+        stack.enter_context(rodos.reusing_route_rewards())  # every variant reads the same (route, reply) rewards
         stack.enter_context(trunk_cache_at_inference(rodos))
         stack.enter_context(trunk_cache_at_inference(baseline))
         correct["baseline"] = correct_of(baseline.score, pairs, None, args.batch_size)

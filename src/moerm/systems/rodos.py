@@ -7,9 +7,10 @@ classifier over the prompt. A new domain means one new RM and a retrained router
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -126,18 +127,41 @@ class RODOSSystem(RewardSystem):
         routes = dict(reference)
         if self.general is not None:  # the general RM's reference: every domain's
             routes[GENERAL] = [p for ps in reference.values() for p in ps]
-        self.calibration = fit_calibration(o.calibration, routes, self._raw,
-                                           reference_source(reference, train, o.calibration_share))
-        if o.select_routes:
-            self._select_routes(reference, train)
-        self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
-        trained = {id(p) for p in train}
-        held = [p for ps in reference.values() for p in ps if id(p) not in trained]  # the OOD threshold's prompts
-        result.add(self._train_router(ctx, eval, held), "router")  # router:eval_accuracy on held-out prompts only
-        self._share_trunks()
-        if o.tune_confidence:
-            self._tune_confidence([p for ps in reference.values() for p in ps], train)
+        with self.reusing_route_rewards():  # calibration, selection and tuning read the same held-back texts
+            self.calibration = fit_calibration(o.calibration, routes, self._raw,
+                                               reference_source(reference, train, o.calibration_share))
+            if o.select_routes:
+                self._select_routes(reference, train)
+            self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
+            trained = {id(p) for p in train}
+            held = [p for ps in reference.values() for p in ps if id(p) not in trained]  # the OOD threshold's prompts
+            result.add(self._train_router(ctx, eval, held), "router")  # router:eval_accuracy on held-out prompts only
+            self._share_trunks()
+            if o.tune_confidence:
+                self._tune_confidence([p for ps in reference.values() for p in ps], train)
         return result
+
+    @contextmanager
+    def reusing_route_rewards(self) -> Iterator[None]:
+        """While active, each route scores each (prompt, response) once: a route's reward for a text does not
+        depend on the routing, so trying several routings (the confidence grid, an ablation) on the same texts costs
+        one pass per route and text. The routes' weights must not change meanwhile."""
+        raw = self._raw
+        seen: dict[tuple[str, str, str], float] = {}
+
+        def once(route: str, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+            keys = [(route, p, r) for p, r in zip(prompts, responses)]
+            todo = list(dict.fromkeys(k for k in keys if k not in seen))
+            if todo:
+                out = raw(route, [k[1] for k in todo], [k[2] for k in todo], batch_size)  # (len(todo),)
+                seen.update(zip(todo, out.tolist()))
+            return torch.tensor([seen[k] for k in keys])  # (N,)
+
+        self._raw = once  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del self._raw  # the method again
 
     def _tune_confidence(self, held: list[PreferencePair], train: Sequence[PreferencePair]) -> None:
         """options.min_confidence: the grid value with the best macro accuracy of the routed system (own router) on
