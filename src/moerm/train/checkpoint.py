@@ -82,12 +82,17 @@ def save_checkpoint(
             raise UserError(f"could not write checkpoint {final}: {e.strerror or e} (is {root} writable, "
                             "with free space?)") from None
         raise
+    _commit(tmp, final, root, keep)
+    return final
+
+
+def _commit(tmp: Path, final: Path, root: Path, keep: int) -> None:
+    """Make a complete temporary checkpoint folder the step folder (one rename), then keep the newest `keep`."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def save_sharded_checkpoint(
@@ -130,11 +135,7 @@ def save_sharded_checkpoint(
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         state = {"step": step, **trainer_state, "checkpoint": "sharded", "processes": distributed.world_size()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: the folder is complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _commit(tmp, final, root, keep)
     return final
 
 
