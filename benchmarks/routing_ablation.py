@@ -12,11 +12,17 @@ on the prompt-disjoint slice held back from training (never on these pairs). Var
     hard                  the paper's top-1 domain RM (options.routing=hard, min_confidence 0)
     hard+general          top-1 above the tuned confidence threshold, the general RM below it
     gated                 top-1 above the tuned threshold, the top-2 mix below it
-    selection             hard, the domains whose RM lost to the general RM on the held-back slice served by it
+    selection             hard, the domains where the general RM beat the domain RM on the held-back slice, by the
+                          evidence rule (`moerm.systems.routing.selection`), served by it
     selection+general     both
     selection+gated       both
     general               every prompt to the general RM (one RM trained on every domain, 90% of the pairs)
     oracle                each pair's domain given, top-1 (the domain RMs alone, no router)
+    oracle+selection      each pair's domain given, the selected routes served by the general RM (the conflict
+                          suite's setting in the bench)
+
+With `--reselect`, the selection is chosen again under this release's rule, and each selection variant also runs
+with the selection saved at training time (`...-as-trained`), on the same rewards.
 
 Each (route, reply) is scored once and shared by every variant (`RODOSSystem.reusing_route_rewards`), so the ablation
 costs about what one `moerm eval` with the top-2 mix costs. Accuracies are macro over `--domains`, paired with the
@@ -42,7 +48,9 @@ from moerm.data.readers import load_pairs
 from moerm.data.schema import PreferencePair
 from moerm.encoding.trunk import trunk_cache_at_inference
 from moerm.eval.intervals import accuracy_intervals, paired_differences
+from moerm.runs import load_run_data
 from moerm.systems import load_system
+from moerm.systems.calibration import hold_back
 
 # variant -> (routing, use the tuned threshold, route selection on, every prompt to the general RM, domain given)
 VARIANTS: dict[str, tuple[str, bool, bool, bool, bool]] = {
@@ -54,6 +62,7 @@ VARIANTS: dict[str, tuple[str, bool, bool, bool, bool]] = {
     "selection+gated": ("gated", True, True, False, False),
     "general": ("hard", False, False, True, False),
     "oracle": ("hard", False, False, False, True),
+    "oracle+selection": ("hard", False, True, False, True),
 }
 GATED_DEFAULT = 0.6  # gated needs a threshold > 0: RODOS's default when the tuned one is 0
 
@@ -68,6 +77,19 @@ def correct_of(score: Callable[..., Any], pairs: Sequence[PreferencePair], domai
     return [int(r[i] > r[n + i]) for i in range(n)]
 
 
+def reselect(rodos: Any) -> dict[str, Any]:
+    """The route selection under this release's rule, on the held-back slice rebuilt as `fit` built it: the run's
+    training pairs (its config's data files, caps and seed), split by prompt with its calibration share."""
+    train, _, _ = load_run_data(rodos.config)
+    train, reference = hold_back(train, "zscore", rodos.opts.calibration_share, rodos.config.train.seed)
+    for d, saved in rodos.selection.items():
+        if len(reference.get(d, [])) != saved.get("pairs"):
+            sys.exit(f"error: {d}: the run's training data now gives {len(reference.get(d, []))} held-back pairs, "
+                     f"the run held back {saved.get('pairs')}: the data changed since training")
+    rodos.select_routes(reference, train)
+    return dict(rodos.selection)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rodos", help="a saved RODOS trained with options.fallback=general")
@@ -76,6 +98,11 @@ def main() -> None:
     ap.add_argument("--domains", default=None, help="comma-separated domains to evaluate (default: all in --data)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--reselect", action="store_true",
+                    help="choose the route selection again with this release's evidence rule (options."
+                         "select_min_prompts, options.select_level) on the run's held-back slice, rebuilt from its "
+                         "training data and seed; the selection saved at training time stays as the variants "
+                         "'...selection-as-trained...'")
     args = ap.parse_args()
     command = "python benchmarks/routing_ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     torch.manual_seed(0)
@@ -96,18 +123,26 @@ def main() -> None:
 
     tuned = float(rodos.tuned.get("min_confidence", 0.0)) if rodos.tuned else 0.0
     selection = dict(rodos.selection)
+    variants = dict(VARIANTS)
+    selections = {name: selection for name in variants}
     correct: dict[str, list[int]] = {}
     with ExitStack() as stack:
         stack.enter_context(rodos.reusing_route_rewards())  # every variant reads the same (route, reply) rewards
         stack.enter_context(trunk_cache_at_inference(rodos))
         stack.enter_context(trunk_cache_at_inference(baseline))
+        if args.reselect:
+            as_trained, selection = selection, reselect(rodos)
+            selections = {name: selection for name in variants}
+            for name in [n for n, v in VARIANTS.items() if v[2]]:
+                alias = name.replace("selection", "selection-as-trained")
+                variants[alias], selections[alias] = VARIANTS[name], as_trained
         correct["baseline"] = correct_of(baseline.score, pairs, None, args.batch_size)
-        for name, (routing, use_tuned, select, general_only, given) in VARIANTS.items():
+        for name, (routing, use_tuned, select, general_only, given) in variants.items():
             floor = tuned if use_tuned else 0.0
             if routing == "gated" and floor <= 0:
                 floor = GATED_DEFAULT
             rodos.opts.routing, rodos.opts.min_confidence = routing, floor
-            rodos.selection = selection if select else {}
+            rodos.selection = selections[name] if select else {}
             if general_only:  # every domain served by the general RM: selection that chose it everywhere
                 rodos.selection = {d: {"served_by": "general"} for d in rodos.domains}
             correct[name] = correct_of(rodos.score, pairs, domains if given else None, args.batch_size)
@@ -117,6 +152,10 @@ def main() -> None:
                                "tuned_min_confidence": tuned,
                                "served_by_general": sorted(d for d, s in selection.items()
                                                            if s.get("served_by") == "general"),
+                               "selection": selection,
+                               **({"served_by_general_as_trained": sorted(
+                                   d for d, s in selections["selection-as-trained"].items()
+                                   if s.get("served_by") == "general")} if args.reselect else {}),
                                "load_average": list(os.getloadavg()), "variants": {}}
     per_domain_rows = []
     for name, c in correct.items():

@@ -147,13 +147,17 @@ def test_route_selection_keeps_a_domain_rm_only_where_it_beats_the_general_rm(ti
     from moerm.systems.rodos import GENERAL
 
     train = domain_pairs("alpha", 40, 1) + domain_pairs("beta", 40, 2)
-    system = build_system(_cfg(tiny_bert, tmp_path / "cache", fallback="general", select_routes=True))
+    system = build_system(_cfg(tiny_bert, tmp_path / "cache", fallback="general", select_routes=True,
+                               select_min_prompts=3))  # 4 prompts held back per domain: the interval is computed
     system.fit(train, None, FitContext(tmp_path / "run", progress=False))
     _, reference = hold_back(train, "zscore", 0.1, system.config.train.seed)
     assert set(system.selection) == {"alpha", "beta"}
-    for d, sel in system.selection.items():  # measured on the domain's held-back pairs, the rule applied
+    assert all(sel["prompts"] >= 3 for sel in system.selection.values())
+    for d, sel in system.selection.items():  # measured on the domain's held-back pairs, the evidence rule applied
         assert sel["pairs"] == len(reference[d]) and 0.0 <= sel["general_rm"] <= 1.0
-        assert sel["served_by"] == (d if sel["domain_rm"] > sel["general_rm"] else "general")
+        evidence = sel.get("general_minus_domain")
+        assert (evidence is not None) == (sel["prompts"] >= system.opts.select_min_prompts)
+        assert sel["served_by"] == ("general" if evidence is not None and evidence["low"] > 0 else d)
     system.selection["alpha"]["served_by"] = "general"  # whatever it chose: a route served by the general RM ...
     test = domain_pairs("alpha", 4, 7)
     prompts, responses = [p.prompt for p in test], [p.chosen for p in test]
@@ -165,6 +169,11 @@ def test_route_selection_keeps_a_domain_rm_only_where_it_beats_the_general_rm(ti
     assert load_system(tmp_path / "model").selection["alpha"]["served_by"] == "general"
     with pytest.raises(Exception, match="fallback=general"):
         build_system(_cfg(tiny_bert, tmp_path / "cache", select_routes=True))
+    with pytest.raises(Exception, match="options.select_level must be within"):
+        build_system(_cfg(tiny_bert, tmp_path / "cache", fallback="general", select_routes=True, select_level=1.5))
+    with pytest.raises(Exception, match="options.select_min_prompts must be a whole number"):
+        build_system(_cfg(tiny_bert, tmp_path / "cache", fallback="general", select_routes=True,
+                          select_min_prompts=0))
 
 
 def test_tune_confidence_picks_the_best_grid_value_on_the_held_back_slice(tiny_bert, tmp_path):

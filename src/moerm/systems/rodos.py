@@ -19,6 +19,7 @@ from moerm.config import RunConfig
 from moerm.errors import UserError
 from moerm.encoding import make_encoder
 from moerm.encoding.tuning import share_trunk
+from moerm.data.grouping import pair_keys
 from moerm.data.schema import PreferencePair
 from moerm.systems.base import SYSTEM_FILE, FitContext, FitResult, RewardSystem, ScoreOutput, load_system, register
 from moerm.systems.baseline import BaselineSystem
@@ -28,6 +29,7 @@ from moerm.systems.routing import (
     load_router_examples, new_domain_of, require_routes, router_examples,
 )
 from moerm.systems.calibration import Calibration, fit_calibration, hold_back, reference_source
+from moerm.systems.routing.selection import SelectionRule, select_route
 
 RODOS_FILE = "rodos.json"
 GENERAL_DIR = "general_rm"  # the general fallback RM (options.fallback=general), beside rms/, never a domain name
@@ -48,9 +50,12 @@ class RODOSOptions(FallbackOptions):
 
     routing: str = "gated"
     min_confidence: float = 0.6
-    # with fallback=general: per domain, keep its RM only where it beats the general RM on that domain's held-back
-    # prompt-disjoint validation pairs (the calibration slice); the other domains' routes are served by the general RM
+    # with fallback=general: per domain, hand its route to the general RM only where that RM beats the domain RM on
+    # the domain's held-back prompt-disjoint pairs (the calibration slice) with evidence: at least
+    # `select_min_prompts` prompts and the paired interval at `select_level` above 0 (`routing.selection`)
     select_routes: bool = False
+    select_min_prompts: int = 10
+    select_level: float = 0.9
     # choose options.min_confidence on the held-back prompt-disjoint slice: the grid value whose own-router routing
     # scores the best macro accuracy there (ties: the lower one), used at inference and saved in the index
     tune_confidence: bool = False
@@ -60,6 +65,11 @@ class RODOSOptions(FallbackOptions):
         if self.select_routes and self.fallback != "general":
             raise UserError("options.select_routes compares each domain RM with the general RM: it needs "
                             "options.fallback=general")
+        if not isinstance(self.select_min_prompts, int) or isinstance(self.select_min_prompts, bool) \
+                or self.select_min_prompts < 2:
+            raise UserError(f"options.select_min_prompts must be a whole number >= 2; got {self.select_min_prompts!r}")
+        if not isinstance(self.select_level, (int, float)) or not 0 < self.select_level < 1:
+            raise UserError(f"options.select_level must be within (0, 1); got {self.select_level!r}")
 
 
 @register
@@ -131,7 +141,7 @@ class RODOSSystem(RewardSystem):
             self.calibration = fit_calibration(o.calibration, routes, self._raw,
                                                reference_source(reference, train, o.calibration_share))
             if o.select_routes:
-                self._select_routes(reference, train)
+                self.select_routes(reference, train)
             self.router_examples = router_examples(train, self.opts.max_router_prompts_per_domain)
             trained = {id(p) for p in train}
             held = [p for ps in reference.values() for p in ps if id(p) not in trained]  # the OOD threshold's prompts
@@ -211,22 +221,23 @@ class RODOSSystem(RewardSystem):
             new = fit_calibration(self.calibration.kind, reference, self._raw, "")
             self.calibration = self.calibration.with_route(domain, new.scales[domain])
 
-    def _select_routes(self, reference: dict[str, list[PreferencePair]], train: Sequence[PreferencePair]) -> None:
-        """Per domain: its RM's and the general RM's pairwise accuracy on the domain's held-back pairs; the domain
-        keeps its RM only where that is strictly higher (a domain with one prompt held nothing back: it keeps it)."""
+    def select_routes(self, reference: dict[str, list[PreferencePair]], train: Sequence[PreferencePair]) -> None:
+        """Per domain: its RM's and the general RM's pairwise accuracy on the domain's held-back pairs, and who serves
+        its route under the evidence rule (`routing.selection`): the general RM only where the slice resolves it as
+        better; a domain with one prompt held nothing back and keeps its RM."""
         trained = {id(p) for p in train}
+        rule = SelectionRule(self.opts.select_min_prompts, self.opts.select_level)
         self.selection = {}
         for d, pairs in sorted(reference.items()):
             held_back = bool(pairs) and not any(id(p) in trained for p in pairs)
-            acc = {}
+            prompts = [p.prompt for p in pairs]
+            correct = {}
             for route in (d, GENERAL):
-                prompts = [p.prompt for p in pairs]
                 chosen = self._raw(route, prompts, [p.chosen for p in pairs])
                 rejected = self._raw(route, prompts, [p.rejected for p in pairs])
-                acc[route] = float((chosen > rejected).float().mean()) if pairs else float("nan")
-            keep = not held_back or acc[d] > acc[GENERAL]
-            self.selection[d] = {"domain_rm": acc[d], "general_rm": acc[GENERAL], "pairs": len(pairs),
-                                 "prompts": len({p.prompt for p in pairs}), "served_by": d if keep else "general"}
+                correct[route] = (chosen > rejected).float().tolist()
+            self.selection[d] = select_route(d, correct[d], correct[GENERAL], pair_keys(pairs) if pairs else [],
+                                             rule, held_back)
 
     @property
     def served_by_general(self) -> set[str]:
