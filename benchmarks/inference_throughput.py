@@ -1,7 +1,8 @@
 """Inference throughput of every system on the same mixed-domain batch of held-out pairs, side by side.
 
     .venv/bin/python benchmarks/inference_throughput.py --data examples/data --pairs-per-domain 16 \
-        --systems baseline,rodos,arliss --rodos-routing hard,gated --arliss-routers lora,frozen,frozen:1
+        --systems baseline,rodos,arliss --rodos-routing hard,gated --rodos-routers frozen,frozen:1 \
+        --arliss-routers lora,frozen,frozen:1
 
 Each system is built through its real `fit`. Its reward models take one optimizer step each (`train.max_steps=1`):
 their weights' values do not change the arithmetic. Its router trains for real, on the prompts of
@@ -21,6 +22,8 @@ Rows:
 - `--arliss-routers lora,frozen,frozen:1` times ARLISS with each router: lora is the paper's router adapter (a
   pass through every block); frozen is a linear head on the prompt's pretrained pooled states; `frozen:K` reads
   the states after K blocks (`options.router_layer=K`). Rows are `arliss-<router>-<mode>`.
+- `--rodos-routers frozen,frozen:1` does the same for RODOS (its default is `frozen`, every block); rows
+  `rodos-<routing>` and `rodos-frozen@K-<routing>`.
 - `<system>-router` rows time the router alone (the routing decisions of the same inputs).
 
 For each routed row it prints the domain-RM passes per input and the router's accuracy on these prompts.
@@ -44,6 +47,7 @@ import torch
 from moerm.bench.measure import CLOCKS, timed_round_robin
 from moerm.config import load_config
 from moerm.data.readers import load_pairs
+from moerm.eval.intervals import clustered_accuracy_ci
 from moerm.runs import cap_per_domain
 from moerm.systems import build_system
 from moerm.systems.base import FitContext, RewardSystem
@@ -73,6 +77,16 @@ def routing_stats(system: Any, prompts: list[str], domains: list[str]) -> dict[s
     return {"rm_passes": rm_passes(routes), "router_accuracy": sum(right) / len(right)}
 
 
+def router_accuracy(system: Any, pairs: list) -> dict[str, Any]:
+    """The router's top-1 accuracy on every distinct held-out prompt, with its 95% interval (prompts resampled)."""
+    first = {p.prompt: p.domain for p in pairs}  # a prompt is one router decision
+    prompts = list(first)
+    routes = system.router.routes(prompts, None)
+    right = [float(max(r.probs, key=r.probs.get) == first[q]) for r, q in zip(routes, prompts)]
+    ci = clustered_accuracy_ci(right, prompts)
+    return {"accuracy": ci.point, "low": ci.low, "high": ci.high, "prompts": len(prompts)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="examples/data")
@@ -91,6 +105,9 @@ def main() -> None:
                     help="ARLISS's routers to time, comma-separated: lora (the paper's router adapter, a pass through "
                          "every block), frozen (a head on the pretrained pooled states), frozen:K (on the states "
                          "after K blocks: options.router_layer=K)")
+    ap.add_argument("--rodos-routers", default="frozen",
+                    help="RODOS's routers, comma-separated: frozen (its default: a head on the pretrained pooled "
+                         "states, every block), frozen:K (the states after K blocks: options.router_layer=K)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override for every system, e.g. --set options.router_max_length=32")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -99,6 +116,7 @@ def main() -> None:
     command = "python benchmarks/inference_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     test, _ = load_pairs([args.data], split="test")
+    every = test  # every held-out pair: the routers' accuracy on all their prompts (not timed)
     test = cap_per_domain(test, args.pairs_per_domain, seed=0)
     random.Random(0).shuffle(test)  # mixed domains in every batch
     train, _ = load_pairs([args.data], split="train")
@@ -129,14 +147,20 @@ def main() -> None:
                         runs[f"{tag}-{mode}"] = score(system, mode)
                     runs[f"{tag}-router"] = lambda s=system: s.router.routes(prompts, None, args.batch_size)
                     stats[f"{tag}-batched"] = routing_stats(system, prompts, domains)
+                    stats[f"{tag}-batched"]["router_accuracy_all"] = router_accuracy(system, every)
             elif name == "rodos":
-                system = build(name, common + router, train, Path(tmp))
-                default = system.opts.min_confidence  # RODOS's gated default, 0.6
-                for r in args.rodos_routing.split(","):
-                    floor = 0.0 if r == "hard" else default
-                    runs[f"rodos-{r}"] = score(system, routing=r, min_confidence=floor)
-                    stats[f"rodos-{r}"] = routing_stats(routed(system, r, floor), prompts, domains)
-                runs["rodos-router"] = lambda s=system: s.router.routes(prompts, None, args.batch_size)
+                for spec in args.rodos_routers.split(","):
+                    kind, _, layer = spec.partition(":")
+                    extra = [f"options.router_tuning={kind}"] + ([f"options.router_layer={layer}"] if layer else [])
+                    system = build(name, [*common, *router, *extra], train, Path(tmp) / f"rodos-{spec}")
+                    tag = "rodos" if spec == "frozen" else f"rodos-{spec.replace(':', '@')}"
+                    default = system.opts.min_confidence  # RODOS's gated default, 0.6
+                    for r in args.rodos_routing.split(","):
+                        floor = 0.0 if r == "hard" else default
+                        runs[f"{tag}-{r}"] = score(system, routing=r, min_confidence=floor)
+                        stats[f"{tag}-{r}"] = routing_stats(routed(system, r, floor), prompts, domains)
+                        stats[f"{tag}-{r}"]["router_accuracy_all"] = router_accuracy(system, every)
+                    runs[f"{tag}-router"] = lambda s=system: s.router.routes(prompts, None, args.batch_size)
             else:
                 system = build(name, common, train, Path(tmp))
                 runs[name] = score(system)
@@ -148,14 +172,17 @@ def main() -> None:
           f"backbone {args.backbone}, max_length {args.max_length}, batch {args.batch_size}, median of {args.repeats} "
           f"({args.clock} clock), {torch.get_num_threads()} CPU threads, load average "
           f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print("| system | seconds per pair | pairs/s | ratio to Baseline | RM passes per input | router accuracy |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| system | seconds per pair | pairs/s | ratio to Baseline | RM passes per input | router accuracy "
+          "(these prompts) | router accuracy (every held-out prompt) [95%] |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, sec in rows.items():
         ratio = f"{base / sec:.2f}x" if base and not name.endswith("-router") else ""  # a router alone: no ratio
         st = stats.get(name, {})
         passes = f"{st['rm_passes']:.2f}" if st else ""
         acc = f"{st['router_accuracy']:.1%}" if st else ""
-        print(f"| {name} | {sec / n * 1000:.1f} ms | {n / sec:.2f} | {ratio} | {passes} | {acc} |")
+        a = st.get("router_accuracy_all")
+        every_acc = f"{a['accuracy']:.1%} [{a['low']:.1%}, {a['high']:.1%}] of {a['prompts']}" if a else ""
+        print(f"| {name} | {sec / n * 1000:.1f} ms | {n / sec:.2f} | {ratio} | {passes} | {acc} | {every_acc} |")
     for tag in sorted({k.rsplit("-", 1)[0] for k in rows if k.startswith("arliss")}):
         if f"{tag}-switch" in rows and f"{tag}-batched" in rows:
             print(f"\n{tag} batched / switch: {rows[f'{tag}-switch'] / rows[f'{tag}-batched']:.2f}x")

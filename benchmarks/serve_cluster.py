@@ -209,6 +209,62 @@ def swap_mode(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return res
 
 
+ROLES = (("moerm.cli serve", "server"), ("ServeReplica", "replica"), ("ProxyActor", "Ray proxy"),
+         ("ServeController", "Ray controller"), ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons"),
+         ("ray", "Ray daemons"))  # the first key a process's command line holds names its role
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds so far (user + system, all threads) and its role: this process (the clients,
+    and the Ray driver in the Ray modes), the server, a Ray replica, Ray's proxy, controller or daemons, or other
+    work on the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        pid = int(entry.name)
+        role = "clients (this process)" if pid == os.getpid() else next(
+            (r for key, r in ROLES if key in cmd), "other")
+        out[pid] = (role, seconds)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role used between two snapshots (a process born in between counts from 0)."""
+    used: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        used[role] = used.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return {role: round(s, 2) for role, s in sorted(used.items()) if s > 0.005}
+
+
+def measured(url: str, items: list[tuple[str, str]], offline: list[float], args: argparse.Namespace) -> dict[str, Any]:
+    """The clients' load on `url`, checked against offline rewards, with the CPU seconds of each role meanwhile."""
+    before = cpu_snapshot()
+    res = asyncio.run(clients(url, items, args.seconds, args.clients))
+    res["cpu_seconds"] = cpu_by_role(before, cpu_snapshot())
+    return check(res, {"none": offline})
+
+
+def held_out_items(data: str, n: int) -> list[tuple[str, str]]:
+    """`n` (prompt, chosen reply) pairs of `data`'s held-out split, one prompt after another over the domains."""
+    from moerm.data.readers import load_pairs
+    from moerm.runs import sample_round_robin
+
+    pairs, _ = load_pairs([data], split="test")
+    if not pairs:
+        raise SystemExit(f"error: {data}: no held-out pairs")
+    picked = sample_round_robin(pairs, max(1, n // len({p.domain for p in pairs})), seed=0)[:n]
+    return [(p.prompt, p.chosen) for p in picked]
+
+
 def ray_mode(run: str, replicas: int, items: list[tuple[str, str]], offline: list[float],
              args: argparse.Namespace) -> dict[str, Any]:
     import ray
@@ -226,7 +282,7 @@ def ray_mode(run: str, replicas: int, items: list[tuple[str, str]], offline: lis
               ReplicaSpec(replicas, args.ray_cpus / replicas))
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
-        return check(asyncio.run(clients(url, items, args.seconds, args.clients)), {"none": offline})
+        return measured(url, items, offline, args)
     finally:
         serve.shutdown()
 
@@ -241,6 +297,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--ray-cpus", type=float, default=2.0, help="CPUs of the local Ray instance")
+    ap.add_argument("--data", help="the clients send these held-out pairs (prompt, chosen reply; folder or file) "
+                    "instead of short random texts: real lengths, so the model's share of the time is real")
+    ap.add_argument("--items", type=int, default=64, help="how many distinct pairs the clients cycle through")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     if args.routed_run and not args.swap_data:
@@ -254,15 +313,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moerm-cluster-") as tmp:
         root = Path(tmp)
         run = args.run or str(tiny_model(root / "plain"))
-        items = pool(64)
+        items = held_out_items(args.data, args.items) if args.data else pool(args.items)
         offline = [float(r) for r in load_system(run).score([p for p, _ in items], [r for _, r in items]).rewards]
         if "plain" in modes:
             port = free_port()
             proc = serve_plain(run, port, args)
             try:
                 wait_ready(f"http://127.0.0.1:{port}")
-                results["plain"] = check(asyncio.run(clients(f"http://127.0.0.1:{port}", items, args.seconds,
-                                                             args.clients)), {"none": offline})
+                results["plain"] = measured(f"http://127.0.0.1:{port}", items, offline, args)
             finally:
                 stop(proc)
         for mode, n in (("ray1", 1), ("ray2", 2)):
@@ -278,6 +336,9 @@ def main() -> None:
             print(f"{mode}: {r['ok']} answered right, {r['wrong']} wrong, {r['lost']} lost; {r['pairs_per_s']:.1f} "
                   f"pairs/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms; versions {r['versions']}"
                   + (f"; samples {r['samples'][:3]}" if r["samples"] else ""))
+            if r.get("cpu_seconds") and r["pairs"]:
+                print("  CPU ms per pair: " + ", ".join(f"{role} {1000 * s / r['pairs']:.1f}"
+                                                          for role, s in r["cpu_seconds"].items()))
     if "plain" in results and "ray1" in results and results["plain"]["pairs_per_s"]:
         print(f"Ray path at 1 replica / plain server: {results['ray1']['pairs_per_s'] / results['plain']['pairs_per_s']:.2f}x")
     if "ray1" in results and "ray2" in results and results["ray1"]["pairs_per_s"]:
