@@ -37,6 +37,49 @@ def test_the_plan_sorts_by_length_and_fills_each_pass_up_to_the_budget() -> None
     assert plan_passes([3, 3, 3, 3], 1000, max_rows=3) == [[0, 1, 2], [3]]
 
 
+def test_the_plan_cuts_where_lengths_jump_when_that_saves_more_padding_than_a_pass_costs() -> None:
+    # one pass of all four fits the budget (4 x 100 = 400) but pads the short two to 100: 400 tokens + 32 for the
+    # pass = 432; two passes cost 2 x 12 + 32 + 2 x 100 + 32 = 288
+    assert plan_passes([10, 100, 12, 100], 400, pass_tokens=32) == [[0, 2], [1, 3]]
+    # a pass costing more than the padding it saves: one pass (4 x 12 + 100 = 148) beats any split (200 in passes)
+    assert plan_passes([10, 11, 12, 12], 400, pass_tokens=100) == [[0, 1, 2, 3]]
+    # passes free: each length alone pads nothing (5 + 7 + 9 = 21 against 3 x 9 = 27 in one pass)
+    assert plan_passes([5, 9, 7], 100, pass_tokens=0) == [[0], [2], [1]]
+
+
+def test_the_plan_is_the_cheapest_partition_of_the_sorted_rows() -> None:
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.choice([8, 20, 33, 64, 64, 128, 128]) for _ in range(rng.randint(1, 9))]
+        budget, rows_cap, per_pass = rng.choice([128, 256, 512]), rng.choice([None, 2, 4]), rng.choice([0, 16, 64])
+
+        def cost(passes: list[list[int]]) -> float:
+            return sum(len(p) * max(lengths[i] for i in p) + per_pass for p in passes)
+
+        plan = plan_passes(lengths, budget, rows_cap, per_pass)
+        assert sorted(i for p in plan for i in p) == list(range(len(lengths)))
+        for p in plan:
+            assert len(p) == 1 or (len(p) * max(lengths[i] for i in p) <= budget
+                                   and (rows_cap is None or len(p) <= rows_cap))
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = float("inf")  # brute force: every way to cut the sorted rows into consecutive runs
+        for cuts in itertools.product([False, True], repeat=len(order) - 1):
+            runs, cur = [], [order[0]]
+            for i, c in zip(order[1:], cuts):
+                if c:
+                    runs.append(cur)
+                    cur = []
+                cur.append(i)
+            runs.append(cur)
+            if all(len(r) == 1 or (len(r) * max(lengths[i] for i in r) <= budget
+                                   and (rows_cap is None or len(r) <= rows_cap)) for r in runs):
+                best = min(best, cost(runs))
+        assert cost(plan) == best
+
+
 class Counting:
     """reward = len(prompt) - len(response) / 100; records each call's pairs and batch_size."""
 
