@@ -132,3 +132,29 @@ def test_frozen_router_after_k_blocks_reads_the_early_states_and_runs_only_those
     out = system.score([p.prompt for p in test], [p.chosen for p in test])
     right = [d["router_top"] == p.domain for d, p in zip(out.details, test)]  # gated: low confidence mixes
     assert sum(right) >= 0.75 * len(test), right  # (its router trains only 3 epochs here)
+
+
+def test_rodos_frozen_router_reads_one_block_by_default_and_older_runs_keep_every_block(tiny_bert, tmp_path):
+    import json
+
+    from moerm.systems.rodos import RODOSOptions
+
+    assert RODOSOptions().router_layer == 1  # "auto" for the frozen router
+    assert RODOSOptions(router_tuning="lora").router_layer is None  # other routers read their own backbone
+    system, _ = _fit(tiny_bert, tmp_path, calibration="none")
+    assert system.opts.router_layer == 1 and system.config.options["router_layer"] == 1  # saved with the run
+    prompts = [p.prompt for p in domain_pairs("alpha", 6, 5)]
+    system.save(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "system.json").read_text())
+    assert saved["config"]["options"]["router_layer"] == 1
+    torch.testing.assert_close(load_system(tmp_path / "model").router.probs(prompts), system.router.probs(prompts))
+    # A run saved before the default changed has no router_layer: its router read the whole backbone. Retrain one
+    # so, drop the key as that release wrote it, and it loads with the same (every-block) routing.
+    old, _ = _fit(tiny_bert, tmp_path / "old", calibration="none", router_layer=None)
+    old.save(tmp_path / "old-model")
+    meta = json.loads((tmp_path / "old-model" / "system.json").read_text())
+    del meta["config"]["options"]["router_layer"]
+    (tmp_path / "old-model" / "system.json").write_text(json.dumps(meta))
+    again = load_system(tmp_path / "old-model")
+    assert again.opts.router_layer is None
+    torch.testing.assert_close(again.router.probs(prompts), old.router.probs(prompts))
