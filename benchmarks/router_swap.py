@@ -46,15 +46,15 @@ def router_accuracy(router: Router, pairs: list) -> dict[str, Any]:
     return clustered_accuracy_ci(right, prompts).to_dict()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a saved RODOS run (or model) folder")
     ap.add_argument("--data", action="append", required=True, help="held-out pairs (test* files in folders)")
     ap.add_argument("--set", dest="variants", action="append", required=True,
                     help="router options of one variant, e.g. options.router_layer=1 (comma-separated for several)")
     ap.add_argument("--out", help="write the figures as JSON here")
-    args = ap.parse_args()
-    command = "python benchmarks/router_swap.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    args = ap.parse_args(argv)
+    command = "python benchmarks/router_swap.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     system = load_system(args.run)
     if system.name != "rodos":
         sys.exit(f"error: {args.run} holds a {system.name} system; this script swaps a RODOS run's router")
@@ -80,7 +80,10 @@ def main() -> None:
         measure("own router", own_router)
         for spec in args.variants:
             overrides = dict(parse_override(item) for item in spec.split(","))
-            opts = dataclasses.replace(system.opts, **{k.removeprefix("options."): v for k, v in overrides.items()})
+            fields = {k.removeprefix("options."): v for k, v in overrides.items()}
+            if "router_tuning" in fields and "router_layer" not in fields:
+                fields["router_layer"] = "auto"  # the new tuning's own default, not the run's resolved layer
+            opts = dataclasses.replace(system.opts, **fields)
             torch.manual_seed(0)
             router = Router(system.config, opts, system.domains)
             with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +110,7 @@ def main() -> None:
               f"{acc.point:.1%} [{acc.low:.1%}, {acc.high:.1%}] | {d} |")
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":

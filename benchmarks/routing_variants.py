@@ -133,7 +133,8 @@ def train_router(system: Any, length: int, tuning: str, seed: int, tmp: Path, ep
     """A router retrained on the run's own router prompts (`epochs`: its training epochs, default the run's); returns
     it, its training seconds and the training prompts' features (a frozen or trunk router's: the ones it read)."""
     opts = dataclasses.replace(system.opts, router_max_length=length, router_tuning=tuning, ood="none",
-                               routing="hard", min_confidence=0.0)
+                               routing="hard", min_confidence=0.0,
+                               router_layer=system.opts.router_layer if tuning == "frozen" else None)
     torch.manual_seed(seed)
     router = Router(system.config, opts, system.domains)
     ctx = FitContext(tmp, progress=False)
