@@ -21,6 +21,7 @@ Accuracy only, no timing: the figures do not depend on the machine's load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shlex
@@ -109,6 +110,38 @@ def macro(ok: Sequence[bool], pairs: Sequence[Any]) -> float:
     return sum(sum(v) / len(v) for v in per.values()) / len(per)
 
 
+def measure(system: Any, pairs: Sequence[Any], keys: Sequence[str], calibrated: Calibration,
+            scale_only: bool) -> dict[str, Any]:
+    """The per-route scale (raw, calibrated, calibrated intervals) and, unless scale_only, each routing mode's macro
+    accuracy raw vs calibrated with the paired interval."""
+    stats = {"raw": route_stats(system, pairs, Calibration())}
+    cal_rewards = route_rewards(system, pairs, calibrated)
+    stats["calibrated"] = {route: {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
+                           for route, (r, _) in cal_rewards.items()}
+    intervals = {route: scale_intervals(r, texts) for route, (r, texts) in cal_rewards.items()}
+    accuracy = {}
+    base_opts = copy.copy(system.opts)  # the router reads the same options object: set, then restore, in place
+    for name, opts in ({} if scale_only else MODES).items():
+        for k, v in vars(base_opts).items():
+            setattr(system.opts, k, v)
+        for k, v in opts.items():
+            setattr(system.opts, k, v)
+        rows = {}
+        for label, cal in (("raw", Calibration()), ("calibrated", calibrated)):
+            system.calibration = cal
+            rows[label] = correct(system, pairs)
+        diff = paired_clustered_diff_ci(rows["calibrated"], rows["raw"], keys, [p.domain for p in pairs], macro=True)
+        accuracy[name] = {"raw": macro(rows["raw"], pairs), "calibrated": macro(rows["calibrated"], pairs),
+                          "calibrated_minus_raw": diff.to_dict()}
+    for k, v in vars(base_opts).items():
+        setattr(system.opts, k, v)
+    system.calibration = calibrated
+    return {"route_scale": stats, "calibrated_intervals": intervals,
+            "target": {"mean_band": list(MEAN_BAND), "std_band": list(STD_BAND),
+                       "interval": "95%, prompts resampled within each domain, 2000 draws, seed 0"},
+            "accuracy": accuracy, "reference": calibrated.reference}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a saved routed run whose routes were calibrated (options.calibration=zscore)")
@@ -126,33 +159,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     known = set(system.domains)
     pairs = [p for p in pairs if system.route_of(p.domain) in known]
     keys = pair_keys(pairs)
-    stats = {"raw": route_stats(system, pairs, Calibration())}
-    cal_rewards = route_rewards(system, pairs, calibrated)
-    stats["calibrated"] = {route: {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
-                           for route, (r, _) in cal_rewards.items()}
-    intervals = {route: scale_intervals(r, texts) for route, (r, texts) in cal_rewards.items()}
-    accuracy = {}
-    base_opts = copy.copy(system.opts)  # the router reads the same options object: set, then restore, in place
-    for name, opts in ({} if args.scale_only else MODES).items():
-        for k, v in vars(base_opts).items():
-            setattr(system.opts, k, v)
-        for k, v in opts.items():
-            setattr(system.opts, k, v)
-        rows = {}
-        for label, cal in (("raw", Calibration()), ("calibrated", calibrated)):
-            system.calibration = cal
-            rows[label] = correct(system, pairs)
-        diff = paired_clustered_diff_ci(rows["calibrated"], rows["raw"], keys, [p.domain for p in pairs], macro=True)
-        accuracy[name] = {"raw": macro(rows["raw"], pairs), "calibrated": macro(rows["calibrated"], pairs),
-                          "calibrated_minus_raw": diff.to_dict()}
-    for k, v in vars(base_opts).items():
-        setattr(system.opts, k, v)
-    system.calibration = calibrated
-    result = {"command": command, "run": args.run, "pairs": len(pairs), "prompts": len(set(keys)),
-              "route_scale": stats, "calibrated_intervals": intervals,
-              "target": {"mean_band": list(MEAN_BAND), "std_band": list(STD_BAND),
-                         "interval": "95%, prompts resampled within each domain, 2000 draws, seed 0"},
-              "accuracy": accuracy, "reference": calibrated.reference}
+    # a route's raw reward for a text does not depend on routing or on the map: where the system can (RODOS), each
+    # route scores each text once for the raw and calibrated passes and every routing mode
+    reuse = getattr(system, "reusing_route_rewards", None)
+    with reuse() if reuse is not None else contextlib.nullcontext():
+        result = measure(system, pairs, keys, calibrated, args.scale_only)
+    result = {"command": command, "run": args.run, "pairs": len(pairs), "prompts": len(set(keys)), **result}
+    stats, intervals, accuracy = result["route_scale"], result["calibrated_intervals"], result["accuracy"]
     print(f"command: {command}\n{len(pairs)} held-out pairs, {len(set(keys))} prompts\n")
     print("| route | raw mean | raw std | calibrated mean | calibrated std | texts |\n|---|---:|---:|---:|---:|---:|")
     for route, raw in stats["raw"].items():

@@ -16,6 +16,7 @@ from moerm.data.grouping import pair_keys
 from moerm.data.readers import write_jsonl
 from moerm.data.schema import PreferencePair
 from moerm.eval.intervals import Interval
+from moerm.eval.metrics import evaluate_system
 from moerm.systems import load_system
 
 
@@ -43,6 +44,14 @@ def test_route_scale_of_a_tiny_rodos(tmp_path, tiny_bert):
             assert iv[q]["low"] <= iv[q]["point"] + 1e-9 and iv[q]["point"] <= iv[q]["high"] + 1e-9
         assert iv["verdict"] in ("met", "missed", "not resolved")
     assert res["target"]["mean_band"] == [-0.15, 0.15] and res["target"]["std_band"] == [0.85, 1.15]
+
+    # the routing modes (each route scoring each text once across them): hard routing with the run's own options is
+    # what `moerm eval` gives, and a monotone map cannot change a top-1 comparison
+    full = load_benchmark("reward_scale").main([str(run), "--data", str(tmp_path / "data")])
+    assert full["route_scale"] == res["route_scale"] and set(full["accuracy"]) == {"hard", "gated", "soft",
+                                                                                   "mixture fallback"}
+    hard = full["accuracy"]["hard"]
+    assert hard["raw"] == hard["calibrated"] == evaluate_system(load_system(run), test)["macro_accuracy"]
 
 
 def texts(prompts: list[str], per_prompt: int, domain: str = "d") -> list[PreferencePair]:
