@@ -9,12 +9,19 @@ same trained routes and the same pairs, with the paired prompt-clustered 95% int
 
 `--scale-only` measures the per-route mean and spread alone (no routing modes): what a slow system's run needs.
 
+The held-out mean and spread are themselves estimates, some from a handful of prompts (newsroom's test texts come
+from 4): each route's calibrated mean and std carry a 95% interval from a bootstrap that resamples prompts within
+each domain (`eval.intervals.clustered_mean_std_ci`, the accuracy intervals' draws), and each is judged against the
+target band (mean within 0.15 of 0, std within 15% of 1): "met" when the interval lies inside the band, "missed"
+when it lies outside, else "not resolved". A route is met when both are, missed when either is.
+
 Accuracy only, no timing: the figures do not depend on the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shlex
@@ -26,7 +33,7 @@ import torch
 
 from moerm.data.grouping import pair_keys
 from moerm.data.readers import load_pairs
-from moerm.eval.intervals import paired_clustered_diff_ci
+from moerm.eval.intervals import Interval, clustered_mean_std_ci, paired_clustered_diff_ci
 from moerm.systems import load_system
 from moerm.systems.calibration import Calibration
 
@@ -36,8 +43,14 @@ MODES = {"hard": {"routing": "hard", "min_confidence": 0.0},
          "mixture fallback": {"routing": "hard", "min_confidence": 0.6}}
 
 
-def route_stats(system: Any, pairs: Sequence[Any], calibration: Calibration) -> dict[str, dict[str, float]]:
-    """Per route: mean and std of its rewards on both replies of its domains' pairs, the domain given."""
+MEAN_BAND = (-0.15, 0.15)  # issue 24's target on the common scale: every route's mean within 0.15 of 0 ...
+STD_BAND = (0.85, 1.15)  # ... and every spread within 15% of 1
+
+
+def route_rewards(system: Any, pairs: Sequence[Any], calibration: Calibration
+                  ) -> dict[str, tuple[torch.Tensor, list[Any]]]:
+    """Per route (sorted): its (2P,) rewards on both replies of its domains' P pairs, the domain given, and the pairs
+    in the same order as the rewards (chosen replies first, then rejected)."""
     system.calibration = calibration
     by: dict[str, list[Any]] = defaultdict(list)
     for p in pairs:
@@ -50,8 +63,37 @@ def route_stats(system: Any, pairs: Sequence[Any], calibration: Calibration) -> 
         replies = [p.chosen for p in ps] + [p.rejected for p in ps]
         r = torch.tensor(system.score(prompts, replies, [ps[0].domain if system.name == "dmoerm" else route]
                                       * len(prompts)).rewards)
-        out[route] = {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
+        out[route] = (r, list(ps) * 2)
     return out
+
+
+def route_stats(system: Any, pairs: Sequence[Any], calibration: Calibration) -> dict[str, dict[str, float]]:
+    """Per route: mean and std of its rewards on both replies of its domains' pairs, the domain given."""
+    return {route: {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
+            for route, (r, _) in route_rewards(system, pairs, calibration).items()}
+
+
+def band_verdict(iv: Interval, band: tuple[float, float]) -> str:
+    """"met" when the whole interval lies inside the band, "missed" when it lies wholly outside, else "not resolved"."""
+    lo, hi = band
+    if lo <= iv.low and iv.high <= hi:
+        return "met"
+    if iv.high < lo or iv.low > hi:
+        return "missed"
+    return "not resolved"
+
+
+def scale_intervals(rewards: torch.Tensor, texts: Sequence[Any], *, seed: int = 0) -> dict[str, Any]:
+    """One route's mean and std with their prompt-clustered 95% intervals (prompts resampled within each domain),
+    each judged against the target band, and the route's verdict. rewards: (N,); texts: the pair of each reward."""
+    mean, std = clustered_mean_std_ci(rewards.double().tolist(), pair_keys(texts), [p.domain for p in texts],
+                                      seed=seed)
+    verdicts = {"mean": band_verdict(mean, MEAN_BAND), "std": band_verdict(std, STD_BAND)}
+    route = ("met" if all(v == "met" for v in verdicts.values())
+             else "missed" if "missed" in verdicts.values() else "not resolved")
+    point = MEAN_BAND[0] <= mean.point <= MEAN_BAND[1] and STD_BAND[0] <= std.point <= STD_BAND[1]
+    return {"mean": mean.to_dict(), "std": std.to_dict(), "mean_verdict": verdicts["mean"],
+            "std_verdict": verdicts["std"], "verdict": route, "point_in_band": point}
 
 
 def correct(system: Any, pairs: Sequence[Any]) -> list[bool]:
@@ -66,6 +108,38 @@ def macro(ok: Sequence[bool], pairs: Sequence[Any]) -> float:
     for o, p in zip(ok, pairs):
         per[p.domain].append(o)
     return sum(sum(v) / len(v) for v in per.values()) / len(per)
+
+
+def measure(system: Any, pairs: Sequence[Any], keys: Sequence[str], calibrated: Calibration,
+            scale_only: bool) -> dict[str, Any]:
+    """The per-route scale (raw, calibrated, calibrated intervals) and, unless scale_only, each routing mode's macro
+    accuracy raw vs calibrated with the paired interval."""
+    stats = {"raw": route_stats(system, pairs, Calibration())}
+    cal_rewards = route_rewards(system, pairs, calibrated)
+    stats["calibrated"] = {route: {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
+                           for route, (r, _) in cal_rewards.items()}
+    intervals = {route: scale_intervals(r, texts) for route, (r, texts) in cal_rewards.items()}
+    accuracy = {}
+    base_opts = copy.copy(system.opts)  # the router reads the same options object: set, then restore, in place
+    for name, opts in ({} if scale_only else MODES).items():
+        for k, v in vars(base_opts).items():
+            setattr(system.opts, k, v)
+        for k, v in opts.items():
+            setattr(system.opts, k, v)
+        rows = {}
+        for label, cal in (("raw", Calibration()), ("calibrated", calibrated)):
+            system.calibration = cal
+            rows[label] = correct(system, pairs)
+        diff = paired_clustered_diff_ci(rows["calibrated"], rows["raw"], keys, [p.domain for p in pairs], macro=True)
+        accuracy[name] = {"raw": macro(rows["raw"], pairs), "calibrated": macro(rows["calibrated"], pairs),
+                          "calibrated_minus_raw": diff.to_dict()}
+    for k, v in vars(base_opts).items():
+        setattr(system.opts, k, v)
+    system.calibration = calibrated
+    return {"route_scale": stats, "calibrated_intervals": intervals,
+            "target": {"mean_band": list(MEAN_BAND), "std_band": list(STD_BAND),
+                       "interval": "95%, prompts resampled within each domain, 2000 draws, seed 0"},
+            "accuracy": accuracy, "reference": calibrated.reference}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -85,32 +159,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     known = set(system.domains)
     pairs = [p for p in pairs if system.route_of(p.domain) in known]
     keys = pair_keys(pairs)
-    stats = {"raw": route_stats(system, pairs, Calibration()), "calibrated": route_stats(system, pairs, calibrated)}
-    accuracy = {}
-    base_opts = copy.copy(system.opts)  # the router reads the same options object: set, then restore, in place
-    for name, opts in ({} if args.scale_only else MODES).items():
-        for k, v in vars(base_opts).items():
-            setattr(system.opts, k, v)
-        for k, v in opts.items():
-            setattr(system.opts, k, v)
-        rows = {}
-        for label, cal in (("raw", Calibration()), ("calibrated", calibrated)):
-            system.calibration = cal
-            rows[label] = correct(system, pairs)
-        diff = paired_clustered_diff_ci(rows["calibrated"], rows["raw"], keys, [p.domain for p in pairs], macro=True)
-        accuracy[name] = {"raw": macro(rows["raw"], pairs), "calibrated": macro(rows["calibrated"], pairs),
-                          "calibrated_minus_raw": diff.to_dict()}
-    for k, v in vars(base_opts).items():
-        setattr(system.opts, k, v)
-    system.calibration = calibrated
-    result = {"command": command, "run": args.run, "pairs": len(pairs), "prompts": len(set(keys)),
-              "route_scale": stats, "accuracy": accuracy, "reference": calibrated.reference}
+    # a route's raw reward for a text does not depend on routing or on the map: where the system can (RODOS), each
+    # route scores each text once for the raw and calibrated passes and every routing mode
+    reuse = getattr(system, "reusing_route_rewards", None)
+    with reuse() if reuse is not None else contextlib.nullcontext():
+        result = measure(system, pairs, keys, calibrated, args.scale_only)
+    result = {"command": command, "run": args.run, "pairs": len(pairs), "prompts": len(set(keys)), **result}
+    stats, intervals, accuracy = result["route_scale"], result["calibrated_intervals"], result["accuracy"]
     print(f"command: {command}\n{len(pairs)} held-out pairs, {len(set(keys))} prompts\n")
     print("| route | raw mean | raw std | calibrated mean | calibrated std | texts |\n|---|---:|---:|---:|---:|---:|")
     for route, raw in stats["raw"].items():
         cal = stats["calibrated"][route]
         print(f"| {route} | {raw['mean']:+.2f} | {raw['std']:.2f} | {cal['mean']:+.2f} | {cal['std']:.2f} | "
               f"{raw['texts']} |")
+    print(f"\ncalibrated, with 95% intervals (prompts resampled within each domain); target: mean within "
+          f"[{MEAN_BAND[0]:+.2f}, {MEAN_BAND[1]:+.2f}], std within [{STD_BAND[0]:.2f}, {STD_BAND[1]:.2f}]\n")
+    print("| route | prompts | calibrated mean [95%] | mean | calibrated std [95%] | std | route |\n"
+          "|---|---:|---:|---|---:|---|---|")
+    for route, iv in intervals.items():
+        m, sd = iv["mean"], iv["std"]
+        print(f"| {route} | {m['prompts']} | {m['point']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}] | "
+              f"{iv['mean_verdict']} | {sd['point']:.2f} [{sd['low']:.2f}, {sd['high']:.2f}] | {iv['std_verdict']} | "
+              f"{iv['verdict']} |")
     if args.scale_only:
         print("\n(routing modes not measured: --scale-only)")
     else:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moerm.eval.intervals import (
-    Interval, bootstrap_replicates, clustered_accuracy_ci, paired_clustered_diff_ci,
+    Interval, bootstrap_replicates, clustered_accuracy_ci, clustered_mean_std_ci, paired_clustered_diff_ci,
 )
 
 
@@ -98,3 +98,29 @@ def test_seeded_and_checked():
     assert Interval(0.6, 0.55, 0.7, 0.95, 10, 40, 2000).verdict(0.5) == "met"
     assert Interval(0.6, 0.45, 0.7, 0.95, 10, 40, 2000).verdict(0.5) == "not resolved"
     assert Interval(0.4, 0.3, 0.45, 0.95, 10, 40, 2000).verdict(0.5) == "missed"
+
+
+def test_mean_and_std_of_two_prompts_follow_the_exact_bootstrap_distribution():
+    # prompt a's two texts score -1, prompt b's +1. A replicate draws 2 prompts with replacement: aa (1/4) gives mean
+    # -1 and std 0, bb (1/4) mean +1 and std 0, ab or ba (1/2) mean 0 and the std of [-1, -1, 1, 1], sqrt(4/3)
+    values, clusters = [-1.0, -1.0, 1.0, 1.0], ["a", "a", "b", "b"]
+    mean, std = clustered_mean_std_ci(values, clusters, resamples=20000)
+    assert (mean.point, mean.low, mean.high, mean.prompts, mean.pairs) == (0.0, -1.0, 1.0, 2, 4)
+    assert std.point == pytest.approx(np.sqrt(4 / 3)) and std.low == 0.0 and std.high == pytest.approx(np.sqrt(4 / 3))
+    # with each prompt its own stratum, every replicate keeps both prompts: the interval is the point
+    mean, std = clustered_mean_std_ci(values, clusters, ["x", "x", "y", "y"])
+    assert mean.low == mean.high == 0.0 and std.low == pytest.approx(std.high) == pytest.approx(np.sqrt(4 / 3))
+
+
+def test_mean_and_std_points_are_the_plain_statistics_inside_their_intervals():
+    rng = np.random.default_rng(0)
+    values = rng.normal(3.0, 2.0, 90)  # 90 texts of 15 prompts in 2 domains
+    clusters, strata = [i % 15 for i in range(90)], ["d1" if i % 15 < 6 else "d2" for i in range(90)]
+    mean, std = clustered_mean_std_ci(values, clusters, strata)
+    assert mean.point == pytest.approx(values.mean(), abs=1e-12)
+    assert std.point == pytest.approx(values.std(ddof=1), abs=1e-12)
+    assert mean.low < mean.point < mean.high and std.low < std.point < std.high
+    assert (mean.prompts, mean.pairs) == (15, 90)
+    # the draws are the accuracy intervals' draws: the mean's replicates equal bootstrap_replicates' on the same values
+    _, reps = bootstrap_replicates(values, clusters, strata)
+    assert (mean.low, mean.high) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])), abs=1e-12)

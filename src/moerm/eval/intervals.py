@@ -9,6 +9,8 @@ stratum (a domain), as many clusters as the stratum has, with replacement, and k
   the prompts once for all runs (the seed spread is not in the interval; reports show it beside it).
 - `paired_clustered_diff_ci(correct_a, correct_b, clusters)`: a - b on the same pairs, both resampled with the same
   draws (the paired bootstrap): what decides whether one system beats another.
+- `clustered_mean_std_ci(values, clusters)`: the mean and the standard deviation of any per-item values (a reward
+  per text, its prompt as the cluster), both from the same draws.
 - `strata` (each pair's domain): resample within each domain, so every replicate keeps each domain; `macro=True`
   then gives the mean over domains of the per-domain accuracy (the reports' macro average).
 
@@ -195,3 +197,24 @@ def paired_differences(correct_a: Sequence[Any], correct_b: Sequence[Any], clust
 
     return {"overall": diff(st, False, n), "macro": diff(st, True, n),
             "per_domain": {s.name: diff([s], False, int(s.sizes.sum())) for s in st}}
+
+
+def clustered_mean_std_ci(values: Sequence[float], clusters: Sequence[Hashable],
+                          strata: Sequence[Hashable] | None = None, *, resamples: int = RESAMPLES,
+                          level: float = LEVEL, seed: int = 0) -> tuple[Interval, Interval]:
+    """The mean and the sample standard deviation (n - 1) of `values` pooled over all strata (e.g. one reward per
+    text; clusters: each text's prompt key; strata: its domain), each with its clustered bootstrap interval, both from
+    the same prompt draws as the accuracy intervals. A single cluster gives a degenerate interval (low = high = point).
+    """
+    x = np.asarray(values, dtype=float)  # (N,)
+    if x.ndim != 1 or x.size < 2:
+        raise ValueError("values must be one number per item, at least two")
+    centred = x - x.mean()  # the variance is shift-invariant: centring keeps the sums of squares exact
+    st = _strata([centred[None, :], (centred ** 2)[None, :]], clusters, strata, resamples, seed)
+    n, rep_n = sum(s.sizes.sum() for s in st), sum(s.weights @ s.sizes for s in st)  # scalar, (B,)
+    s1, rep_s1 = sum(s.sums[0][0].sum() for s in st), sum(s.weights @ s.sums[0][0] for s in st)
+    s2, rep_s2 = sum(s.sums[1][0].sum() for s in st), sum(s.weights @ s.sums[1][0] for s in st)
+    point_std = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1))
+    rep_std = np.sqrt(np.maximum(rep_s2 - rep_s1 * rep_s1 / rep_n, 0.0) / (rep_n - 1))
+    mean = _interval(float(x.mean() + s1 / n), x.mean() + rep_s1 / rep_n, level, st, x.size, resamples)
+    return mean, _interval(point_std, rep_std, level, st, x.size, resamples)
