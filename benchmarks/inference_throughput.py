@@ -1,7 +1,7 @@
 """Inference throughput of every system on the same mixed-domain batch of held-out pairs, side by side.
 
     .venv/bin/python benchmarks/inference_throughput.py --data examples/data --pairs-per-domain 16 \
-        --systems baseline,rodos,arliss --rodos-routing hard,gated --rodos-routers frozen,frozen:1 \
+        --systems baseline,rodos,arliss --rodos-routing hard,gated --rodos-routers frozen,frozen:null \
         --arliss-routers lora,frozen,frozen:1
 
 Each system is built through its real `fit`. Its reward models take one optimizer step each (`train.max_steps=1`):
@@ -22,8 +22,8 @@ Rows:
 - `--arliss-routers lora,frozen,frozen:1` times ARLISS with each router: lora is the paper's router adapter (a
   pass through every block); frozen is a linear head on the prompt's pretrained pooled states; `frozen:K` reads
   the states after K blocks (`options.router_layer=K`). Rows are `arliss-<router>-<mode>`.
-- `--rodos-routers frozen,frozen:1` does the same for RODOS (its default is `frozen`, every block); rows
-  `rodos-<routing>` and `rodos-frozen@K-<routing>`.
+- `--rodos-routers frozen,frozen:null` does the same for RODOS (its default `frozen` reads 1 block; `frozen:null`
+  the whole backbone, the earlier default); rows `rodos-<routing>` and `rodos-frozen@K-<routing>`.
 - `<system>-router` rows time the router alone (the routing decisions of the same inputs).
 
 For each routed row it prints the domain-RM passes per input and the router's accuracy on these prompts.
@@ -47,7 +47,6 @@ import torch
 from moerm.bench.measure import CLOCKS, timed_round_robin
 from moerm.config import load_config
 from moerm.data.readers import load_pairs
-from moerm.eval.intervals import clustered_accuracy_ci
 from moerm.runs import cap_per_domain
 from moerm.systems import build_system
 from moerm.systems.base import FitContext, RewardSystem
@@ -77,16 +76,6 @@ def routing_stats(system: Any, prompts: list[str], domains: list[str]) -> dict[s
     return {"rm_passes": rm_passes(routes), "router_accuracy": sum(right) / len(right)}
 
 
-def router_accuracy(system: Any, pairs: list) -> dict[str, Any]:
-    """The router's top-1 accuracy on every distinct held-out prompt, with its 95% interval (prompts resampled)."""
-    first = {p.prompt: p.domain for p in pairs}  # a prompt is one router decision
-    prompts = list(first)
-    routes = system.router.routes(prompts, None)
-    right = [float(max(r.probs, key=r.probs.get) == first[q]) for r, q in zip(routes, prompts)]
-    ci = clustered_accuracy_ci(right, prompts)
-    return {"accuracy": ci.point, "low": ci.low, "high": ci.high, "prompts": len(prompts)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="examples/data")
@@ -106,8 +95,9 @@ def main() -> None:
                          "every block), frozen (a head on the pretrained pooled states), frozen:K (on the states "
                          "after K blocks: options.router_layer=K)")
     ap.add_argument("--rodos-routers", default="frozen",
-                    help="RODOS's routers, comma-separated: frozen (its default: a head on the pretrained pooled "
-                         "states, every block), frozen:K (the states after K blocks: options.router_layer=K)")
+                    help="RODOS's routers, comma-separated: frozen (its default: the states after 1 block), "
+                         "frozen:K (after K blocks: options.router_layer=K), frozen:null (the whole backbone's pooled "
+                         "states, the earlier default)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override for every system, e.g. --set options.router_max_length=32")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -117,6 +107,12 @@ def main() -> None:
 
     test, _ = load_pairs([args.data], split="test")
     every = test  # every held-out pair: the routers' accuracy on all their prompts (not timed)
+
+    def every_prompt(system: Any) -> dict[str, Any]:
+        """The router's accuracy on every distinct held-out prompt of --data, with its 95% interval."""
+        ci = system.router.accuracy([p.prompt for p in every], [p.domain for p in every])
+        return {"accuracy": ci.point, "low": ci.low, "high": ci.high, "prompts": ci.prompts}
+
     test = cap_per_domain(test, args.pairs_per_domain, seed=0)
     random.Random(0).shuffle(test)  # mixed domains in every batch
     train, _ = load_pairs([args.data], split="train")
@@ -147,7 +143,7 @@ def main() -> None:
                         runs[f"{tag}-{mode}"] = score(system, mode)
                     runs[f"{tag}-router"] = lambda s=system: s.router.routes(prompts, None, args.batch_size)
                     stats[f"{tag}-batched"] = routing_stats(system, prompts, domains)
-                    stats[f"{tag}-batched"]["router_accuracy_all"] = router_accuracy(system, every)
+                    stats[f"{tag}-batched"]["router_accuracy_all"] = every_prompt(system)
             elif name == "rodos":
                 for spec in args.rodos_routers.split(","):
                     kind, _, layer = spec.partition(":")
@@ -155,11 +151,12 @@ def main() -> None:
                     system = build(name, [*common, *router, *extra], train, Path(tmp) / f"rodos-{spec}")
                     tag = "rodos" if spec == "frozen" else f"rodos-{spec.replace(':', '@')}"
                     default = system.opts.min_confidence  # RODOS's gated default, 0.6
+                    accuracy = every_prompt(system)  # the router's, whatever the routing
                     for r in args.rodos_routing.split(","):
                         floor = 0.0 if r == "hard" else default
                         runs[f"{tag}-{r}"] = score(system, routing=r, min_confidence=floor)
-                        stats[f"{tag}-{r}"] = routing_stats(routed(system, r, floor), prompts, domains)
-                        stats[f"{tag}-{r}"]["router_accuracy_all"] = router_accuracy(system, every)
+                        stats[f"{tag}-{r}"] = {**routing_stats(routed(system, r, floor), prompts, domains),
+                                               "router_accuracy_all": accuracy}
                     runs[f"{tag}-router"] = lambda s=system: s.router.routes(prompts, None, args.batch_size)
             else:
                 system = build(name, common, train, Path(tmp))

@@ -67,10 +67,14 @@ def route_rewards(system: Any, pairs: Sequence[Any], calibration: Calibration
     return out
 
 
+def summary(rewards: torch.Tensor) -> dict[str, float]:
+    """Mean, std and count of one route's (N,) rewards."""
+    return {"mean": float(rewards.mean()), "std": float(rewards.std()), "texts": int(rewards.numel())}
+
+
 def route_stats(system: Any, pairs: Sequence[Any], calibration: Calibration) -> dict[str, dict[str, float]]:
     """Per route: mean and std of its rewards on both replies of its domains' pairs, the domain given."""
-    return {route: {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
-            for route, (r, _) in route_rewards(system, pairs, calibration).items()}
+    return {route: summary(r) for route, (r, _) in route_rewards(system, pairs, calibration).items()}
 
 
 def band_verdict(iv: Interval, band: tuple[float, float]) -> str:
@@ -116,8 +120,7 @@ def measure(system: Any, pairs: Sequence[Any], keys: Sequence[str], calibrated: 
     accuracy raw vs calibrated with the paired interval."""
     stats = {"raw": route_stats(system, pairs, Calibration())}
     cal_rewards = route_rewards(system, pairs, calibrated)
-    stats["calibrated"] = {route: {"mean": float(r.mean()), "std": float(r.std()), "texts": int(r.numel())}
-                           for route, (r, _) in cal_rewards.items()}
+    stats["calibrated"] = {route: summary(r) for route, (r, _) in cal_rewards.items()}
     intervals = {route: scale_intervals(r, texts) for route, (r, texts) in cal_rewards.items()}
     accuracy = {}
     base_opts = copy.copy(system.opts)  # the router reads the same options object: set, then restore, in place

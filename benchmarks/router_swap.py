@@ -26,7 +26,7 @@ import torch
 from moerm.config import parse_override
 from moerm.data.grouping import pair_keys
 from moerm.data.readers import load_pairs
-from moerm.eval.intervals import accuracy_intervals, clustered_accuracy_ci, paired_differences
+from moerm.eval.intervals import accuracy_intervals, paired_differences
 from moerm.systems import load_system
 from moerm.systems.base import FitContext
 from moerm.systems.routing import Router
@@ -36,14 +36,6 @@ def correct_of(system: Any, pairs: list) -> list[int]:
     n = len(pairs)
     r = system.score([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]).rewards
     return [int(r[i] > r[n + i]) for i in range(n)]
-
-
-def router_accuracy(router: Router, pairs: list) -> dict[str, Any]:
-    first = {p.prompt: p.domain for p in pairs}
-    prompts = list(first)
-    probs = router.probs(prompts)
-    right = [float(router.domains[int(j)] == first[q]) for j, q in zip(probs.argmax(-1), prompts)]
-    return clustered_accuracy_ci(right, prompts).to_dict()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -66,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def measure(name: str, router: Router) -> None:
         system.router = router
+        routed_right = router.accuracy([p.prompt for p in pairs], [p.domain for p in pairs]).to_dict()
         for mode in dict.fromkeys([routing, "hard"]):
             system.opts.routing = mode
             floor = system.opts.min_confidence
@@ -73,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 system.opts.min_confidence = 0.0
             c = correct_of(system, pairs)
             system.opts.min_confidence = floor
-            rows[f"{name} ({mode})"] = {"correct": c, "router_accuracy": router_accuracy(router, pairs)}
+            rows[f"{name} ({mode})"] = {"correct": c, "router_accuracy": routed_right}
         system.opts.routing = routing
 
     with system.reusing_route_rewards():  # every router reads the same (route, reply) rewards

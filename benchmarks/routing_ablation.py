@@ -124,15 +124,16 @@ def main() -> None:
     tuned = float(rodos.tuned.get("min_confidence", 0.0)) if rodos.tuned else 0.0
     selection = dict(rodos.selection)
     variants = dict(VARIANTS)
-    selections = {name: selection for name in variants}
     correct: dict[str, list[int]] = {}
     with ExitStack() as stack:
         stack.enter_context(rodos.reusing_route_rewards())  # every variant reads the same (route, reply) rewards
         stack.enter_context(trunk_cache_at_inference(rodos))
         stack.enter_context(trunk_cache_at_inference(baseline))
+        as_trained = selection
         if args.reselect:
-            as_trained, selection = selection, reselect(rodos)
-            selections = {name: selection for name in variants}
+            selection = reselect(rodos)
+        selections = {name: selection for name in variants}
+        if args.reselect:  # each selection variant also with the selection saved at training time
             for name in [n for n, v in VARIANTS.items() if v[2]]:
                 alias = name.replace("selection", "selection-as-trained")
                 variants[alias], selections[alias] = VARIANTS[name], as_trained

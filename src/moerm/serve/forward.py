@@ -6,10 +6,10 @@ holds no more of them than a pass of long ones. With a token budget, the call's 
 count and cut into passes whose padded size (rows x longest row) stays within `max_batch_tokens`: many short pairs
 go in one pass, few long ones in another, and no pair is padded to a much longer one. The cuts are the ones that
 minimise the padded tokens plus a fixed cost per pass (`plan_passes`), not the first that fill each pass: a call of
-15 pairs at 8 rows per pass pads 18% above its real tokens when cut every 8 rows, as few as a pass's cost allows
-when cut where lengths jump. Each pass is one
-`system.score` call with `batch_size` = its rows, so it runs as one forward pass of the system's own scoring code
-(the rewards are the ones `score` gives each pair alone, batching changes only the padding).
+15 demo pairs at 8 rows per pass pads 18% above its real tokens when cut every 8 rows, 2% when cut where lengths
+jump (`benchmarks/padding.py`). Each pass is one `system.score` call with `batch_size` = its rows, so it runs as
+one forward pass of the system's own scoring code (the rewards are the ones `score` gives each pair alone, batching
+changes only the padding).
 
 Token counts come from the system's own pair encoder (`encoder.encode(prompt, response)`: the tokens the model
 reads, truncation included); a system that exposes none (a routed system's RMs may each have their own) is counted
@@ -49,8 +49,8 @@ def length_fn(system: Any) -> tuple[LengthFn, bool]:
 
 
 # What one extra forward pass costs beyond its padded tokens, in tokens: its fixed work (the per-module dispatch of
-# one call, the scoring call around it). A MiniLM pass on one CPU thread spends about the time of 15-35 tokens on
-# it; the planner splits a group only where that saves more padding than a pass costs.
+# one call, the scoring call around it). A chosen estimate of that work for a small encoder on CPU, not a measured
+# constant; the planner splits a group only where that saves more padding than a pass costs.
 PASS_TOKENS = 32
 
 

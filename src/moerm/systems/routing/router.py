@@ -17,6 +17,7 @@ from moerm.config import RunConfig, TrainConfig
 from moerm.encoding import Backbone, PairEncoder, backbone_kwargs, load_backbone, make_encoder
 from moerm.encoding.tuning import TuningMode, set_trunk, tuning_mode
 from moerm.errors import UserError
+from moerm.eval.intervals import Interval, clustered_accuracy_ci
 from moerm.modules.router import DomainClassifier
 from moerm.systems.components import ComponentFit, fit_component
 from moerm.systems.routing.backends import CachedPooled, EarlyLayers, RouterBackend, TrunkStates, TunedBackbone
@@ -169,6 +170,15 @@ class Router:
     def probs(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """(N, D) routing probabilities; each distinct prompt is classified once."""
         return self.outputs(prompts, batch_size)[0]
+
+    def accuracy(self, prompts: Sequence[str], domains: Sequence[str], batch_size: int = 32) -> Interval:
+        """Top-1 accuracy over the distinct prompts (each one routing decision, labelled with its first domain), with
+        its 95% bootstrap interval."""
+        first = dict(zip(prompts, domains))
+        unique = list(first)
+        top = self.probs(unique, batch_size).argmax(-1)  # (P,)
+        right = [float(self.domains[int(j)] == first[q]) for j, q in zip(top, unique)]
+        return clustered_accuracy_ci(right, unique)
 
     def ood_check(self, feats: torch.Tensor, probs: torch.Tensor) -> OODCheck | None:
         """The `options.ood` detector's verdicts, None when it is off."""
