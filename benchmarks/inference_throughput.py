@@ -45,6 +45,7 @@ from typing import Any, Callable
 import torch
 
 from moerm.bench.measure import CLOCKS, timed_round_robin
+from moerm.cpu_memory import keep_cpu_memory
 from moerm.config import load_config
 from moerm.data.readers import load_pairs
 from moerm.runs import cap_per_domain
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.manual_seed(0)
+    keep_cpu_memory()  # as the CLI and the server run (moerm.cpu_memory)
     command = "python benchmarks/inference_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     test, _ = load_pairs([args.data], split="test")

@@ -352,6 +352,7 @@ def main() -> None:
     import torch
 
     from moerm.data.readers import load_pairs
+    from moerm.cpu_memory import keep_cpu_memory
     from moerm.serve.config import ServeConfig
     from moerm.systems.base import load_system
 
@@ -359,6 +360,7 @@ def main() -> None:
         args.batch_size = ServeConfig.batch_size
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    keep_cpu_memory()  # offline scoring as `moerm score` runs it (the server, started by the CLI, does the same)
 
     pairs, _ = load_pairs([args.data], split="test")
     random.Random(0).shuffle(pairs)

@@ -173,3 +173,27 @@ def test_plain_decoders_get_bos_as_their_tokenizer_adds_it_and_eos_at_the_end(ti
     gpt2 = make_encoder(tiny_gpt2, max_length=32)  # GPT-2's tokenizer adds no BOS
     g = gpt2.encode("tell me why", "good answer")["input_ids"]
     assert g == [*_ids(gpt2.tokenizer, "tell me why"), *_ids(gpt2.tokenizer, "good answer"), gpt2.tokenizer.eos_token_id]
+
+
+def test_remembered_encodings_are_the_same_ids_without_tokenizing_again(tiny_bert):
+    enc = make_encoder(tiny_bert, 64)
+    fresh = [enc.encode(p, r) for p, r in [("a question", "an answer"), ("why", "because"), ("q", "r")]]
+    calls = []
+    real = enc.tokenizer.__call__
+
+    class Counting(type(enc.tokenizer)):  # counts the tokenizer's calls without changing what it returns
+        def __call__(self, *a, **k):
+            calls.append(a[0] if a else None)
+            return real(*a, **k)
+
+    enc.tokenizer.__class__ = Counting
+    enc.remember(2)
+    assert enc.encode("a question", "an answer") == fresh[0] and len(calls) > 0
+    n = len(calls)
+    assert enc.encode("a question", "an answer") == fresh[0] and len(calls) == n  # kept: no tokenizer call
+    enc.encode("why", "because"), enc.encode("q", "r")  # two more: the first pair is the least recent, dropped
+    n = len(calls)
+    assert enc.encode("a question", "an answer") == fresh[0] and len(calls) > n
+    enc.remember(0)
+    n = len(calls)
+    assert enc.encode("q", "r") == fresh[2] and len(calls) > n  # off: every call tokenizes

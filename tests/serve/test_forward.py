@@ -172,3 +172,24 @@ def test_serve_load_compares_server_and_offline_at_each_forward_batch_size(basel
         assert r["errors"] == 0 and r["lost"] == 0 and r["requests"] > 0
         assert r["max_abs_diff_vs_offline"] <= 1e-5
     assert res["checks"]["scores_equal_offline_1e-4"] and res["checks"]["zero_errors_and_lost"]
+
+
+def test_the_server_tokenizes_each_pair_once_across_the_plan_and_the_scoring_call(baseline_run: Path) -> None:
+    system = load_system(baseline_run)
+    prompts, responses = mixed_pairs(12)
+    offline = system.score(prompts, responses, batch_size=4).rewards
+    encoded: list[tuple[str, str]] = []
+    real = system.encoder._encode
+
+    def counting(p: str, r: str) -> dict[str, list[int]]:
+        encoded.append((p, r))
+        return real(p, r)
+
+    system.encoder._encode = counting  # type: ignore[method-assign]
+    with BackgroundServer(create_app(system, ServeConfig(max_batch_tokens=256, batch_size=4))) as srv:
+        srv.wait_ready()
+        r = httpx.post(srv.url + "/v1/score", json={"items": [{"prompt": p, "response": x}
+                                                             for p, x in zip(prompts, responses)]}, timeout=60)
+    assert r.status_code == 200, r.text
+    torch.testing.assert_close(torch.tensor(r.json()["rewards"]), torch.tensor(offline), atol=1e-5, rtol=0)
+    assert sorted(encoded) == sorted(zip(prompts, responses))  # counted and scored, each tokenized once

@@ -20,6 +20,7 @@ from moerm.cli import bench, bon, hub, serve, train
 from moerm.cli.common import DEBUG_ENV, set_debug
 from moerm.cli.data import data_app
 from moerm.cli.label import label_app
+from moerm.cpu_memory import keep_cpu_memory
 
 app = typer.Typer(help="Train, evaluate and serve domain-robust reward models (routers and mixtures of experts).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,6 +31,7 @@ def _root(ctx: typer.Context,
           debug: bool = typer.Option(False, "--debug", help=f"on an internal error (a bug, exit code 2) print the "
                                      f"full traceback, not only where it was saved; also {DEBUG_ENV}=1")) -> None:
     set_debug(ctx, debug)
+    keep_cpu_memory()  # every command's forward passes reuse freed memory (moerm.cpu_memory)
 
 
 train.register(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -146,6 +147,18 @@ class PairEncoder:
     # ------------------------------------------------------------------------------------------ encoding
 
     def encode(self, prompt: str, response: str) -> dict[str, list[int]]:
+        """The pair's token ids (input_ids, attention_mask and, where the model reads them, token_type_ids).
+        After `remember(n)` the last n pairs' encodings are kept and handed out again: do not change them."""
+        remembered = self.__dict__.get("_remembered")
+        return remembered(prompt, response) if remembered is not None else self._encode(prompt, response)
+
+    def remember(self, pairs: int) -> None:
+        """Keep the encodings of the `pairs` most recently encoded pairs (least recently used dropped first), so
+        code that reads a pair's tokens more than once tokenizes it once: the server's token-budget planner, its
+        `usage` count and the scoring call all encode each request's pairs (thread-safe; 0 turns it off)."""
+        self.__dict__["_remembered"] = functools.lru_cache(maxsize=pairs)(self._encode) if pairs > 0 else None
+
+    def _encode(self, prompt: str, response: str) -> dict[str, list[int]]:
         if not self.decoder:
             return self._encode_pair(prompt, response)
         if getattr(self.tokenizer, "chat_template", None):

@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moerm.cpu_memory import keep_cpu_memory
 from moerm.errors import UserError
 from moerm.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, ScoringError
 from moerm.serve.config import MAX_DRAIN_BYTES, ServeConfig
@@ -43,7 +44,7 @@ from moerm.serve.engines import (
     EngineRequest, ProtocolError, activation, classify_response, count_inputs, embeddings_response, pooling_response,
     split_inputs,
 )
-from moerm.serve.forward import budget_score, length_fn
+from moerm.serve.forward import budget_score, length_fn, remember_encodings
 from moerm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from moerm.integrations.logs import numeric_columns
 from moerm.serve.openrlhf import TOKENIZER_PREFIX, QuerySplitter, SplitError, label_domain, run_backbone
@@ -159,6 +160,7 @@ def _loader(source: SystemSource, cfg: ServeConfig) -> Callable[[], Any]:
         raise TypeError(f"expected a run folder, a reward system or a loader function; got {type(source).__name__}")
 
     def load() -> Any:
+        keep_cpu_memory()  # also where no CLI started the process (a Ray replica, an embedding app)
         if cfg.torch_threads is not None:
             import torch
 
@@ -584,6 +586,7 @@ def create_app(source: SystemSource, cfg: ServeConfig | None = None, preloaded: 
         old = state.batcher
         state.system, state.info, state.batcher = system, info, batcher_for(system)
         state.lengths = length_fn(system)[0]
+        remember_encodings(system, cfg.max_queue + cfg.max_batch)  # every pair waiting or in a call: tokenized once
         state.router_version, state.marker = router_version(system), marker
         state.loads += 1
         return old

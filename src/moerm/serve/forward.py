@@ -13,7 +13,8 @@ changes only the padding).
 
 Token counts come from the system's own pair encoder (`encoder.encode(prompt, response)`: the tokens the model
 reads, truncation included); a system that exposes none (a routed system's RMs may each have their own) is counted
-by the encoder of its first RM, and one without any encoder by characters / 4.
+by the encoder of its first RM, and one without any encoder by characters / 4. The server has that encoder keep its
+recent encodings (`remember_encodings`), so counting a pair does not tokenize it a second time.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def length_fn(system: Any) -> tuple[LengthFn, bool]:
     if enc is None:
         return (lambda ps, rs: [max(1, (len(p) + len(r)) // 4) for p, r in zip(ps, rs)]), False
     return (lambda ps, rs: [len(enc.encode(p, r)["input_ids"]) for p, r in zip(ps, rs)]), True
+
+
+def remember_encodings(system: Any, pairs: int) -> bool:
+    """Have the encoder that `length_fn` counts with keep its last `pairs` encodings, so a pair the server counts
+    (the planner's lengths, an engine's `usage`) is tokenized once, not again when it is scored; whether there is
+    one (a routed system's other RMs tokenize on their own)."""
+    enc = _encoder_of(system)
+    if enc is None or not hasattr(enc, "remember"):
+        return False
+    enc.remember(pairs)
+    return True
 
 
 # What one extra forward pass costs beyond its padded tokens, in tokens: its fixed work (the per-module dispatch of

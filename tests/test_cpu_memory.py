@@ -1,0 +1,53 @@
+"""moerm.cpu_memory: with the setting, repeated forward passes reuse freed memory instead of faulting in new pages."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+import moerm.cpu_memory as cpu_memory
+
+# A small transformer layer over batches of varying shape, as length-sorted batches vary: the minor page faults of
+# 30 passes after 5 warm-up passes, in a fresh process (the setting is process-wide and cannot be undone).
+LOOP = """
+import resource, sys, torch
+if sys.argv[1] == "keep":
+    from moerm.cpu_memory import keep_cpu_memory
+    assert keep_cpu_memory()
+torch.manual_seed(0); torch.set_num_threads(1)
+layer = torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True).eval()
+def run(n):
+    with torch.no_grad():
+        for i in range(n):
+            layer(torch.randn(8 + i % 3 * 8, 96 + 16 * (i % 2), 64))
+run(5)
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+run(30)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", LOOP, mode], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, cpu_memory.ENV: "1"})
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the setting applies to glibc on Linux only")
+def test_kept_memory_takes_a_fraction_of_the_page_faults_of_the_default():
+    default, kept = _faults("default"), _faults("keep")
+    # Measured: about 11,000 faults by default, under 1,000 kept.
+    assert default > 4000
+    assert kept * 4 < default
+
+
+def test_opt_out_changes_nothing(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_applied", None)
+    monkeypatch.setenv(cpu_memory.ENV, "0")
+    assert cpu_memory.keep_cpu_memory() is False  # monkeypatch restores the process's own state afterwards
