@@ -80,6 +80,7 @@ class Result:
     offline_before_after: tuple[float, float] = (float("nan"), float("nan"))
     vs_offline: float = float("nan")  # pairs_per_s / offline_pairs_per_s
     server_cpu_ms_per_pair: float = float("nan")  # the server process's CPU time (all threads) per pair scored
+    server_loop_cpu_ms_per_pair: float = float("nan")  # of which its main thread's: event loop, HTTP, JSON, checks
     offline_cpu_ms_per_pair: float = float("nan")  # this process's CPU time per pair in the offline timings
     server_cpu_share: float = float("nan")  # server CPU seconds / wall seconds during the load (1.0 = one core)
     model_busy: float = float("nan")  # fraction of the load's wall time the server spent inside scoring calls
@@ -93,10 +94,12 @@ def loadavg() -> tuple[float, float, float]:
     return round(a, 2), round(b, 2), round(c, 2)
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid`, all its threads (Linux /proc; NaN elsewhere)."""
+def process_cpu_s(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of process `pid`, all its threads, or of its thread `thread` (Linux /proc; NaN
+    elsewhere)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -277,10 +280,10 @@ def run_setting(run: str, setting: Setting, inputs: list[tuple[str, str]], offli
                        timeout=120)
         pairs0, batches0, busy0 = server_batches(url)
         spy = start_py_spy(proc.pid, setting, args) if args.py_spy else None
-        cpu0, wall0 = process_cpu_s(proc.pid), time.perf_counter()
+        cpu0, wall0, loop0 = process_cpu_s(proc.pid), time.perf_counter(), process_cpu_s(proc.pid, proc.pid)
         lat, in_window, sent, n_err, samples, rewards = asyncio.run(
             load(url, inputs, setting.clients, args.seconds, args.items_per_request))
-        cpu1, wall1 = process_cpu_s(proc.pid), time.perf_counter()
+        cpu1, wall1, loop1 = process_cpu_s(proc.pid), time.perf_counter(), process_cpu_s(proc.pid, proc.pid)
         pairs1, batches1, busy1 = server_batches(url)
         if spy is not None:
             spy[0].wait(60)
@@ -308,10 +311,32 @@ def run_setting(run: str, setting: Setting, inputs: list[tuple[str, str]], offli
                   offline_before_after=(round(offline_1, 2), round(offline_2, 2)),
                   vs_offline=round(per_s * args.items_per_request / offline_rate, 3),
                   server_cpu_ms_per_pair=round((cpu1 - cpu0) * 1000 / max(pairs1 - pairs0, 1), 2),
+                  server_loop_cpu_ms_per_pair=round((loop1 - loop0) * 1000 / max(pairs1 - pairs0, 1), 2),
                   offline_cpu_ms_per_pair=round((cpu_1 + cpu_2) / 2, 2),
                   server_cpu_share=round((cpu1 - cpu0) / (wall1 - wall0), 2),
                   model_busy=round((busy1 - busy0) / (wall1 - wall0), 3),
                   load_before=load_before, load_after=load_after, error_samples=samples)
+
+
+def offline_in_calls(system: object, inputs: list[tuple[str, str]], args: argparse.Namespace,
+                     call: int) -> tuple[float, float]:
+    """Offline (pairs/s, CPU ms per pair) of the server's own scoring function (`system_score_fn`: the token-budget
+    passes) over the inputs in a random order, cut into calls of `call` pairs as the server's batcher gathered them:
+    the server's forward work without its HTTP, queue and threads. Server / this is the serving layer's cost; this /
+    offline `score` is the cost of scoring calls of mixed requests instead of one length-sorted stream."""
+    from moerm.serve.app import system_score_fn
+
+    fn = system_score_fn(system, args.batch_size, args.max_batch_tokens)
+    order = list(range(len(inputs)))
+    random.Random(0).shuffle(order)
+    calls = [[inputs[i] for i in order[s:s + call]] for s in range(0, len(order), call)]
+    fn([p for p, _ in calls[0][:4]], [r for _, r in calls[0][:4]], None)
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while n == 0 or time.perf_counter() - t0 < args.offline_seconds:
+        for c in calls:
+            fn([p for p, _ in c], [r for _, r in c], None)
+            n += len(c)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / n
 
 
 def main() -> None:
@@ -392,12 +417,23 @@ def main() -> None:
             print(f"running: {s.name} for {args.seconds:.0f} s ...", flush=True)
             r = run_setting(args.run, s, inputs, offline, sub, system)
             print("  " + json.dumps(asdict(r)), flush=True)
-            per_size.append({"batch_size": b, "max_batch_tokens": budget, **asdict(r)})
-        print(f"\nmedian tokens per pair {median}; | batch | budget | pairs/s | offline pairs/s | vs offline | "
-              "p50 ms | p99 ms | errors | lost | mean batch |")
+            calls_rate, calls_cpu = offline_in_calls(system, inputs, sub, max(1, round(r.mean_batch_items)))
+            print(f"  offline in the server's calls of {round(r.mean_batch_items)} pairs: {calls_rate:.1f} pairs/s, "
+                  f"{calls_cpu:.1f} CPU ms/pair (load average {loadavg()})", flush=True)
+            per_size.append({"batch_size": b, "max_batch_tokens": budget, **asdict(r),
+                             "offline_in_calls_pairs_per_s": round(calls_rate, 2),
+                             "offline_in_calls_cpu_ms_per_pair": round(calls_cpu, 2),
+                             "vs_offline_in_calls": round(r.pairs_per_s / calls_rate, 3)})
+        print(f"\nmedian tokens per pair {median}\n\n| batch | budget | pairs/s | offline pairs/s | vs offline | "
+              "offline in the server's calls | vs those | CPU ms/pair server (event loop) / in calls / offline | "
+              "p50 ms | p99 ms | errors | lost | mean batch |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+              "---:|---:|")
         for r in per_size:
             print(f"| {r['batch_size']} | {r['max_batch_tokens']} | {r['pairs_per_s']:.1f} | "
-                  f"{r['offline_pairs_per_s']:.1f} | {r['vs_offline']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                  f"{r['offline_pairs_per_s']:.1f} | {r['vs_offline']:.2f}x | {r['offline_in_calls_pairs_per_s']:.1f} | "
+                  f"{r['vs_offline_in_calls']:.2f}x | {r['server_cpu_ms_per_pair']:.1f} "
+                  f"({r['server_loop_cpu_ms_per_pair']:.1f}) / {r['offline_in_calls_cpu_ms_per_pair']:.1f} / "
+                  f"{r['offline_cpu_ms_per_pair']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
                   f"{r['errors']} | {r['lost']} | {r['mean_batch_items']:.1f} |")
         checks = {"scores_equal_offline_1e-4": all(r["max_abs_diff_vs_offline"] <= 1e-4 for r in per_size),
                   "server_at_least_0.9x_offline_at_every_size": all(r["vs_offline"] >= 0.9 for r in per_size),
@@ -446,7 +482,7 @@ def main() -> None:
     if stressed:
         checks["zero_errors_and_lost_under_stress"] = all(r.errors == 0 and r.lost == 0 for r in stressed)
     header = ("| setting | pairs/s | offline pairs/s (before, after) | vs offline | p50 ms | p99 ms | errors | lost | "
-              "mean batch | model busy | CPU ms/pair server / offline | server CPU share | "
+              "mean batch | model busy | CPU ms/pair server (its event loop) / offline | server CPU share | "
               "load average before / after |")
     print("\n" + header + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
@@ -454,8 +490,8 @@ def main() -> None:
         print(f"| {r.setting} | {r.pairs_per_s:.1f} | {r.offline_pairs_per_s:.1f} ({b:.1f}, {a:.1f}) | "
               f"{r.vs_offline:.2f}x | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.errors} | {r.lost} | "
               f"{r.mean_batch_items:.1f} | {r.model_busy:.0%} | "
-              f"{r.server_cpu_ms_per_pair:.1f} / {r.offline_cpu_ms_per_pair:.1f} | {r.server_cpu_share:.2f} | "
-              f"{r.load_before[0]:.2f} / {r.load_after[0]:.2f} |")
+              f"{r.server_cpu_ms_per_pair:.1f} ({r.server_loop_cpu_ms_per_pair:.1f}) / {r.offline_cpu_ms_per_pair:.1f} | "
+              f"{r.server_cpu_share:.2f} | {r.load_before[0]:.2f} / {r.load_after[0]:.2f} |")
     print(f"\ntorch threads {torch.get_num_threads()}, forward batch size {args.batch_size}, "
           f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, {os.cpu_count()} CPUs")
     if on is not None:

@@ -171,6 +171,7 @@ def test_serve_load_compares_server_and_offline_at_each_forward_batch_size(basel
         assert r["max_batch_tokens"] == r["batch_size"] * res["median_tokens"]
         assert r["errors"] == 0 and r["lost"] == 0 and r["requests"] > 0
         assert r["max_abs_diff_vs_offline"] <= 1e-5
+        assert r["offline_in_calls_pairs_per_s"] > 0 and 0 < r["server_loop_cpu_ms_per_pair"] < r["server_cpu_ms_per_pair"]
     assert res["checks"]["scores_equal_offline_1e-4"] and res["checks"]["zero_errors_and_lost"]
 
 
