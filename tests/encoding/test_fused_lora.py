@@ -169,3 +169,16 @@ def test_training_mode_takes_peft_path_which_refuses_a_mixed_batch():
         backbone(ids, mask, adapter_names=names)
     with pytest.raises(ValueError, match="training mode"):
         encode_through(backbone, ids, mask, None, names)
+
+
+def test_a_layer_only_an_unfusable_active_adapter_carries_adds_nothing():
+    """The active adapter is a DoRA on `key`, which no adapter of the batch adapts: those layers stay the base's."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("bert"), _config("bert", 4, 8), adapter_name="a")
+    model.add_adapter("b", _config("bert", 2, 2))
+    model.add_adapter("dora", LoraConfig(r=4, target_modules=["key"], use_dora=True, init_lora_weights=False))
+    model.set_adapter("dora")
+    backbone = Backbone(model.eval(), "mean")
+    ids, mask = _batch(4, True)
+    _check(backbone, ids, mask, ["a", "b", "b", "a"])
+    assert model.active_adapter == "dora"

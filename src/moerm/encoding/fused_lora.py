@@ -9,8 +9,9 @@ number of adapters in the batch. Here every plain-LoRA `lora.Linear` holds the a
 (padded ranks add exact zeros, so adapters of different ranks and alphas stay exact; an adapter that does not adapt
 this layer is all zeros in it). A call picks each row's slot with one `index_select` per stack and adds
 `x A_sel^T (sB)_sel^T` to the base layer's output: one `bmm` and one `baddbmm`, four ops per layer whatever the mix.
-The base layers run with peft's LoRA switched off for the call (the layer's `_disable_adapters` flag, which peft's
-`disable_adapters` property reads); a forward hook per layer adds the delta. Both are undone on exit.
+Every adapter layer of the model runs with peft's adapters switched off for the call (the layer's `_disable_adapters`
+flag, which peft's `disable_adapters` property reads: a layer that carries none of the batch's adapters adds nothing,
+as in peft's mixed pass); a forward hook per stacked layer adds the delta. Both are undone on exit.
 
 `fused_step(model, names)` gives that context only where it computes exactly what peft's mixed pass does, and None
 otherwise (the caller then takes peft's path): the model and its LoRA layers in eval mode (dropout is the identity),
@@ -53,7 +54,8 @@ class _Layer:
 class _Plan:
     adapters: tuple[tuple[str, int], ...]  # (name, id(config)) of every adapter of the model when built
     slots: dict[str, int]  # fusable adapter -> its slot in every layer's stacks
-    layers: list[_Layer]
+    layers: list[_Layer]  # the layers that carry a fusable adapter
+    tuners: list[BaseTunerLayer]  # every adapter layer of the model: all switched off for the call
     stamp: tuple  # `_stamp` of the weights the stacks were built from
     device: torch.device
 
@@ -110,7 +112,7 @@ def _build(model: PeftModel) -> _Plan:
                 a_t[slots[n], :, : a.shape[0]] = a.t()
                 b_t[slots[n], : b.shape[1], :] = (b * m.scaling[n]).t()
             built.append(_Layer(m, a_t, b_t))
-    return _Plan(_adapters(model), slots, built, _stamp(layers, slots), device)
+    return _Plan(_adapters(model), slots, built, tuner_layers, _stamp(layers, slots), device)
 
 
 def _plan(model: PeftModel) -> _Plan:
@@ -147,7 +149,7 @@ def fused_step(model: PeftModel, names: Sequence[str]) -> AbstractContextManager
     plan = _plan(model)
     if any(n not in plan.slots for n in set(names)):
         return None
-    if any(layer.module.training or layer.module.merged for layer in plan.layers):
+    if any(m.training or m.merged for m in plan.tuners):
         return None
     return _fused(plan, names)
 
@@ -155,16 +157,18 @@ def fused_step(model: PeftModel, names: Sequence[str]) -> AbstractContextManager
 @contextmanager
 def _fused(plan: _Plan, names: Sequence[str]) -> Iterator[None]:
     idx = torch.tensor([plan.slots[n] for n in names], dtype=torch.long).to(plan.device, non_blocking=True)  # (B,)
-    handles, flags = [], []
+    flags = [(m, m._disable_adapters) for m in plan.tuners]
+    handles = []
     try:
+        # every adapter layer off (a layer without a fusable adapter would otherwise add the active adapter's):
+        # peft's own switch, which its `disable_adapters` reads; `enable_adapters` would also flip requires_grad
+        for m in plan.tuners:
+            m._disable_adapters = True
         for layer in plan.layers:
-            # peft's own switch (`disable_adapters` reads it); `enable_adapters` would also flip requires_grad
-            flags.append((layer.module, layer.module._disable_adapters))
-            layer.module._disable_adapters = True
             handles.append(layer.module.register_forward_hook(_delta_hook(layer, idx)))
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags:
-            module._disable_adapters = flag
+        for m, flag in flags:
+            m._disable_adapters = flag
