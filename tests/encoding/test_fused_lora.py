@@ -54,8 +54,8 @@ def _alone(backbone: Backbone, ids: torch.Tensor, mask: torch.Tensor, names: lis
 
 def _check(backbone: Backbone, ids: torch.Tensor, mask: torch.Tensor, names: list[str], fused: bool = True) -> torch.Tensor:
     """encode_through == peft's mixed pass == each adapter alone, to 1e-5; returns encode_through's features."""
-    assert (fused_step(backbone.model, names) is not None) is fused
     with torch.no_grad():
+        assert (fused_step(backbone.model, names) is not None) is fused
         got = encode_through(backbone, ids, mask, None, names)  # (B, H)
         peft_mixed = backbone(ids, mask, adapter_names=names)
         alone = _alone(backbone, ids, mask, names)
@@ -182,3 +182,19 @@ def test_a_layer_only_an_unfusable_active_adapter_carries_adds_nothing():
     ids, mask = _batch(4, True)
     _check(backbone, ids, mask, ["a", "b", "b", "a"])
     assert model.active_adapter == "dora"
+
+
+def test_a_gradient_to_the_adapters_takes_peft_path():
+    backbone = _backbone("bert")
+    peft = backbone.model
+    ids, mask = _batch(3, False)
+    names = ["a", "b", "c"]
+    lora_parameters(peft, "a")[0].requires_grad_(True)
+    assert fused_step(peft, names) is None  # eval mode, grad enabled, an adapter weight trainable
+    features = encode_through(backbone, ids, mask, None, names)
+    features.sum().backward()
+    assert all(p.grad is not None for p in lora_parameters(peft, "a") if p.requires_grad)
+    with torch.no_grad():
+        assert fused_step(peft, names) is not None
+    peft.requires_grad_(False)
+    assert fused_step(peft, names) is not None  # nothing to differentiate: fused even with grad enabled

@@ -15,6 +15,7 @@ as in peft's mixed pass); a forward hook per stacked layer adds the delta. Both 
 
 `fused_step(model, names)` gives that context only where it computes exactly what peft's mixed pass does, and None
 otherwise (the caller then takes peft's path): the model and its LoRA layers in eval mode (dropout is the identity),
+no gradient wanted for the adapters (the stacks are detached copies: under `no_grad`, or the adapters frozen),
 every adapter of the batch a plain LoRA (no DoRA or other variant, no `lora_bias`) on `nn.Linear`-like layers only
 (`lora.Linear`, no LoRA on embeddings), no `modules_to_save`/trainable-token wrappers, no merged layer, one dtype for
 all stacked weights. Whether the architecture can route rows at all (shared position tables) is `adapters.
@@ -56,6 +57,7 @@ class _Plan:
     slots: dict[str, int]  # fusable adapter -> its slot in every layer's stacks
     layers: list[_Layer]  # the layers that carry a fusable adapter
     tuners: list[BaseTunerLayer]  # every adapter layer of the model: all switched off for the call
+    weights: list[nn.Parameter]  # the stacked adapters' A and B
     stamp: tuple  # `_stamp` of the weights the stacks were built from
     device: torch.device
 
@@ -94,13 +96,13 @@ def _build(model: PeftModel) -> _Plan:
     names = [n for n, cfg in model.peft_config.items() if isinstance(cfg, LoraConfig) and not wrapped
              and all(_plain_lora(m, n) for m in tuner_layers if _carries(m, n))]
     layers = [m for m in tuner_layers if isinstance(m, lora.Linear) and any(n in m.lora_A for n in names)]
-    weights = [m.lora_A[n].weight for m in layers for n in names if n in m.lora_A]
+    weights = [w for m in layers for n in names if n in m.lora_A for w in (m.lora_A[n].weight, m.lora_B[n].weight)]
     if len({(w.dtype, w.device) for w in weights}) > 1:  # one dtype and device for every stack
         names, layers, weights = [], [], []
     slots = {n: i for i, n in enumerate(names)}
     device = weights[0].device if weights else torch.device("cpu")
     built = []
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, even if first called in inference mode
         for m in layers:
             here = [n for n in names if n in m.lora_A]
             rank = max(m.lora_A[n].weight.shape[0] for n in here)
@@ -112,7 +114,7 @@ def _build(model: PeftModel) -> _Plan:
                 a_t[slots[n], :, : a.shape[0]] = a.t()
                 b_t[slots[n], : b.shape[1], :] = (b * m.scaling[n]).t()
             built.append(_Layer(m, a_t, b_t))
-    return _Plan(_adapters(model), slots, built, tuner_layers, _stamp(layers, slots), device)
+    return _Plan(_adapters(model), slots, built, tuner_layers, weights, _stamp(layers, slots), device)
 
 
 def _plan(model: PeftModel) -> _Plan:
@@ -149,6 +151,8 @@ def fused_step(model: PeftModel, names: Sequence[str]) -> AbstractContextManager
     plan = _plan(model)
     if any(n not in plan.slots for n in set(names)):
         return None
+    if torch.is_grad_enabled() and any(w.requires_grad for w in plan.weights):
+        return None  # the stacks are detached copies: a gradient to the adapters needs peft's pass
     if any(m.training or m.merged for m in plan.tuners):
         return None
     return _fused(plan, names)
