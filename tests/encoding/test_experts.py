@@ -50,7 +50,9 @@ def test_batched_expert_states_equal_sequential_set_adapter_passes(kind, expert_
         batched = bank.states(ids, mask, mode="batched")
         sequential = bank.states(ids, mask, mode="sequential")
     assert batched.shape == (n, 3, 32)
-    torch.testing.assert_close(batched, sequential, atol=1e-6, rtol=0)
+    # 1e-5: the batched mode's fused LoRA step (adapters.route_rows) sums the LoRA products in another order than
+    # one adapter's pass does: float32 rounding of states of magnitude ~3 (a wrong expert differs by > 1e-3)
+    torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=0)
     assert (sequential[:, 0] - sequential[:, 1]).abs().max() > 1e-3  # the experts are not all the same model
 
 
@@ -62,7 +64,7 @@ def test_batched_expert_states_equal_sequential_with_left_padding(kind):
     with torch.no_grad():
         batched = bank.states(ids, mask, mode="batched")
         sequential = bank.states(ids, mask, mode="sequential")
-    torch.testing.assert_close(batched, sequential, atol=1e-6, rtol=0)
+    torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=0)  # 1e-5: as above
 
 
 @pytest.mark.parametrize("kind, top_calls", [("bert", [15]), ("deberta-v3", [5, 5, 5]), ("llama", [15])])

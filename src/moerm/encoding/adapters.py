@@ -10,6 +10,10 @@ row-routed pass is impossible (each row would need its own projection of the sha
 in groups instead: one pass per adapter with it active (`set_adapter`), results scattered back in row order, and the
 adapter that was active before restored. The rule is decided from the config and the adapted module names, up front;
 errors are never caught to pick a path.
+
+Where a mixed batch is possible, it runs as one fused LoRA step (`fused_lora.fused_step`: the same few batched ops
+in every LoRA layer however many adapters the batch mixes) wherever that is exact (eval mode, plain LoRA adapters),
+and as peft's mixed-adapter pass otherwise; every caller of `route_rows` and `encode_through` gets that choice.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from moerm.encoding.backbone import Backbone
+from moerm.encoding.fused_lora import fused_step
 
 Rows = slice | list[int]  # which rows of the batch a pass computes: all of them, or these, in this order
 
@@ -82,10 +87,15 @@ def route_rows(model: PeftModel, names: Sequence[str],
     """Outputs (B, ...) of a batch in which row i goes through adapter `names[i]`, in row order.
 
     `run(rows, adapter_names)` computes the outputs of `rows`: with `adapter_names` (one per row) it is one peft
-    mixed-adapter pass over every row; with None the rows all belong to the adapter made active around the call.
+    mixed-adapter pass over every row; with None it is a plain pass, whose rows go through the adapters applied
+    around the call (the one made active, or each row's own in the fused LoRA step).
     """
     if can_mix_adapters(model, set(names)):
-        return run(slice(None), list(names))
+        fused = fused_step(model, names)
+        if fused is None:
+            return run(slice(None), list(names))
+        with fused:
+            return run(slice(None), None)
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(name, []).append(i)
