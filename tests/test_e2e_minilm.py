@@ -25,7 +25,8 @@ def test_minilm_frozen_train_eval_score_on_examples(tmp_path):
     run = tmp_path / "run"
     res = runner.invoke(app, [
         "train", "--system", "baseline", "--tuning", "frozen", "--data", str(EXAMPLES), "--out", str(run),
-        "--no-progress", "--set", "model.max_length=128", "--set", f"data.max_train_pairs_per_domain={TRAIN_PER_DOMAIN}",
+        "--no-progress", "--set", "model.max_length=128",
+        "--set", f"data.max_train_pairs_per_domain={TRAIN_PER_DOMAIN}",
         "--set", f"data.max_eval_pairs_per_domain={EVAL_PER_DOMAIN}", "--set", "train.epochs=30",
         "--set", "train.batch_size=32", "--set", "train.head_lr=3e-3",
     ])
