@@ -7,6 +7,7 @@ run twice in fresh processes trains identical weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,8 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import BertConfig, BertModel
 
 from moerm.config import TrainConfig
+from moerm.data.readers import write_jsonl
+from moerm.encoding import load_tokenizer
 from moerm.systems import load_system
 from moerm.train import distributed
 from moerm.train.trainer import Trainer
@@ -50,6 +54,30 @@ SYSTEMS = {
                "--set", "options.min_capability_pairs=4"],
     "ensemble": ["--set", "options.members=2", "--set", "train.epochs=1"],
 }
+
+
+def _with_aspects(pairs):
+    return [dataclasses.replace(p, aspects_chosen={"quality": 5.0}, aspects_rejected={"quality": 2.0}) for p in pairs]
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """A dropout-free tiny BERT and two toy domains (with aspect scores, for DMoERM's capability expert). One folder
+    for the session (test_fsdp.py imports this fixture): the two modules share the runs they both train (`trained`)."""
+    root = tmp_path_factory.getbasetemp() / "ddp-shared"
+    if (root / "ready").exists():  # made for the other module
+        return root
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(root / "bert", safe_serialization=True)
+    load_tokenizer("minilm").save_pretrained(root / "bert")
+    for dom, seed in (("alpha", 1), ("beta", 2)):
+        write_jsonl(_with_aspects(toy_pairs(32, seed=seed, domain=dom)), root / "data" / dom / "train.jsonl")
+        write_jsonl(_with_aspects(toy_pairs(10, seed=seed + 10, domain=dom)), root / "data" / dom / "test.jsonl")
+    (root / "ready").touch()
+    return root
 
 
 def _train(root: Path, out: Path, args: list[str], nproc: int) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import test_distributed as ddp
 from moerm.systems import load_system
+from test_distributed import setup  # noqa: F401 - the session's tiny BERT, toy data and runs (`ddp.trained`)
 
 from conftest import toy_pairs
 
@@ -53,7 +54,7 @@ def _scores(run: Path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fsdp_two_processes_equal_one_process_with_the_global_batch_and_score_the_same(setup, name):
+def test_fsdp_two_processes_equal_one_process_with_the_global_batch_and_score_the_same(setup, name):  # noqa: F811
     """The reference run may be one test_distributed.py trained (`trained`: the same command)."""
     two = setup / f"fsdp2-{name}"
     args = [*CASES[name], "--set", "train.log_every=2"]
@@ -156,7 +157,7 @@ def test_shard_then_give_back_whole(tmp_path):
     assert len(out["head"]) == 16
 
 
-def test_fsdp_options_bf16_cpu_offload_no_reshard_train_evaluate_checkpoint_and_save(setup):
+def test_fsdp_options_bf16_cpu_offload_no_reshard_train_evaluate_checkpoint_and_save(setup):  # noqa: F811
     """bf16 gathers, CPU offload, reshard_after_forward off, gradient accumulation and evaluation between steps (a
     forward with no backward leaves blocks gathered: they are resharded before the next checkpoint)."""
     run = setup / "fsdp-options"
