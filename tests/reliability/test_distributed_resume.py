@@ -20,7 +20,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from moerm.cli import app
 from moerm.data.readers import write_jsonl
 
 from conftest import toy_pairs
@@ -34,6 +36,15 @@ def _cmd(tiny_bert: str, data: Path, out: Path, nproc: int, batch: int, *extra: 
     return [*launcher, "-m", "moerm.cli", "train", "--backbone", tiny_bert, "--data", str(data), "--out", str(out),
             "--no-progress", "--no-eval", "--set", "model.max_length=32", "--set", f"train.batch_size={batch}",
             "--set", "train.epochs=3", "--set", "train.save_every=2", "--set", "train.log_every=1", *extra]
+
+
+def _one_process(tiny_bert: str, data: Path, out: Path, batch: int, *extra: str):
+    """The 1-process command of `_cmd`, run in this process (a fresh interpreter would only add its imports): its
+    exit code and output (stdout and stderr)."""
+    launcher = [sys.executable, "-m", "moerm.cli"]
+    cmd = _cmd(tiny_bert, data, out, 1, batch, *extra)
+    assert cmd[: len(launcher)] == launcher
+    return CliRunner().invoke(app, cmd[len(launcher):])
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -140,9 +151,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, uninterrupted, mode):
+def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, uninterrupted, mode, monkeypatch):
     """Before the fix the resume failed: 'SafetensorError: device cpu:0 is invalid' (each CPU process's device).
     fsdp-sharded: each process wrote its own shards; they resume on 2 processes and refuse 1, saying why."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # as `_env` gives the launches (the 1-process runs are in here)
     extra = MODES[mode]
     data, reference = uninterrupted
     ref = reference(FSDP if mode == "fsdp-sharded" else extra)  # the same training, gathered checkpoints
@@ -176,25 +188,22 @@ def test_two_process_run_killed_resumes_bit_exact(tmp_path, tiny_bert, uninterru
     assert _losses(run) == _losses(ref)
     if mode == "fsdp-sharded":  # 2 -> 1 process: refused with what to do, whatever the batch; nothing changed
         before = sorted(p.relative_to(moved) for p in moved.rglob("*"))
-        bad = subprocess.run(_cmd(tiny_bert, data, moved, 1, 4, *extra, "--resume"), env=_env(tmp_path),
-                             capture_output=True, text=True, timeout=600)
-        assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
-        said = " ".join((bad.stdout + bad.stderr).split())
+        bad = _one_process(tiny_bert, data, moved, 4, *extra, "--resume")
+        assert bad.exit_code == 1, bad.output[-3000:]
+        said = " ".join(bad.output.split())
         assert "is sharded over 2 processes" in said and "Resume on 2 processes" in said, said[-1500:]
         assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == before
     if mode == "fsdp":
         # N=2 -> M=1: one process with batch 4 sees the same pairs per step; batch 2 would not, and says so
-        bad = subprocess.run(_cmd(tiny_bert, data, moved, 1, 2, *extra, "--resume"), env=_env(tmp_path),
-                             capture_output=True, text=True, timeout=600)
-        assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
-        assert "written by 2 processes x batch 2" in bad.stdout + bad.stderr
-        assert "train.batch_size: 4" in bad.stdout + bad.stderr
+        bad = _one_process(tiny_bert, data, moved, 2, *extra, "--resume")
+        assert bad.exit_code == 1, bad.output[-3000:]
+        assert "written by 2 processes x batch 2" in bad.output
+        assert "train.batch_size: 4" in bad.output
         saved = yaml.safe_load((moved / "config.yaml").read_text())  # a resume reads the run's config
         saved["train"]["batch_size"] = 4
         (moved / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-        ok = subprocess.run(_cmd(tiny_bert, data, moved, 1, 4, *extra, "--resume"), env=_env(tmp_path),
-                            capture_output=True, text=True, timeout=600)
-        assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]
+        ok = _one_process(tiny_bert, data, moved, 4, *extra, "--resume")
+        assert ok.exit_code == 0, ok.output[-3000:]
         # it continued from the checkpoint to the same end (dropout draws differ per process, so not the same bits)
         resumed = _losses(moved)
         assert [s for s, _ in resumed] == [s for s, _ in _losses(ref)]

@@ -8,8 +8,10 @@ run twice in fresh processes trains identical weights.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
-from moerm.encoding import load_tokenizer
 from moerm.config import TrainConfig
 from moerm.data.readers import write_jsonl
+from moerm.encoding import load_tokenizer
 from moerm.systems import load_system
 from moerm.train import distributed
 from moerm.train.trainer import Trainer
@@ -58,10 +60,13 @@ def _with_aspects(pairs):
     return [dataclasses.replace(p, aspects_chosen={"quality": 5.0}, aspects_rejected={"quality": 2.0}) for p in pairs]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup(tmp_path_factory):
-    """A dropout-free tiny BERT and two toy domains (with aspect scores, for DMoERM's capability expert)."""
-    root = tmp_path_factory.mktemp("ddp")
+    """A dropout-free tiny BERT and two toy domains (with aspect scores, for DMoERM's capability expert). One folder
+    for the session (test_fsdp.py imports this fixture): the two modules share the runs they both train (`trained`)."""
+    root = tmp_path_factory.getbasetemp() / "ddp-shared"
+    if (root / "ready").exists():  # made for the other module
+        return root
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -71,6 +76,7 @@ def setup(tmp_path_factory):
     for dom, seed in (("alpha", 1), ("beta", 2)):
         write_jsonl(_with_aspects(toy_pairs(32, seed=seed, domain=dom)), root / "data" / dom / "train.jsonl")
         write_jsonl(_with_aspects(toy_pairs(10, seed=seed + 10, domain=dom)), root / "data" / dom / "test.jsonl")
+    (root / "ready").touch()
     return root
 
 
@@ -83,6 +89,36 @@ def _train(root: Path, out: Path, args: list[str], nproc: int) -> subprocess.Com
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
+
+
+def _effective(args: list[str], nproc: int) -> str:
+    """What a `_train` command sets, as a key: its options and every `--set` after COMMON's (the last of a key wins,
+    as in the CLI), and the number of processes."""
+    assert len(args) % 2 == 0, args
+    flags: dict[str, str] = {}
+    sets: dict[str, str] = {}
+    full = [*COMMON, *args]
+    for option, value in zip(full[::2], full[1::2]):
+        if option == "--set":
+            key, _, v = value.partition("=")
+            sets[key] = v
+        else:
+            flags[option] = value
+    return json.dumps([nproc, sorted(flags.items()), sorted(sets.items())])
+
+
+def trained(root: Path, args: list[str], nproc: int) -> tuple[Path, str]:
+    """The run of `_train(root, ..., args, nproc)` and its stdout, trained by the first test of the session that
+    asks for that command (the same options and `--set`s: tests of both modules check the same runs) and read
+    afterwards. Every test reads the run only."""
+    key = _effective(args, nproc)
+    out = root / "runs" / hashlib.sha1(key.encode()).hexdigest()[:16]
+    stdout = out.with_suffix(".stdout")
+    if not stdout.exists():
+        shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
+        stdout.parent.mkdir(parents=True, exist_ok=True)
+        stdout.write_text(_train(root, out, args, nproc).stdout)
+    return out, stdout.read_text()
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -99,11 +135,10 @@ def _metric_lines(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
 def test_two_processes_train_save_once_and_load(setup, name):
-    run = setup / f"run-{name}"
     args = SYSTEMS[name] if SYSTEMS[name][:1] == ["--system"] else ["--system", name, *SYSTEMS[name]]
-    res = _train(setup, run, args, nproc=2)
-    assert res.stdout.count("saved ") == 1, res.stdout  # one process reports, one saves
-    assert "2 processes" in res.stdout
+    run, stdout = trained(setup, [*args, "--set", "train.log_every=2"], nproc=2)
+    assert stdout.count("saved ") == 1, stdout  # one process reports, one saves
+    assert "2 processes" in stdout
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["processes"] == 2
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]  # no half-written file left behind
@@ -121,10 +156,8 @@ def test_two_processes_train_save_once_and_load(setup, name):
                          ids=["baseline", "baselora", "baseline-top"])
 def test_two_processes_equal_one_process_with_the_global_batch(setup, name, extra):
     label = name + ("-top" if "top" in extra else "")
-    one = setup / f"eq1-{label}"
-    two = setup / f"eq2-{label}"
-    _train(setup, one, ["--system", name, *extra, "--set", "train.batch_size=8", "--set", "train.log_every=2"], nproc=1)
-    _train(setup, two, ["--system", name, *extra, "--set", "train.batch_size=4", "--set", "train.log_every=2"], nproc=2)
+    one, _ = trained(setup, ["--system", name, *extra, "--set", "train.batch_size=8", "--set", "train.log_every=2"], 1)
+    two, _ = trained(setup, ["--system", name, *extra, "--set", "train.batch_size=4", "--set", "train.log_every=2"], 2)
     w1, w2 = _weights(one / "model"), _weights(two / "model")
     assert w1.keys() == w2.keys()
     for k in w1:
@@ -171,14 +204,17 @@ def test_two_processes_equal_one_process_with_the_global_batch_grouped_by_length
 
 @pytest.mark.parametrize("name", ["baseline", "arliss", "top"])
 def test_same_command_twice_in_fresh_processes_gives_identical_weights(setup, name):
-    """`top`: the first run computes the trunk cache, the second reads it; both train on the cached states."""
-    runs = [setup / f"repro-{name}-{i}" for i in range(2)]
+    """`top`: the first run computes the trunk cache, the second reads it; both train on the cached states. The first
+    run may be one another test trained (`trained`: the same command, in a fresh interpreter too)."""
     args = {"arliss": ["--system", "arliss", "--set", "components.router.train.epochs=1"],
             "top": ["--system", "baseline", "--tuning", "top", "--set", "model.trainable_layers=1",
-                    "--set", f"model.trunk_cache={setup / 'repro-trunk'}"]}.get(name, ["--system", name])
-    for run in runs:  # fresh interpreters: this torch build seeds its RNG randomly at import
-        _train(setup, run, args, nproc=1)
-    a, b = _weights(runs[0] / "model"), _weights(runs[1] / "model")
+                    "--set", f"model.trunk_cache={setup / 'repro-trunk'}"],
+            # the 1-process run of the 2 == 1 process test above
+            "baseline": ["--system", "baseline", "--set", "train.batch_size=8", "--set", "train.log_every=2"]}[name]
+    first, _ = trained(setup, args, nproc=1)
+    again = setup / f"repro-{name}"
+    _train(setup, again, args, nproc=1)  # fresh interpreters: this torch build seeds its RNG randomly at import
+    a, b = _weights(first / "model"), _weights(again / "model")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

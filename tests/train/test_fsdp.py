@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import test_distributed as ddp
 from moerm.systems import load_system
-from test_distributed import setup  # noqa: F401 - the module-scoped tiny BERT and toy data
+from test_distributed import setup  # noqa: F401 - the session's tiny BERT, toy data and runs (`ddp.trained`)
 
 from conftest import toy_pairs
 
@@ -55,12 +55,13 @@ def _scores(run: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_fsdp_two_processes_equal_one_process_with_the_global_batch_and_score_the_same(setup, name):  # noqa: F811
-    one, two = setup / f"ref-{name}", setup / f"fsdp2-{name}"
+    """The reference run may be one test_distributed.py trained (`trained`: the same command)."""
+    two = setup / f"fsdp2-{name}"
     args = [*CASES[name], "--set", "train.log_every=2"]
     if name in AGAINST_DDP:
-        ddp._train(setup, one, [*args, "--set", "train.batch_size=4"], nproc=2)
+        one, _ = ddp.trained(setup, [*args, "--set", "train.batch_size=4"], nproc=2)
     else:
-        ddp._train(setup, one, [*args, "--set", "train.batch_size=8"], nproc=1)
+        one, _ = ddp.trained(setup, [*args, "--set", "train.batch_size=8"], nproc=1)
     res = ddp._train(setup, two, [*args, *FSDP, "--set", "train.batch_size=4"], nproc=2)
     assert res.stdout.count("saved ") == 1 and "2 processes" in res.stdout
     assert _files(two / "model") == _files(one / "model")  # today's format: the same files
