@@ -1,13 +1,10 @@
 """The fused mixed-adapter LoRA step: exactly peft's mixed pass and each adapter alone, a fixed op count, a fresh cache."""
 
-from collections import Counter
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_model
+from conftest import load_benchmark, tiny_model
 from moerm.encoding import Backbone
 from moerm.encoding.adapters import encode_through, lora_parameters
 from moerm.encoding.fused_lora import fused_step
@@ -84,24 +81,12 @@ def test_fused_rows_equal_peft_mixed_and_each_adapter_alone(kind, names, padded)
     assert all(not m._disable_adapters and not m._forward_hooks for m in peft.modules() if hasattr(m, "lora_A"))
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _matmuls(backbone: Backbone, names: list[str], fused: bool) -> int:
     ids, mask = _batch(len(names), False)
-    with torch.no_grad(), _Ops() as ops:
-        if fused:
-            encode_through(backbone, ids, mask, None, names)
-        else:
-            backbone(ids, mask, adapter_names=names)
-    return sum(ops.count[op] for op in ("mm", "addmm", "bmm", "baddbmm"))
+    count = load_benchmark("lora_mixing_ops").counted  # (matmuls, operators) dispatched
+    if fused:
+        return count(lambda: encode_through(backbone, ids, mask, None, names))[0]
+    return count(lambda: backbone(ids, mask, adapter_names=names))[0]
 
 
 def test_the_fused_step_runs_the_same_matmuls_however_many_adapters_mix():
