@@ -33,13 +33,16 @@ from typing import Any
 
 import torch
 
-from moerm.cpu_memory import keep_cpu_memory
-from moerm.data.grouping import pair_keys
-from moerm.data.readers import load_pairs
-from moerm.encoding.trunk import trunk_cache_at_inference
-from moerm.eval.intervals import accuracy_intervals, paired_differences
-from moerm.systems import load_system
-from moerm.systems.routing import rm_passes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_ablation import correct_of  # noqa: E402  (the routing benchmarks' one pair-correct rule)
+
+from moerm.cpu_memory import keep_cpu_memory  # noqa: E402
+from moerm.data.grouping import pair_keys  # noqa: E402
+from moerm.data.readers import load_pairs  # noqa: E402
+from moerm.encoding.trunk import trunk_cache_at_inference  # noqa: E402
+from moerm.eval.intervals import accuracy_intervals, paired_differences  # noqa: E402
+from moerm.systems import load_system  # noqa: E402
+from moerm.systems.routing import rm_passes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -65,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not pairs:
         sys.exit(f"error: no {args.split} pairs in {', '.join(args.data)}")
     keys, domains, n = pair_keys(pairs), [p.domain for p in pairs], len(pairs)
-    prompts = [p.prompt for p in pairs] * 2
-    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    prompts = [p.prompt for p in pairs] * 2  # the texts `correct_of` scores: both replies of each pair
 
     saved = (rodos.opts.routing, rodos.opts.min_confidence)
     rows: dict[str, dict[str, Any]] = {}
@@ -76,9 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack.enter_context(trunk_cache_at_inference(rodos))
         for name, routing, floor in [("hard", "hard", 0.0), *((f"gated {t:g}", "gated", t) for t in thresholds)]:
             rodos.opts.routing, rodos.opts.min_confidence = routing, floor
-            out = rodos.score(prompts, responses, batch_size=args.batch_size)
-            r = out.rewards
-            correct[name] = [int(r[i] > r[n + i]) for i in range(n)]
+            correct[name] = correct_of(rodos.score, pairs, None, args.batch_size)
             routes = rodos.router.routes(prompts, None, args.batch_size)  # the routes `score` just took
             rows[name] = {"routing": routing, "min_confidence": floor,
                           "mixed": sum(not r.general and len(r.weights) > 1 for r in routes) / len(routes),

@@ -23,19 +23,16 @@ from typing import Any
 
 import torch
 
-from moerm.config import parse_override
-from moerm.data.grouping import pair_keys
-from moerm.data.readers import load_pairs
-from moerm.eval.intervals import accuracy_intervals, paired_differences
-from moerm.systems import load_system
-from moerm.systems.base import FitContext
-from moerm.systems.routing import Router
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_ablation import correct_of  # noqa: E402  (the routing benchmarks' one pair-correct rule)
 
-
-def correct_of(system: Any, pairs: list) -> list[int]:
-    n = len(pairs)
-    r = system.score([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]).rewards
-    return [int(r[i] > r[n + i]) for i in range(n)]
+from moerm.config import parse_override  # noqa: E402
+from moerm.data.grouping import pair_keys  # noqa: E402
+from moerm.data.readers import load_pairs  # noqa: E402
+from moerm.eval.intervals import accuracy_intervals, paired_differences  # noqa: E402
+from moerm.systems import load_system  # noqa: E402
+from moerm.systems.base import FitContext  # noqa: E402
+from moerm.systems.routing import Router  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -64,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             floor = system.opts.min_confidence
             if mode == "hard":
                 system.opts.min_confidence = 0.0
-            c = correct_of(system, pairs)
+            c = correct_of(system.score, pairs, None, 32)
             system.opts.min_confidence = floor
             rows[f"{name} ({mode})"] = {"correct": c, "router_accuracy": routed_right}
         system.opts.routing = routing

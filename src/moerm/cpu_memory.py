@@ -3,10 +3,10 @@
 glibc's malloc serves a block above its mmap threshold (128 KiB at first, raised as such blocks are freed) with
 fresh pages from the kernel and returns them on free, and it trims the top of its heap whenever more than the trim
 threshold lies free there. A forward pass allocates its activations (MiniLM at 8 x 128 tokens: 1.5-6 MiB each) and
-frees them, so the next pass touches new pages again: scoring the demo's pairs at batch 8 took 1,300-1,600 minor
-page faults and 2-5 ms of system CPU per pair, 0 and 0 with this setting (5-10% of the pair's CPU time;
-`tests/test_cpu_memory.py` counts the faults of a small loop). The cost is the one every GPU caching allocator
-pays: the process keeps its peak working set instead of shrinking between calls.
+frees them, so the next pass touches new pages again: scoring the demo's pairs at batch 8 took 1,362-1,773 minor
+page faults and 4.1-5.0 ms of system CPU per pair, 0 and 0 with this setting (about a tenth of the pair's CPU
+time; `benchmarks/cpu_memory.py`; `tests/test_cpu_memory.py` counts the faults of a small loop). The cost is the
+one every GPU caching allocator pays: the process keeps its peak working set instead of shrinking between calls.
 
 Only glibc on Linux is tuned (`mallopt`, process-wide); elsewhere, or with MOERM_KEEP_CPU_MEMORY=0, nothing changes.
 """
